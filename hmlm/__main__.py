@@ -1,0 +1,3 @@
+from hmlm.cli import main
+
+main()

@@ -1,0 +1,287 @@
+"""The HM-LSTM stack, the output module and the character language model.
+
+Read top to bottom: the config, the recurrent state, the HMLSTM module (parameters, then its two
+implementations: the step-by-step reference and the fast path), the output module, then CharLM.
+Nothing here knows about files, datasets or training.
+
+Initialization (chosen here; the paper does not say):
+- every weight matrix of layer l is uniform in +-1/sqrt(H_l), as torch's nn.LSTM does, so HM-LSTM and the
+  LSTM baseline start from the same scale;
+- the forget-gate bias is 1, so an UPDATE keeps most of its memory early in training;
+- the boundary detector's bias is 0, so at the start each layer closes a segment on about half of the steps:
+  neither stuck closed (the layers above would never move and get no gradient) nor stuck open (no multiscale).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hmlm.cell import BOUNDARY_MODES, LayerWeights, blend, reference_step
+
+MODEL_KINDS = ("hmlstm", "lstm")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "hmlstm"  # "hmlstm", or "lstm" for torch's nn.LSTM as the baseline
+    embed_dim: int = 128
+    hidden_sizes: list[int] = field(default_factory=lambda: [512, 512, 512])
+    output_embed_dim: int = 512
+    layer_norm: bool = True
+    boundary: str = "step"  # "step", "sample" or "soft" (paper, Table 1)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when a value cannot build a model."""
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, not {self.kind!r}")
+        if self.boundary not in BOUNDARY_MODES:
+            raise ValueError(f"model.boundary must be one of {', '.join(BOUNDARY_MODES)}, not {self.boundary!r}")
+        if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
+            raise ValueError(f"model.hidden_sizes must be a non-empty list of positive sizes, not {self.hidden_sizes}")
+        if self.kind == "lstm" and len(set(self.hidden_sizes)) != 1:
+            raise ValueError("model.hidden_sizes must all be equal for kind: lstm (torch's nn.LSTM has one width)")
+        for name in ("embed_dim", "output_embed_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, not {getattr(self, name)}")
+
+
+class HMLSTMState(NamedTuple):
+    """The recurrent state of every layer; carry it from one call to the next to continue a sequence."""
+
+    h: list[Tensor]  # L tensors (B, H_l)
+    c: list[Tensor]  # L tensors (B, H_l)
+    z: list[Tensor]  # L tensors (B, 1); the top layer's is always 0
+
+    def detach(self) -> HMLSTMState:
+        """The same values cut from the graph: the truncation point of truncated BPTT."""
+        return HMLSTMState(*([t.detach() for t in part] for part in self))
+
+
+class HMLSTMOutput(NamedTuple):
+    hidden: list[Tensor]  # L tensors (B, T, H_l): every layer's h at every step
+    boundaries: Tensor  # (B, T, L-1): z^1 .. z^{L-1} at every step
+    state: HMLSTMState
+
+
+class HMLSTM(nn.Module):
+    """A stack of HM-LSTM layers over an input sequence, with the boundaries exposed.
+
+    `impl` picks the implementation: "fast" (the default) or "reference", the readable step of cell.py.
+    Both compute the same function and share the same parameters.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_sizes: list[int],
+        layer_norm: bool = False,
+        boundary: str = "step",
+        impl: str = "fast",
+    ):
+        super().__init__()
+        if boundary not in BOUNDARY_MODES:
+            raise ValueError(f"boundary must be one of {BOUNDARY_MODES}, not {boundary!r}")
+        self.input_size = input_size
+        self.hidden_sizes = list(hidden_sizes)
+        self.layer_norm = layer_norm
+        self.boundary_mode = boundary
+        self.impl = impl
+        n = len(self.hidden_sizes)
+        below_sizes = [input_size] + self.hidden_sizes[:-1]
+        self.w_below, self.u_rec, self.u_above, self.bias = (nn.ParameterList() for _ in range(4))
+        self.ln_gates_gain, self.ln_gates_bias = nn.ParameterList(), nn.ParameterList()
+        self.ln_cell_gain, self.ln_cell_bias = nn.ParameterList(), nn.ParameterList()
+        for layer, (hidden, below) in enumerate(zip(self.hidden_sizes, below_sizes, strict=True)):
+            is_top = layer == n - 1
+            rows = 4 * hidden + (0 if is_top else 1)
+            bound = 1.0 / math.sqrt(hidden)
+            self.w_below.append(nn.Parameter(torch.empty(rows, below).uniform_(-bound, bound)))
+            self.u_rec.append(nn.Parameter(torch.empty(rows, hidden).uniform_(-bound, bound)))
+            # The top layer has no top-down term; an empty matrix keeps the lists aligned by layer.
+            above = 0 if is_top else self.hidden_sizes[layer + 1]
+            self.u_above.append(nn.Parameter(torch.empty(rows, above).uniform_(-bound, bound)))
+            bias = torch.zeros(rows)
+            bias[:hidden] = 1.0  # forget gate
+            self.bias.append(nn.Parameter(bias))
+            if layer_norm:
+                self.ln_gates_gain.append(nn.Parameter(torch.ones(4, hidden)))
+                self.ln_gates_bias.append(nn.Parameter(torch.zeros(4, hidden)))
+                self.ln_cell_gain.append(nn.Parameter(torch.ones(hidden)))
+                self.ln_cell_bias.append(nn.Parameter(torch.zeros(hidden)))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.hidden_sizes)
+
+    def layer_weights(self, layer: int) -> LayerWeights:
+        top = layer == self.num_layers - 1
+        return LayerWeights(
+            w_below=self.w_below[layer],
+            u_rec=self.u_rec[layer],
+            u_above=None if top else self.u_above[layer],
+            bias=self.bias[layer],
+            ln_gates=(self.ln_gates_gain[layer], self.ln_gates_bias[layer]) if self.layer_norm else None,
+            ln_cell=(self.ln_cell_gain[layer], self.ln_cell_bias[layer]) if self.layer_norm else None,
+        )
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> HMLSTMState:
+        """All zeros: no memory, and no layer has just closed a segment."""
+        like = self.u_rec[0]
+        device, dtype = device or like.device, dtype or like.dtype
+
+        def zeros(size: int) -> list[Tensor]:
+            return [torch.zeros(batch_size, size, device=device, dtype=dtype)]
+
+        return HMLSTMState(
+            h=[t for hs in self.hidden_sizes for t in zeros(hs)],
+            c=[t for hs in self.hidden_sizes for t in zeros(hs)],
+            z=[t for _ in self.hidden_sizes for t in zeros(1)],
+        )
+
+    def forward(self, x: Tensor, state: HMLSTMState | None = None, slope: float = 1.0) -> HMLSTMOutput:
+        """x: (B, T, input_size). Returns every layer's h, the boundaries and the final state."""
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device, x.dtype)
+        if self.impl == "reference":
+            return self._forward_reference(x, state, slope)
+        return self._forward_fast(x, state, slope)
+
+    def _forward_reference(self, x: Tensor, state: HMLSTMState, slope: float) -> HMLSTMOutput:
+        n = self.num_layers
+        weights = [self.layer_weights(layer) for layer in range(n)]
+        h, c, z = list(state.h), list(state.c), list(state.z)
+        ones = torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)  # z^0 = 1
+        hidden: list[list[Tensor]] = [[] for _ in range(n)]
+        boundaries: list[Tensor] = []
+        for t in range(x.shape[1]):
+            h_below, z_below = x[:, t], ones
+            h_above_prev = h[1:] + [None]  # h^{l+1}_{t-1}: read before any layer of step t overwrites it
+            for layer in range(n):
+                h[layer], c[layer], z[layer] = reference_step(
+                    weights[layer], h_below, z_below, h[layer], c[layer], z[layer], h_above_prev[layer],
+                    slope, self.boundary_mode, self.training,
+                )  # fmt: skip
+                h_below, z_below = h[layer], z[layer]
+                hidden[layer].append(h[layer])
+            boundaries.append(torch.cat(z[:-1], dim=-1) if n > 1 else x.new_zeros(x.shape[0], 0))
+        return HMLSTMOutput(
+            hidden=[torch.stack(hs, dim=1) for hs in hidden],  # L x (B, T, H_l)
+            boundaries=torch.stack(boundaries, dim=1),  # (B, T, L-1)
+            state=HMLSTMState(h, c, z),
+        )
+
+    def _forward_fast(self, x: Tensor, state: HMLSTMState, slope: float) -> HMLSTMOutput:
+        """The same function as the reference, arranged for speed.
+
+        - Layer 1's bottom-up input (z^0 = 1, never masked) is projected for all T steps in one matmul.
+        - Every other product of a step is one matmul over the concatenated inputs
+          [z^{l-1}_t h^{l-1}_t, h^l_{t-1}, z^l_{t-1} h^{l+1}_{t-1}] (masking the input, not the output: the same
+          product because z is one scalar per row).
+        """
+        n = self.num_layers
+        B, T, _ = x.shape
+        h, c, z = list(state.h), list(state.c), list(state.z)
+        ln = self.layer_norm
+        # (rows, H_l + H_{l+1}) for layer 1, (rows, D_below + H_l + H_{l+1}) above it; transposed for addmm.
+        w_step = [
+            torch.cat(([] if layer == 0 else [self.w_below[layer]]) + [self.u_rec[layer], self.u_above[layer]], 1).T
+            for layer in range(n)
+        ]
+        x_proj = torch.addmm(self.bias[0], x.reshape(B * T, -1), self.w_below[0].T).view(B, T, -1)  # (B, T, rows)
+        ones = x.new_ones(B, 1)
+        hidden: list[list[Tensor]] = [[] for _ in range(n)]
+        boundaries: list[Tensor] = []
+        for t in range(T):
+            h_below, z_below = None, ones
+            h_above_prev = h[1:] + [None]
+            for layer in range(n):
+                inputs = [h[layer]] if h_above_prev[layer] is None else [h[layer], z[layer] * h_above_prev[layer]]
+                if layer == 0:
+                    s = torch.addmm(x_proj[:, t], torch.cat(inputs, 1), w_step[0])
+                else:
+                    s = torch.addmm(self.bias[layer], torch.cat([z_below * h_below] + inputs, 1), w_step[layer])
+                h[layer], c[layer], z[layer] = blend(
+                    s, h[layer], c[layer], z[layer], z_below,
+                    (self.ln_gates_gain[layer], self.ln_gates_bias[layer]) if ln else None,
+                    (self.ln_cell_gain[layer], self.ln_cell_bias[layer]) if ln else None,
+                    has_boundary=layer < n - 1, slope=slope, mode=self.boundary_mode, training=self.training,
+                )  # fmt: skip
+                h_below, z_below = h[layer], z[layer]
+                hidden[layer].append(h[layer])
+            boundaries.append(torch.cat(z[:-1], dim=-1) if n > 1 else x.new_zeros(B, 0))
+        return HMLSTMOutput(
+            hidden=[torch.stack(hs, dim=1) for hs in hidden],
+            boundaries=torch.stack(boundaries, dim=1),
+            state=HMLSTMState(h, c, z),
+        )
+
+
+class OutputModule(nn.Module):
+    """Paper eqs. 11-12: a scalar gate per layer, a gated sum of projections, ReLU, then the vocabulary."""
+
+    def __init__(self, hidden_sizes: list[int], output_embed_dim: int, vocab_size: int):
+        super().__init__()
+        total = sum(hidden_sizes)
+        self.hidden_sizes = list(hidden_sizes)
+        self.gate = nn.Linear(total, len(hidden_sizes))  # w^l . [h^1; ...; h^L] for every l at once
+        # sum_l g^l W^e_l h^l = [W^e_1 ... W^e_L] [g^1 h^1; ...; g^L h^L]: one matmul for all layers.
+        self.embed = nn.Linear(total, output_embed_dim, bias=False)
+        self.logits = nn.Linear(output_embed_dim, vocab_size)
+
+    def forward(self, hidden: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """hidden: L tensors (B, T, H_l). Returns logits (B, T, V) and the gates (B, T, L)."""
+        h_all = torch.cat(hidden, dim=-1)  # (B, T, sum H)
+        gates = torch.sigmoid(self.gate(h_all))  # (B, T, L)
+        gated = torch.cat([gates[..., layer : layer + 1] * h for layer, h in enumerate(hidden)], dim=-1)
+        return self.logits(F.relu(self.embed(gated))), gates
+
+
+class CharLMOutput(NamedTuple):
+    logits: Tensor  # (B, T, vocab_size)
+    boundaries: Tensor  # (B, T, L-1); (B, T, 0) for the LSTM baseline
+    state: HMLSTMState
+    gates: Tensor  # (B, T, L) the output module's per-layer gates; (B, T, 0) for the LSTM baseline
+
+
+class CharLM(nn.Module):
+    """Embedding -> HM-LSTM (or nn.LSTM for kind: lstm) -> output module -> logits."""
+
+    def __init__(self, vocab_size: int, config: ModelConfig | None = None):
+        super().__init__()
+        self.config = config or ModelConfig()
+        self.config.validate()
+        self.vocab_size = vocab_size
+        cfg = self.config
+        self.embedding = nn.Embedding(vocab_size, cfg.embed_dim)
+        if cfg.kind == "lstm":
+            self.lstm = nn.LSTM(cfg.embed_dim, cfg.hidden_sizes[0], num_layers=len(cfg.hidden_sizes), batch_first=True)
+            self.head = nn.Linear(cfg.hidden_sizes[0], vocab_size)
+        else:
+            self.rnn = HMLSTM(cfg.embed_dim, cfg.hidden_sizes, cfg.layer_norm, cfg.boundary)
+            self.output = OutputModule(cfg.hidden_sizes, cfg.output_embed_dim, vocab_size)
+
+    def initial_state(self, batch_size: int, device=None) -> HMLSTMState:
+        if self.config.kind == "lstm":
+            device = device or self.head.weight.device
+            zeros = [torch.zeros(batch_size, h, device=device) for h in self.config.hidden_sizes]
+            return HMLSTMState(h=zeros, c=[t.clone() for t in zeros], z=[])
+        return self.rnn.initial_state(batch_size, device)
+
+    def forward(self, tokens: Tensor, state: HMLSTMState | None = None, slope: float = 1.0) -> CharLMOutput:
+        """tokens: (B, T) long. `slope` changes only the gradients of the boundary detectors."""
+        B, T = tokens.shape
+        x = self.embedding(tokens)  # (B, T, E)
+        if self.config.kind == "lstm":
+            state = state if state is not None else self.initial_state(B, tokens.device)
+            out, (h, c) = self.lstm(x, (torch.stack(state.h), torch.stack(state.c)))
+            empty = x.new_zeros(B, T, 0)
+            return CharLMOutput(self.head(out), empty, HMLSTMState(list(h.unbind(0)), list(c.unbind(0)), []), empty)
+        rnn_out = self.rnn(x, state, slope)
+        logits, gates = self.output(rnn_out.hidden)
+        return CharLMOutput(logits, rnn_out.boundaries, rnn_out.state, gates)

@@ -91,7 +91,19 @@ def reference_step(
     if h_above is not None:
         s = s + z_prev * (h_above @ weights.u_above.T)
     h_top = h_above is None  # the top layer has no boundary detector and no top-down term
-    return blend(s, h_prev, c_prev, z_prev, z_below, weights.ln_gates, weights.ln_cell, not h_top, slope, mode, training)
+    return blend(
+        s,
+        h_prev,
+        c_prev,
+        z_prev,
+        z_below,
+        weights.ln_gates,
+        weights.ln_cell,
+        not h_top,
+        slope,
+        mode,
+        training,
+    )
 
 
 def blend(

@@ -159,8 +159,8 @@ class HMLSTM(nn.Module):
         ones = torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)  # z^0 = 1
         hidden: list[list[Tensor]] = [[] for _ in range(n)]
         boundaries: list[Tensor] = []
-        for t in range(x.shape[1]):
-            h_below, z_below = x[:, t], ones
+        for x_t in x.unbind(1):  # unbind, not x[:, t]: its backward stacks once instead of T full-size adds
+            h_below, z_below = x_t, ones
             h_above_prev = h[1:] + [None]  # h^{l+1}_{t-1}: read before any layer of step t overwrites it
             for layer in range(n):
                 h[layer], c[layer], z[layer] = reference_step(
@@ -194,6 +194,7 @@ class HMLSTM(nn.Module):
             for layer in range(n)
         ]
         x_proj = torch.addmm(self.bias[0], x.reshape(B * T, -1), self.w_below[0].T).view(B, T, -1)  # (B, T, rows)
+        x_proj_steps = x_proj.unbind(1)
         ones = x.new_ones(B, 1)
         hidden: list[list[Tensor]] = [[] for _ in range(n)]
         boundaries: list[Tensor] = []
@@ -203,7 +204,7 @@ class HMLSTM(nn.Module):
             for layer in range(n):
                 inputs = [h[layer]] if h_above_prev[layer] is None else [h[layer], z[layer] * h_above_prev[layer]]
                 if layer == 0:
-                    s = torch.addmm(x_proj[:, t], torch.cat(inputs, 1), w_step[0])
+                    s = torch.addmm(x_proj_steps[t], torch.cat(inputs, 1), w_step[0])
                 else:
                     s = torch.addmm(self.bias[layer], torch.cat([z_below * h_below] + inputs, 1), w_step[layer])
                 h[layer], c[layer], z[layer] = blend(

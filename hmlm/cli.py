@@ -50,6 +50,89 @@ def config_show(
     typer.echo(load_config(config, set_).to_yaml(), nl=False)
 
 
+@app.command()
+def train(
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config file, e.g. configs/tiny.yaml."),
+    set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="Where the run goes. [default: runs/CONFIG_NAME]"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train a model; curves go to TensorBoard in the run directory, checkpoints to RUN/checkpoints/."""
+    from hmlm.config import load_config
+    from hmlm.train import train as run_training
+
+    if run_dir is None:
+        if config is None:
+            raise UserError("pass --config FILE for a new run, or --run-dir DIR --resume to continue one")
+        run_dir = Path("runs") / config.stem
+    loaded = load_config(config, set_) if config is not None and not resume else None
+    summary = run_training(loaded, run_dir, resume=resume, overrides=set_ if resume else [], progress=not quiet)
+    typer.echo(
+        f"{summary.stopped} at step {summary.step} (epoch {summary.epoch}); "
+        f"best valid bpc {summary.best_valid_bpc:.4f}; run in {summary.run_dir}"
+    )
+
+
+@app.command("eval")
+def evaluate_command(
+    run: Path = typer.Argument(..., help="A run directory (runs/NAME) or a checkpoint file."),
+    split: str = typer.Option("valid", "--split", help="valid or test."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Contiguous streams evaluated together."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Prepared datasets. [default: the run's data.dir]"),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of a sentence."),
+) -> None:
+    """Print bits per character on a split, with the state carried across the whole split."""
+    import json
+
+    from hmlm.checkpoint import load_trained
+    from hmlm.data import open_dataset
+    from hmlm.evaluate import evaluate
+
+    if split not in ("valid", "test"):
+        raise UserError(f"--split must be valid or test, not {split!r}")
+    trained = load_trained(run, checkpoint)
+    config, path = trained.config, trained.path
+    dataset = open_dataset(config.data.name, data_dir or config.data.dir)
+    result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, progress=not json_)
+    report = {"bpc": result.bpc, "split": split, "tokens": result.tokens, "loss": result.loss,
+              "checkpoint": str(path), "dataset": config.data.name}  # fmt: skip
+    report |= {f"boundary_rate_layer{i + 1}": rate for i, rate in enumerate(result.boundary_rate)}
+    if json_:
+        typer.echo(json.dumps(report))
+    else:
+        typer.echo(f"{split} bpc {result.bpc:.4f} over {result.tokens:,} tokens ({path})")
+
+
+@app.command()
+def sample(
+    run: Path = typer.Argument(..., help="A run directory (runs/NAME) or a checkpoint file."),
+    prompt: str = typer.Option(
+        ..., "--prompt", "-p", help="Text to start from; its characters must be in the vocabulary."
+    ),
+    length: int = typer.Option(200, "--length", "-n", help="Symbols to generate."),
+    temperature: float = typer.Option(1.0, "--temperature", "-t", help="Below 1 is more conservative."),
+    top_k: int = typer.Option(0, "--top-k", help="Draw only from the K likeliest symbols; 0 for all."),
+    seed: int = typer.Option(0, "--seed", help="The same seed gives the same text."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
+) -> None:
+    """Print the prompt, then stream LENGTH generated symbols to stdout."""
+    import torch
+
+    from hmlm.checkpoint import load_model as load
+    from hmlm.sample import generate
+
+    model, vocab = load(run, checkpoint)
+    pieces = generate(model, vocab, prompt, length, temperature, top_k, torch.Generator().manual_seed(seed))
+    first = next(pieces, "")  # encode the prompt (and fail on unknown characters) before printing anything
+    sys.stdout.write(prompt + first)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
 def main() -> None:
     try:
         app()

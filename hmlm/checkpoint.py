@@ -1,0 +1,112 @@
+"""Checkpoints: written atomically, loaded with weights_only=True, and rebuilt into a model.
+
+A checkpoint is a dict of tensors and plain Python values only (no pickled classes), so that
+`torch.load(weights_only=True)` reads it and an untrusted file cannot run code. It holds everything an exact
+resume needs: model, optimizer and schedule state, step, epoch, data position, the carried recurrent state,
+RNG states, best validation loss, the resolved config and the vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hmlm.config import Config, from_dict
+from hmlm.data import Vocab
+from hmlm.errors import UserError
+from hmlm.model import CharLM, HMLSTMState
+
+FORMAT_VERSION = 1
+CHECKPOINT_NAMES = ("best", "last")
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load on the CPU with weights_only=True; a damaged or foreign file is a UserError, not a traceback."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: train a model first with `hmlm train`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file (RuntimeError, UnpicklingError, EOF)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"checkpoint {path} is corrupt or not an hmlm checkpoint ({reason[:120]})") from None
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} is not an hmlm checkpoint of format {FORMAT_VERSION}")
+    return payload
+
+
+def resolve_checkpoint(run_or_file: str | Path, which: str = "best") -> Path:
+    """A run directory (runs/NAME, using checkpoints/{best,last}.pt) or a checkpoint file."""
+    path = Path(run_or_file)
+    if path.is_dir():
+        if which not in CHECKPOINT_NAMES:
+            raise UserError(f"--checkpoint must be one of {', '.join(CHECKPOINT_NAMES)}, not {which!r}")
+        found = path / "checkpoints" / f"{which}.pt"
+        if not found.is_file() and which == "best" and (path / "checkpoints" / "last.pt").is_file():
+            found = path / "checkpoints" / "last.pt"  # a run stopped before its first evaluation
+        if not found.is_file():
+            raise UserError(f"{path} holds no checkpoint {found.name}: is it a run directory made by `hmlm train`?")
+        return found
+    if not path.exists():
+        raise UserError(f"{path} does not exist: pass a run directory (runs/NAME) or a checkpoint file")
+    return path
+
+
+def state_to_lists(state: HMLSTMState) -> list[list[torch.Tensor]]:
+    """A NamedTuple is not weights-only loadable; plain lists of tensors are."""
+    return [[t.detach().cpu() for t in part] for part in state]
+
+
+def state_from_lists(parts: list[list[torch.Tensor]], device: torch.device | str) -> HMLSTMState:
+    return HMLSTMState(*([t.to(device) for t in part] for part in parts))
+
+
+def config_from_payload(payload: dict[str, Any]) -> Config:
+    return from_dict(payload["config"])
+
+
+@dataclass
+class Trained:
+    model: CharLM  # in eval mode, on the CPU
+    vocab: Vocab
+    config: Config
+    path: Path  # the checkpoint file it came from
+
+
+def load_trained(run_or_checkpoint: str | Path, checkpoint: str = "best") -> Trained:
+    """The trained model with its vocabulary and config, from a run directory or a checkpoint file."""
+    path = resolve_checkpoint(run_or_checkpoint, checkpoint)
+    payload = load_checkpoint(path)
+    config = config_from_payload(payload)
+    vocab = Vocab.from_dict(payload["vocab"])
+    model = CharLM(len(vocab), config.model)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as error:
+        raise UserError(f"checkpoint {path} does not match its own config: {str(error).splitlines()[0]}") from None
+    return Trained(model.eval(), vocab, config, path)
+
+
+def load_model(run_or_checkpoint: str | Path, checkpoint: str = "best") -> tuple[CharLM, Vocab]:
+    """The trained model (eval mode, on the CPU) and its vocabulary: `model, vocab = load_model("runs/ptb")`."""
+    trained = load_trained(run_or_checkpoint, checkpoint)
+    return trained.model, trained.vocab

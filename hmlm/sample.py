@@ -1,0 +1,65 @@
+"""Generation: warm the recurrent state on the prompt once, then step one symbol at a time."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+
+import torch
+
+from hmlm.data import Vocab
+from hmlm.errors import UserError
+from hmlm.model import CharLM
+
+
+@torch.no_grad()
+def generate_ids(
+    model: CharLM,
+    prompt_ids: list[int],
+    length: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """Yield `length` token ids drawn after `prompt_ids`. The prompt is read once; then only the newest
+    symbol goes in, with the recurrent state carried. `generator` keeps the global RNG untouched."""
+    if temperature <= 0:
+        raise UserError(f"--temperature must be positive, not {temperature}")
+    if top_k < 0:
+        raise UserError(f"--top-k must be 0 (no limit) or positive, not {top_k}")
+    model.eval()
+    device = next(model.parameters()).device
+    out = model(torch.tensor([prompt_ids], device=device))  # (1, P)
+    state, logits = out.state, out.logits[:, -1]  # (1, V)
+    for _ in range(length):
+        logits = logits.float() / temperature
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (1, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        next_id = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)  # (1, 1)
+        yield int(next_id)
+        out = model(next_id, state)
+        state, logits = out.state, out.logits[:, -1]
+
+
+def generate(
+    model: CharLM,
+    vocab: Vocab,
+    prompt: str,
+    length: int = 200,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> Iterator[str]:
+    """Yield the text generated after `prompt`, piece by piece (bytes are decoded as UTF-8 as they complete)."""
+    if not prompt:
+        raise UserError("--prompt must hold at least one character for the model to start from")
+    ids = generate_ids(model, vocab.encode(prompt), length, temperature, top_k, generator)
+    if vocab.kind != "bytes":
+        for symbol in ids:
+            yield vocab.decode([symbol])
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for symbol in ids:
+        yield decoder.decode(bytes([vocab.symbols[symbol]]))
+    yield decoder.decode(b"", final=True)

@@ -1,0 +1,389 @@
+"""The training loop: truncated BPTT over contiguous streams, evaluation and checkpoint cadence, exact resume.
+
+Truncated backprop through time (as pytorch/examples word_language_model): the training split is cut into
+`batch_size` contiguous streams; each step reads the next `seq_len` symbols of every stream, predicts each
+next symbol, and backpropagates through those `seq_len` steps only. The recurrent state (h, c, z of every
+layer) is carried to the next batch but detached there, so the model sees the whole history in its state while
+the gradient stops at the batch edge.
+
+The trainer knows the model only through `model(x, state, slope) -> (logits, boundaries, state, gates)`.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hmlm.checkpoint import (
+    FORMAT_VERSION,
+    load_checkpoint,
+    save_checkpoint,
+    state_from_lists,
+    state_to_lists,
+)
+from hmlm.config import Config
+from hmlm.data import Dataset, StreamBatcher, open_dataset
+from hmlm.distributed import Process, all_reduce_sum, barrier, broadcast_flag, init_process, shutdown
+from hmlm.errors import UserError
+from hmlm.evaluate import EvalResult, evaluate
+from hmlm.model import CharLM, HMLSTMState
+from hmlm.sample import generate_ids
+
+LN2 = math.log(2)
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    step: int
+    epoch: int
+    best_valid_bpc: float
+    stopped: str  # "finished", "max_steps", "max_time" or "interrupted"
+
+
+@dataclass
+class Schedule:
+    """What changes while training, besides the weights: saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    lr: float = 0.0
+    best_valid_loss: float = math.inf
+    elapsed: float = 0.0  # seconds of training so far, over all restarts (for train.max_time)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device is {name} but CUDA is not available here: use train.device=auto or cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, not {name!r}") from None
+
+
+class StopFlag:
+    """Ctrl-C or SIGTERM asks the loop to stop after the current step, save a checkpoint and exit.
+    A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: Path, process: Process, device: torch.device, progress: bool):
+        self.config, self.run_dir, self.process, self.device = config, run_dir, process, device
+        self.progress = progress and process.is_main
+        cfg = config.train
+        self.dataset: Dataset = open_dataset(config.data.name, config.data.dir)
+        self.vocab = self.dataset.vocab
+        torch.manual_seed(cfg.seed)
+        self.model = CharLM(len(self.vocab), config.model).to(device)
+        self.ddp = None
+        if process.distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.batcher = StreamBatcher(
+            self.dataset.split("train"), cfg.batch_size, cfg.seq_len, process.rank, process.world_size
+        )
+        self.schedule = Schedule(lr=cfg.lr)
+        self.state: HMLSTMState | None = None  # this process's streams; None = zeros
+        self.autocast = cfg.precision == "bf16" and device.type == "cuda"
+        if cfg.precision == "bf16" and device.type != "cuda":
+            tqdm.write("warning: train.precision bf16 autocasts on CUDA only; training in fp32 on the CPU")
+        self.writer = None
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def payload(self) -> dict[str, Any]:
+        """Everything an exact resume needs, as tensors and plain values only."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "vocab": self.vocab.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": vars(self.schedule).copy(),
+            "data": self.batcher.state_dict(),
+            "recurrent_state": self._global_state(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def _global_state(self) -> list[list[torch.Tensor]] | None:
+        """The carried state of all streams (B_global rows), so a resume may use a different process count."""
+        if self.state is None:
+            return None
+        if not self.process.distributed:
+            return state_to_lists(self.state)
+        gathered = []
+        for part in self.state:
+            rows = []
+            for t in part:
+                pieces = [torch.empty_like(t) for _ in range(self.process.world_size)]
+                torch.distributed.all_gather(pieces, t.contiguous())
+                rows.append(torch.cat(pieces).cpu())
+            gathered.append(rows)
+        return gathered
+
+    def save(self, name: str = "last", payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        payload = payload or self.payload()  # every process takes part in gathering the state
+        if self.process.is_main:
+            save_checkpoint(self.checkpoint_dir / f"{name}.pt", payload)
+        return payload
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.schedule = Schedule(**payload["schedule"])
+        self.batcher.load_state_dict(payload["data"])
+        saved = payload["recurrent_state"]
+        if saved is not None:
+            per_rank = self.config.train.batch_size // self.process.world_size
+            rows = slice(self.process.rank * per_rank, (self.process.rank + 1) * per_rank)
+            self.state = state_from_lists([[t[rows] for t in part] for part in saved], self.device)
+        torch.set_rng_state(payload["rng"]["torch"])
+        if payload["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+
+    # ---- one step, one evaluation ------------------------------------------------------------------------------
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, slope: float) -> tuple[float, float, torch.Tensor]:
+        """Forward, backward, clip, Adam. Returns the loss (nats), the gradient norm and the boundaries."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # (B, T)
+        model = self.ddp or self.model
+        cast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+        with cast:
+            out = model(x, self.state, slope)
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            last = self.checkpoint_dir / "last.pt"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise UserError(
+                f"the training loss became {loss_value} at step {self.schedule.step + 1}; {kept}. "
+                "Lower train.lr or train.grad_clip, then resume with --resume or start a new run"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        self.state = out.state.detach()  # truncated BPTT: carry the values, cut the graph
+        return loss_value, float(grad_norm), out.boundaries.detach()
+
+    def validate(self) -> EvalResult:
+        cfg = self.config.train
+        return evaluate(
+            self.model,
+            self.dataset.split("valid"),
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            device=self.device,
+            max_tokens=cfg.eval_tokens,
+            rank=self.process.rank,
+            world_size=self.process.world_size,
+            reduce_sum=all_reduce_sum if self.process.distributed else None,
+            autocast=self.autocast,
+            progress=self.progress,
+        )
+
+    def after_evaluation(self, result: EvalResult) -> bool:
+        """Keep the best model; divide the learning rate when validation stops improving. True if best."""
+        cfg, schedule = self.config.train, self.schedule
+        improved = result.loss < schedule.best_valid_loss
+        if improved:
+            schedule.best_valid_loss = result.loss
+        elif schedule.lr > cfg.min_lr:
+            schedule.lr = max(schedule.lr / cfg.lr_decay, cfg.min_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = schedule.lr
+            tqdm.write(f"step {schedule.step}: validation did not improve; learning rate now {schedule.lr:.3g}")
+        return improved
+
+    # ---- logging ----------------------------------------------------------------------------------------------
+
+    def log_scalars(self, prefix: str, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, self.schedule.step)
+
+    def log_sample(self) -> None:
+        cfg = self.config.train
+        if self.writer is None or cfg.sample_length <= 0:
+            return
+        prompt = [int(t) for t in self.dataset.split("valid")[:20]]
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.schedule.step)
+        ids = list(generate_ids(self.model, prompt, cfg.sample_length, generator=generator))
+        self.model.train()
+        text = self.vocab.decode(prompt) + " | " + self.vocab.decode(ids)
+        self.writer.add_text("sample", "    " + text.replace("\n", "\n    "), self.schedule.step)  # markdown code
+        with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as file:
+            file.write(f"--- step {self.schedule.step}\n{text}\n")
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+
+    def run(self, stop: StopFlag) -> TrainSummary:
+        cfg, schedule = self.config.train, self.schedule
+        if self.process.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run logged after its last checkpoint, so curves do not double.
+            self.writer = SummaryWriter(str(self.run_dir), purge_step=schedule.step or None)
+        total = cfg.max_steps or cfg.max_epochs * len(self.batcher)
+        bar = tqdm(total=total, initial=min(schedule.step, total), disable=not self.progress, unit="step")
+        chars_per_step = cfg.batch_size * cfg.seq_len
+        started, stopped = time.monotonic() - schedule.elapsed, "finished"
+        last_eval_step = schedule.step
+        tick, tick_step = time.monotonic(), schedule.step
+        self.model.train()
+        while schedule.epoch < cfg.max_epochs and stopped == "finished":
+            for x, y in self.batcher:
+                slope = self.config.slope.at(schedule.step, schedule.epoch)
+                loss, grad_norm, boundaries = self.train_step(x, y, slope)
+                schedule.step += 1
+                schedule.elapsed = time.monotonic() - started
+                bar.update(1)
+                if schedule.step % cfg.log_every == 0:
+                    now = time.monotonic()
+                    speed = chars_per_step * (schedule.step - tick_step) / max(now - tick, 1e-9)
+                    tick, tick_step = now, schedule.step
+                    rates = boundaries.float().mean(dim=(0, 1)).tolist()
+                    bar.set_postfix(loss=f"{loss:.3f}", bpc=f"{loss / LN2:.3f}", chars_s=f"{speed:,.0f}")
+                    self.log_scalars(
+                        "train",
+                        {"loss": loss, "bpc": loss / LN2, "lr": schedule.lr, "slope": slope, "grad_norm": grad_norm}
+                        | {"chars_per_sec": speed}
+                        | {f"boundary_rate_layer{i + 1}": r for i, r in enumerate(rates)},
+                    )
+                if schedule.step % cfg.eval_every == 0:
+                    self.evaluate_and_save()
+                    last_eval_step = schedule.step
+                if cfg.max_steps and schedule.step >= cfg.max_steps:
+                    stopped = "max_steps"
+                elif cfg.max_time and schedule.elapsed >= cfg.max_time:
+                    stopped = "max_time"
+                if broadcast_flag(stop.requested, self.device):
+                    stopped = "interrupted"
+                if stopped != "finished":
+                    break
+            else:  # the epoch ran to its end
+                schedule.epoch += 1
+                if last_eval_step != schedule.step:  # not just evaluated by eval_every on the epoch's last step
+                    self.evaluate_and_save()
+                    last_eval_step = schedule.step
+        bar.close()
+        if stopped == "interrupted":
+            self.save("last")
+            tqdm.write(f"interrupted at step {schedule.step}: saved {self.checkpoint_dir / 'last.pt'}; continue "
+                       f"with `hmlm train --run-dir {self.run_dir} --resume`")  # fmt: skip
+        elif last_eval_step != schedule.step:
+            self.evaluate_and_save()
+        if self.writer is not None:
+            self.writer.close()
+        best = schedule.best_valid_loss / LN2
+        return TrainSummary(self.run_dir, schedule.step, schedule.epoch, best, stopped)
+
+    def evaluate_and_save(self) -> None:
+        result = self.validate()
+        improved = self.after_evaluation(result)
+        self.log_scalars("valid", {"bpc": result.bpc, "loss": result.loss})
+        self.log_scalars("valid", {f"boundary_rate_layer{i + 1}": r for i, r in enumerate(result.boundary_rate)})
+        if self.process.is_main:
+            self.log_sample()
+            tqdm.write(
+                f"step {self.schedule.step} epoch {self.schedule.epoch}: valid bpc {result.bpc:.4f}"
+                + (" (best)" if improved else "")
+            )
+        payload = self.save("last")
+        if improved:
+            self.save("best", payload)
+        barrier()
+
+
+def resolve_run(config: Config | None, run_dir: Path, resume: bool, overrides: list[str]) -> tuple[Config, Any]:
+    """The config to train with and, when resuming, the checkpoint to continue from."""
+    from hmlm.config import apply_override, from_dict
+
+    last = run_dir / "checkpoints" / "last.pt"
+    if not resume:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(
+                f"run directory {run_dir} already exists: continue it with --resume, or pick a new one with --run-dir"
+            )
+        if config is None:
+            raise UserError("pass --config FILE (e.g. configs/tiny.yaml), or --resume with an existing --run-dir")
+        return config, None
+    if last.exists():
+        payload = load_checkpoint(last)
+        raw = payload["config"]
+    elif (run_dir / "config.yaml").exists():  # stopped before its first checkpoint: start it again
+        import yaml
+
+        payload, raw = None, yaml.safe_load((run_dir / "config.yaml").read_text())
+    else:
+        raise UserError(f"nothing to resume in {run_dir}: no checkpoints/last.pt; start a run without --resume")
+    for item in overrides:  # e.g. -s train.max_steps=20000 to train a finished run for longer
+        apply_override(raw, item)
+    resumed = from_dict(raw)
+    if payload is not None:
+        payload["config"] = resumed.to_dict()
+    return resumed, payload
+
+
+def train(
+    config: Config | None,
+    run_dir: Path,
+    resume: bool = False,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+) -> TrainSummary:
+    """Train a model as `config` says, in `run_dir`; with `resume`, continue the run saved there."""
+    config, payload = resolve_run(config, run_dir, resume, overrides or [])
+    device = pick_device(config.train.device)
+    process = init_process(device.type)
+    try:
+        if process.distributed and device.type == "cuda":
+            device = torch.device("cuda", process.local_rank)
+            torch.cuda.set_device(device)
+        trainer = Trainer(config, run_dir, process, device, progress)
+        if payload is not None:
+            trainer.restore(payload)
+        if process.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(config.to_yaml())
+        with StopFlag() as stop:
+            return trainer.run(stop)
+    finally:
+        shutdown()

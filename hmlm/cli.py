@@ -51,6 +51,72 @@ def config_show(
 
 
 @app.command()
+def data(
+    name: str = typer.Argument(
+        ...,
+        metavar="NAME",
+        help="ptb, text8 or enwik8 (downloaded from their official sites), synthetic (generated here, with "
+        "true word and phrase boundaries), or text (your own FILE).",
+    ),
+    file: Path | None = typer.Argument(
+        None, metavar="FILE", help="For `text`: the file, or a folder of files, to prepare."
+    ),
+    data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Where datasets go: DATA_DIR/NAME/."),
+    source: str | None = typer.Option(
+        None, "--source", help="A mirror URL, a downloaded archive, or a folder holding the extracted files."
+    ),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the checksums of the official files."),
+    force: bool = typer.Option(False, "--force", help="Prepare again even when the dataset is already there."),
+    name_: str | None = typer.Option(
+        None, "--name", help="For `text`: the dataset's name. (default: the stem of FILE)"
+    ),
+    level: str | None = typer.Option(
+        None, "--level", help="For `text`: chars (Unicode characters of UTF-8 text) or bytes. (default: chars)"
+    ),
+    split: str | None = typer.Option(
+        None, "--split", help="For `text`: train,valid,test fractions. (default: 0.9,0.05,0.05)"
+    ),
+    separator: str | None = typer.Option(
+        None, "--separator", help="For `text` with a folder: put between files (escapes like \\n; default: \\n)"
+    ),
+) -> None:
+    """Download, verify and tokenize a dataset into DATA_DIR/NAME/ (or prepare your own text with `text FILE`).
+
+    Examples: `hmlm data ptb`, `hmlm data enwik8 --source ~/enwik8.zip`, `hmlm data text book.txt`.
+    """
+    from hmlm.data import DATASETS, open_dataset, prepare_dataset, prepare_text
+    from hmlm.data.text import DEFAULT_SPLIT, parse_separator, parse_split
+
+    if name == "text":
+        if file is None:
+            raise UserError("`hmlm data text` needs the FILE (or folder) to prepare: hmlm data text FILE")
+        if source is not None or no_verify:
+            raise UserError("--source and --no-verify are for the downloaded datasets, not for `text`")
+        path = prepare_text(
+            file,
+            name=name_,
+            data_dir=data_dir,
+            level=level or "chars",
+            split=parse_split(split) if split is not None else DEFAULT_SPLIT,
+            separator=parse_separator(separator) if separator is not None else "\n",
+            force=force,
+        )
+    else:
+        if name not in DATASETS:
+            raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}, or text FILE")
+        given = {"FILE": file, "--name": name_, "--level": level, "--split": split, "--separator": separator}
+        text_only = [flag for flag, value in given.items() if value is not None]
+        if text_only:
+            raise UserError(f"{', '.join(text_only)}: only for `hmlm data text FILE`, not for {name}")
+        path = prepare_dataset(name, data_dir=data_dir, source=source, verify=not no_verify, force=force)
+
+    dataset = open_dataset(path.name, path.parent)
+    tokens = " / ".join(f"{dataset.tokens(s):,}" for s in ("train", "valid", "test"))
+    vocab = f"{len(dataset.vocab)} symbols ({dataset.vocab.kind})"
+    typer.echo(f"{dataset.name} in {dataset.path}: {tokens} tokens (train / valid / test), {vocab}")
+
+
+@app.command()
 def train(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML config file, e.g. configs/tiny.yaml."),
     set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),

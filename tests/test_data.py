@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from data_fixtures import Archives, build_archives, run_cli
-from data_server import DataServer
+from data_server import DataServer, Fault
 
 import hmlm.data.download as download_module
 from hmlm.data import DATASETS, open_dataset, prepare_dataset, prepare_synthetic
@@ -101,6 +101,27 @@ def test_ptb_from_the_official_archive_format_with_verification(
     assert len(server.requests_for("/rnnlm/simple-examples.tgz")) == requests
     assert leftovers(tmp_path, "ptb") == ["ptb"]
     assert open_dataset("ptb", tmp_path).meta == meta
+
+
+def test_interrupted_download_is_resumed_by_the_next_run(
+    server: DataServer,
+    archives: Archives,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(download_module, "RETRIES", 0)  # so the first run gives up at the cut
+    url = server.serve("/resume/simple-examples.tgz", archives.ptb.read_bytes(), Fault(cut_after=3_000_000))
+    first = run_cli(capsys, "data", "ptb", "--source", url, "--data-dir", tmp_path)
+    assert first.code == 2 and "run the same command again to resume" in first.stderr
+    assert (tmp_path / "downloads" / "simple-examples.tgz.part").stat().st_size == 3_000_000
+    assert leftovers(tmp_path, "ptb") == []
+
+    second = run_cli(capsys, "data", "ptb", "--source", url, "--data-dir", tmp_path)
+    assert second.code == 0, second.stderr
+    assert [r.range for r in server.requests_for("/resume/simple-examples.tgz")] == [None, "bytes=3000000-"]
+    assert sorted(p.name for p in (tmp_path / "downloads").iterdir()) == ["simple-examples.tgz"]
+    assert len(open_dataset("ptb", tmp_path).split("train")) == PTB_TOKENS["train"]  # verified, so intact
 
 
 def test_ptb_from_a_folder_of_extracted_files(archives: Archives, tmp_path: Path) -> None:

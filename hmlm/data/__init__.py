@@ -12,13 +12,22 @@ of archive members), tokenize (codes -> ids with numpy), vocab (Vocab), store (a
 open_dataset), batches (StreamBatcher).
 """
 
-from hmlm.data.batches import StreamBatcher
 from hmlm.data.dataset import Dataset, open_dataset
 from hmlm.data.prepare import prepare_dataset
 from hmlm.data.sources import DATASETS, SPLITS
 from hmlm.data.synthetic import prepare_synthetic
 from hmlm.data.text import prepare_text
 from hmlm.data.vocab import Vocab
+
+
+def __getattr__(name: str) -> object:
+    # StreamBatcher needs torch (seconds to import): load it only when asked for, so preparing data does not.
+    if name == "StreamBatcher":
+        from hmlm.data.batches import StreamBatcher
+
+        return StreamBatcher
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DATASETS",

@@ -31,6 +31,7 @@ class Archives:
     text8_truncated: Path  # text8.zip without its end (no central directory)
     text8_missing_member: Path  # a zip whose one member is named text9
     ptb_escaping: Path  # simple-examples.tgz plus a member ../../evil.txt
+    ptb_link_out: Path  # simple-examples.tgz plus a symbolic link to /etc/passwd
     text8_escaping: Path  # text8.zip plus a member ../evil
     enwik8_bytes: bytes
     text8_bytes: bytes
@@ -43,11 +44,15 @@ def build_archives(shared_data: Path, out: Path) -> Archives:
     enwik8 = (shared_data / "enwik8" / "enwik8.head").read_bytes()
     text8 = (shared_data / "text8" / "text8.head").read_bytes()
 
-    def tgz(path: Path, members: dict[str, bytes]) -> Path:
+    def tgz(path: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
         with tarfile.open(path, "w:gz", compresslevel=1) as archive:
             folder = tarfile.TarInfo("./simple-examples/data")
             folder.type, folder.mode = tarfile.DIRTYPE, 0o755
             archive.addfile(folder)
+            for name, target in (links or {}).items():
+                link = tarfile.TarInfo(name)
+                link.type, link.linkname = tarfile.SYMTYPE, target
+                archive.addfile(link)
             for name, content in members.items():
                 info = tarfile.TarInfo(name)
                 info.size, info.mode = len(content), 0o644
@@ -75,12 +80,13 @@ def build_archives(shared_data: Path, out: Path) -> Archives:
         text8_truncated=out / "truncated" / "text8.zip",
         text8_missing_member=zipped(out / "text9.zip", {"text9": text8[:1000]}),
         ptb_escaping=out / "escaping" / "simple-examples.tgz",
+        ptb_link_out=out / "link" / "simple-examples.tgz",
         text8_escaping=out / "escaping" / "text8.zip",
         enwik8_bytes=enwik8,
         text8_bytes=text8,
         folder=out / "extracted",
     )
-    for path in (made.ptb_truncated, made.enwik8_corrupt, made.ptb_escaping):
+    for path in (made.ptb_truncated, made.enwik8_corrupt, made.ptb_escaping, made.ptb_link_out):
         path.parent.mkdir(exist_ok=True)
     prefix(made.ptb_truncated, made.ptb, 0.6)
     prefix(made.text8_truncated, made.text8, 0.9)
@@ -89,6 +95,7 @@ def build_archives(shared_data: Path, out: Path) -> Archives:
     damaged[middle : middle + 64] = bytes(64)  # zeros in the middle of the deflate stream
     made.enwik8_corrupt.write_bytes(bytes(damaged))
     tgz(made.ptb_escaping, {**ptb_members, "../../evil.txt": b"outside\n"})
+    tgz(made.ptb_link_out, ptb_members, links={"./simple-examples/data/passwd": "/etc/passwd"})
     zipped(made.text8_escaping, {"text8": text8, "../evil": b"outside\n"})
 
     (made.folder / "a" / "b").mkdir(parents=True)

@@ -41,7 +41,10 @@ def download(url: str, dest: Path) -> Path:
     """Fetch `url` into `dest` (a no-op when `dest` exists) and return `dest`."""
     if dest.exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {dest.parent} ({error.strerror or error}): choose another --data-dir") from None
     part = dest.with_name(dest.name + ".part")
     reason = ""
     for attempt in range(RETRIES + 1):

@@ -32,6 +32,9 @@ _READ_ERRORS = (
 )
 
 
+ESCAPES = "its path escapes the folder it would be extracted to"
+
+
 class CorruptArchive(UserError):
     """The archive cannot be read to the end (truncated download, wrong file)."""
 
@@ -61,7 +64,7 @@ def _read_zip(path: Path, filenames: Sequence[str]) -> dict[str, bytes]:
             infos = archive.infolist()
             for info in infos:  # check every name before reading anything
                 if _escapes(info.filename):
-                    _refuse(path, info.filename)
+                    _refuse(path, info.filename, ESCAPES)
             for info in infos:
                 name = posixpath.basename(info.filename.replace("\\", "/"))
                 if name in filenames and not info.is_dir():
@@ -74,7 +77,7 @@ def _read_zip(path: Path, filenames: Sequence[str]) -> dict[str, bytes]:
 
 def _read_tar(path: Path, filenames: Sequence[str]) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
-    escaping: str | None = None
+    unsafe: tuple[str, str] | None = None  # the first unsafe member and why
     # The folder the data filter judges paths against; nothing is ever extracted there.
     root = str(path.parent / (path.name + ".extracted"))
     try:
@@ -82,8 +85,9 @@ def _read_tar(path: Path, filenames: Sequence[str]) -> dict[str, bytes]:
             # One pass over the (compressed) stream: a member is read when iteration reaches it. The whole
             # archive is read to the end, so a truncated one fails here even when the needed members came early.
             for member in archive:
-                if not _passes_data_filter(member, root):
-                    escaping = escaping or member.name
+                reason = _unsafe_tar_member(member, root)
+                if reason is not None:
+                    unsafe = unsafe or (member.name, reason)
                     continue
                 name = posixpath.basename(member.name)
                 if name in filenames and member.isfile():
@@ -91,8 +95,8 @@ def _read_tar(path: Path, filenames: Sequence[str]) -> dict[str, bytes]:
                     found[name] = archive.extractfile(member).read()
     except _READ_ERRORS as error:
         raise CorruptArchive(f"{path} is truncated or corrupt ({_describe(error)})") from None
-    if escaping is not None:
-        _refuse(path, escaping)
+    if unsafe is not None:
+        _refuse(path, *unsafe)
     return _complete(found, filenames, path)
 
 
@@ -111,17 +115,25 @@ def _read_folder(folder: Path, filenames: Sequence[str]) -> dict[str, bytes]:
     return _complete(found, filenames, folder)
 
 
-def _passes_data_filter(member: tarfile.TarInfo, root: str) -> bool:
-    """Whether the tar `data` filter (PEP 706) would extract `member` into `root`."""
+def _unsafe_tar_member(member: tarfile.TarInfo, root: str) -> str | None:
+    """Why the tar `data` filter (PEP 706) would refuse to extract `member` into `root`, or None."""
     data_filter = getattr(tarfile, "data_filter", None)
     if data_filter is None:  # Python before 3.10.12 / 3.11.4: the filter's path rules, by hand
         target = member.linkname if (member.issym() or member.islnk()) else ""
-        return not _escapes(member.name) and not (target and _escapes(posixpath.join(member.name, "..", target)))
+        if _escapes(member.name) or (target and _escapes(posixpath.join(member.name, "..", target))):
+            return ESCAPES
+        return "a device or other special file" if not (member.isfile() or member.isdir() or target) else None
     try:
         data_filter(member, root)
-    except tarfile.FilterError:
-        return False
-    return True
+    except (tarfile.OutsideDestinationError, tarfile.AbsolutePathError):
+        return ESCAPES
+    except (tarfile.LinkOutsideDestinationError, tarfile.AbsoluteLinkError):
+        return "a link to outside the folder"
+    except tarfile.SpecialFileError:
+        return "a device or other special file"
+    except tarfile.FilterError as error:
+        return str(error)
+    return None
 
 
 def _escapes(name: str) -> bool:
@@ -137,10 +149,10 @@ def _escapes(name: str) -> bool:
     return False
 
 
-def _refuse(archive: Path, member: str) -> None:
+def _refuse(archive: Path, member: str, reason: str) -> None:
     raise UserError(
-        f"{archive} holds a member whose path escapes the folder it would be extracted to ({member!r}): "
-        "refusing it; it is not the official archive, so download that one or pass --source"
+        f"{archive} holds an unsafe member ({member!r}: {reason}): refusing the archive; "
+        "it is not the official one, so download that or pass another --source"
     )
 
 
@@ -153,8 +165,8 @@ def _complete(found: dict[str, bytes], filenames: Sequence[str], source: Path) -
     missing = [name for name in filenames if name not in found]
     if missing:
         raise UserError(
-            f"{source} has no file named {', '.join(missing)}: it is not the dataset's archive; "
-            "pass the official one (or a folder holding these files) with --source"
+            f"{source} has no file named {', '.join(missing)}: pass the official archive, "
+            "or a folder holding these files, with --source"
         )
     return found
 

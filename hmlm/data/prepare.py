@@ -50,29 +50,10 @@ def prepare_dataset(
     ensure_writable(data_dir)
     spec = SOURCES[name]
     members, origin = _fetch_members(spec, data_dir, source, verify)
-
     if spec.kind == "ptb":
-        codes = {m.split: _ptb_codes(members[m.filename], m.filename) for m in spec.members}
-        vocab, ids = tokenize(codes, "chars", space="_")
-        if verify:
-            _verify_ptb_counts(spec, vocab, ids)
+        vocab, ids = _tokenize_ptb(spec, members, verify)
     else:
-        filename = spec.members[0].filename
-        data = members[filename]
-        if spec.kind == "bytes":  # enwik8 is modelled byte by byte
-            codes_all = np.frombuffer(data, dtype=np.uint8)
-        else:
-            try:  # text8 is ASCII: its bytes are its characters
-                codes_all = text_codes(data)
-            except UnicodeDecodeError as error:
-                raise UserError(
-                    f"{filename} is not UTF-8 text (byte offset {error.start:,}): pass the official archive"
-                ) from None
-        sizes = split_sizes(len(codes_all))
-        bounds = np.cumsum([0] + [sizes[s] for s in SPLITS])
-        codes = {s: codes_all[bounds[i] : bounds[i + 1]] for i, s in enumerate(SPLITS)}
-        vocab, ids = tokenize(codes, spec.kind)
-
+        vocab, ids = _tokenize_one_file(spec, members[spec.members[0].filename])
     digest = hashlib.sha256()
     for member in spec.members:
         digest.update(members[member.filename])
@@ -126,6 +107,25 @@ def _verify_checksums(spec: Source, members: dict[str, bytes], where: Path, cach
                 )
 
 
+def _tokenize_ptb(spec: Source, members: dict[str, bytes], verify: bool) -> tuple[Vocab, dict[str, np.ndarray]]:
+    codes = {m.split: _ptb_codes(members[m.filename], m.filename) for m in spec.members}
+    vocab, ids = tokenize(codes, "chars", space="_")
+    if verify:  # PTB has no published checksum for train: its token counts (and vocabulary) are the check
+        for member in spec.members:
+            got = len(ids[member.split])
+            if got != member.tokens:
+                raise UserError(
+                    f"{member.filename} has {got:,} tokens, the official file {member.tokens:,}: "
+                    "pass the official archive, or --no-verify to use it as it is"
+                )
+        if len(vocab) != spec.vocab_size:
+            raise UserError(
+                f"the PTB files have {len(vocab)} symbols, the official ones {spec.vocab_size}: "
+                "pass the official archive, or --no-verify to use it as it is"
+            )
+    return vocab, ids
+
+
 def _ptb_codes(data: bytes, filename: str) -> np.ndarray:
     """PTB's character-level file as (n,) uint8 codes: the space-separated symbols, the newline kept as the
     end-of-line token. Every symbol is one character (`<unk>` is spelled `< u n k >`), so the tokens are
@@ -143,17 +143,17 @@ def _ptb_codes(data: bytes, filename: str) -> np.ndarray:
     return raw[symbol]
 
 
-def _verify_ptb_counts(spec: Source, vocab: Vocab, ids: dict[str, np.ndarray]) -> None:
-    """PTB has no published checksum for train: its token counts (and the vocabulary) are the check."""
-    for member in spec.members:
-        got = len(ids[member.split])
-        if got != member.tokens:
+def _tokenize_one_file(spec: Source, data: bytes) -> tuple[Vocab, dict[str, np.ndarray]]:
+    """text8 / enwik8: one file, cut into train, valid and test by the registry's rule."""
+    if spec.kind == "bytes":  # enwik8 is modelled byte by byte
+        codes = np.frombuffer(data, dtype=np.uint8)
+    else:
+        try:  # text8 is ASCII: its bytes are its characters
+            codes = text_codes(data)
+        except UnicodeDecodeError as error:
             raise UserError(
-                f"{member.filename} has {got:,} tokens, the official file {member.tokens:,}: "
-                "pass the official archive, or --no-verify to use it as it is"
-            )
-    if len(vocab) != spec.vocab_size:
-        raise UserError(
-            f"the PTB files have {len(vocab)} symbols, the official ones {spec.vocab_size}: "
-            "pass the official archive, or --no-verify to use it as it is"
-        )
+                f"{spec.members[0].filename} is not UTF-8 text (byte offset {error.start:,}): pass the official archive"
+            ) from None
+    sizes = split_sizes(len(codes))
+    bounds = np.cumsum([0] + [sizes[s] for s in SPLITS])  # (4,) where each split starts, and the end
+    return tokenize({s: codes[bounds[i] : bounds[i + 1]] for i, s in enumerate(SPLITS)}, spec.kind)

@@ -61,7 +61,7 @@ def prepare_text(
     bounds = np.cumsum([0] + [sizes[s] for s in SPLITS])
     codes = {s: codes_all[bounds[i] : bounds[i + 1]] for i, s in enumerate(SPLITS)}
     vocab, ids = tokenize(codes, level)
-    source = {"name": file.name, "sha256": hashlib.sha256(data).hexdigest()}
+    source = {"name": file.resolve().name, "sha256": hashlib.sha256(data).hexdigest()}
     return write_dataset(target, vocab, ids, source)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -122,13 +123,17 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     parts = key.strip().split(".")
     node = raw
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`model:` with every key commented out)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise UserError(f"override {item!r}: {part} is not a section")
     node[parts[-1]] = value
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:  # an empty section: all defaults
+        raw = {}
     if not isinstance(raw, dict):
         raise UserError(f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys, not {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -150,6 +155,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**values)
 
 
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, kind: Any, key: str) -> Any:
     """Check (and widen int to float) one value against its annotation."""
     origin = typing.get_origin(kind)
@@ -165,6 +173,9 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             raise UserError(f"config key {key} must be a list of {item.__name__}, not {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+        # YAML 1.1 (PyYAML) reads 1e-3 as a string: only 1.0e-3 is a float there. Users write 1e-3.
         return float(value)
     if kind in (int, float) and isinstance(value, bool) or not isinstance(value, kind):
         raise UserError(f"config key {key} must be {kind.__name__}, not {value!r}")

@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Tests run many tiny models, where a second intra-op thread only adds synchronization (a 4x256 layer_norm
+# took 6x longer with 2 threads than with 1 on a loaded 2-core machine). Set before torch is imported, so the
+# `hmlm` subprocesses that tests start inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HMLM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-# Tests are many small models: more threads only add contention on a small CI machine.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

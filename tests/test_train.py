@@ -1,0 +1,229 @@
+"""Training, evaluation, sampling and checkpoints, end to end on the synthetic corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hmlm import CharLM, ModelConfig, load_model
+from hmlm.config import from_dict
+from hmlm.data import prepare_dataset
+from hmlm.train import train
+
+SMALL = {
+    "model": {"embed_dim": 8, "hidden_sizes": [16, 16, 16], "output_embed_dim": 16},
+    "train": {"batch_size": 4, "seq_len": 20, "lr": 0.01, "max_steps": 24, "eval_every": 8, "eval_tokens": 400,
+              "log_every": 4, "sample_length": 20},
+    "slope": {"schedule": "step", "steps": 24},
+}  # fmt: skip
+
+
+def run_hmlm(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "hmlm", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"hmlm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("data")
+    prepare_dataset("synthetic", data)
+    return data
+
+
+def small_config(data_dir: Path, **train):
+    raw = json.loads(json.dumps(SMALL))
+    raw["data"] = {"name": "synthetic", "dir": str(data_dir)}
+    raw["train"].update(train)
+    return from_dict(raw)
+
+
+def write_config(path: Path, data_dir: Path, **train) -> Path:
+    path.write_text(small_config(data_dir, **train).to_yaml())
+    return path
+
+
+def params_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_overfits_one_small_batch():
+    torch.manual_seed(0)
+    model = CharLM(12, ModelConfig(embed_dim=8, hidden_sizes=[32, 32], output_embed_dim=32))
+    tokens = torch.randint(0, 12, (4, 21))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    first = None
+    for _ in range(150):
+        loss = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > math.log(12) * 0.8  # starts near chance
+    assert loss.item() < 0.1  # and memorizes the batch
+
+
+def test_same_seed_same_run(data_dir, tmp_path):
+    config = small_config(data_dir, max_steps=10, eval_every=5)
+    train(config, tmp_path / "a", progress=False)
+    train(config, tmp_path / "b", progress=False)
+    a, b = (torch.load(tmp_path / r / "checkpoints/last.pt", weights_only=True) for r in "ab")
+    assert params_equal(a["model"], b["model"])
+    assert a["schedule"]["best_valid_loss"] == b["schedule"]["best_valid_loss"]
+
+
+def test_tensorboard_scalars_read_back(data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = train(small_config(data_dir), tmp_path / "run", progress=False)
+    assert summary.step == 24 and summary.stopped == "max_steps"
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train/loss", "train/bpc", "train/lr", "train/slope", "train/grad_norm", "train/chars_per_sec",
+                "valid/bpc", "train/boundary_rate_layer1", "train/boundary_rate_layer2"}  # fmt: skip
+    assert expected <= tags
+    assert [e.step for e in events.Scalars("valid/bpc")] == [8, 16, 24]
+    slopes = [e.value for e in events.Scalars("train/slope")]
+    assert slopes[0] < slopes[-1] <= 5.0  # the per-step ramp
+    assert events.Tags()["tensors"], "generated samples are logged as text"
+    assert (tmp_path / "run" / "samples.txt").read_text().count("--- step") == 3
+    assert (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_existing_run_directory_is_refused(data_dir, tmp_path):
+    config = write_config(tmp_path / "c.yaml", data_dir, max_steps=2, eval_every=2)
+    run_hmlm("train", "-c", str(config), "--run-dir", "r", "-q", cwd=tmp_path)
+    again = run_hmlm("train", "-c", str(config), "--run-dir", "r", "-q", cwd=tmp_path, check=False)
+    assert again.returncode == 2
+    assert "--resume" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_killed_run_resumes_to_the_same_result(data_dir, tmp_path):
+    """SIGKILL mid-run, resume from the last checkpoint: the finished run equals one that never stopped."""
+    config = write_config(tmp_path / "c.yaml", data_dir, max_steps=40, eval_every=5)
+    run_hmlm("train", "-c", str(config), "--run-dir", "whole", "-q", cwd=tmp_path)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hmlm", "train", "-c", str(config), "--run-dir", "killed", "-q"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    last = tmp_path / "killed" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if last.exists() and torch.load(last, weights_only=True)["schedule"]["step"] >= 15:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = torch.load(last, weights_only=True)["schedule"]["step"]
+    assert 15 <= stopped_at < 40, "the kill must land mid-run"
+
+    run_hmlm("train", "--run-dir", "killed", "--resume", "-q", cwd=tmp_path)
+    whole, resumed = (torch.load(tmp_path / r / "checkpoints/last.pt", weights_only=True) for r in ("whole", "killed"))
+    assert resumed["schedule"]["step"] == 40
+    assert params_equal(whole["model"], resumed["model"])
+    carried = zip(sum(whole["recurrent_state"], []), sum(resumed["recurrent_state"], []), strict=True)
+    assert all(torch.equal(a, b) for a, b in carried)
+    assert whole["schedule"]["best_valid_loss"] == resumed["schedule"]["best_valid_loss"]
+
+
+def test_sigterm_saves_a_checkpoint(data_dir, tmp_path):
+    config = write_config(tmp_path / "c.yaml", data_dir, max_steps=100000, eval_every=100000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hmlm", "train", "-c", str(config), "--run-dir", "r", "-q"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    events = tmp_path / "r"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (events.exists() and any(events.glob("events.*"))):
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "interrupted" in out + err
+    step = torch.load(tmp_path / "r/checkpoints/last.pt", weights_only=True)["schedule"]["step"]
+    assert step > 0
+
+
+def test_cli_end_to_end(tmp_path):
+    """The quick start: data, train, eval, sample, as a user types them."""
+    run_hmlm("data", "synthetic", "--data-dir", "data", cwd=tmp_path)
+    config = write_config(tmp_path / "c.yaml", Path("data"), max_steps=16, eval_every=8)
+    run_hmlm("train", "-c", str(config), "-q", cwd=tmp_path)
+    assert (tmp_path / "runs" / "c" / "checkpoints" / "best.pt").exists()
+
+    report = json.loads(run_hmlm("eval", "runs/c", "--split", "test", "--json", cwd=tmp_path).stdout)
+    assert report["split"] == "test" and report["tokens"] > 0 and 0 < report["bpc"] < 8
+
+    args = ("sample", "runs/c", "--prompt", "the ", "--length", "40", "--seed", "3")
+    first, second = (run_hmlm(*args, cwd=tmp_path).stdout for _ in range(2))
+    assert first == second and first.startswith("the ")
+    assert len(first.rstrip("\n")) >= 40
+    other = run_hmlm(*args[:-1], "4", cwd=tmp_path).stdout
+    assert other != first
+
+    model, vocab = load_model(tmp_path / "runs" / "c")
+    assert not model.training and len(vocab) == model.vocab_size
+
+
+def test_lstm_baseline_trains(data_dir, tmp_path):
+    config = small_config(data_dir, max_steps=8, eval_every=4)
+    config.model.kind = "lstm"
+    summary = train(config, tmp_path / "lstm", progress=False)
+    assert summary.step == 8 and math.isfinite(summary.best_valid_bpc)
+    model, _ = load_model(tmp_path / "lstm")
+    assert model.config.kind == "lstm"
+
+
+def test_bad_inputs_give_one_line(data_dir, tmp_path):
+    config = write_config(tmp_path / "c.yaml", data_dir, max_steps=4, eval_every=4)
+    run_hmlm("train", "-c", str(config), "--run-dir", "r", "-q", cwd=tmp_path)
+
+    def fails(*args: str) -> str:
+        result = run_hmlm(*args, cwd=tmp_path, check=False)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        return result.stderr
+
+    missing = write_config(tmp_path / "m.yaml", data_dir)
+    missing.write_text(missing.read_text().replace("name: synthetic", "name: ptb"))
+    assert "hmlm data ptb" in fails("train", "-c", str(missing), "--run-dir", "m")
+    assert not (tmp_path / "m" / "checkpoints").exists()
+
+    assert "did you mean train.max_steps" in fails("train", "-c", str(config), "-s", "train.max_stepz=3")
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((tmp_path / "r/checkpoints/last.pt").read_bytes()[:1000])
+    assert "corrupt" in fails("eval", str(corrupt))
+
+    assert "vocabulary" in fails("sample", "r", "--prompt", "the \u00e9\u00e9")
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    config = write_config(tmp_path / "c.yaml", data_dir, max_steps=50, eval_every=2, lr=1e30, grad_clip=1e30)
+    result = run_hmlm("train", "-c", str(config), "--run-dir", "r", "-q", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "loss became" in result.stderr
+    if (tmp_path / "r/checkpoints/last.pt").exists():
+        payload = torch.load(tmp_path / "r/checkpoints/last.pt", weights_only=True)
+        assert all(torch.isfinite(t).all() for t in payload["model"].values())
+
+
+def test_resume_with_new_limits(data_dir, tmp_path):
+    """A finished run trained on with a larger max_steps continues from where it stopped."""
+    config = small_config(data_dir, max_steps=8, eval_every=4)
+    train(config, tmp_path / "r", progress=False)
+    summary = train(None, tmp_path / "r", resume=True, overrides=["train.max_steps=12"], progress=False)
+    assert summary.step == 12

@@ -196,25 +196,31 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def error_cases(server: DataServer, archives: Archives, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
-    """case -> (arguments after `hmlm data`, a fragment the one-line message must hold)."""
-    serve = server.serve
+def plain_error_cases(server: DataServer, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """case -> (arguments after `hmlm data`, a fragment the one-line message must hold): no corpora needed."""
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     return {
         "unknown name": (["wikitext"], "unknown dataset 'wikitext': choose one of ptb, text8, enwik8, synthetic"),
         "404": (["ptb", "--source", server.url("/nowhere/simple-examples.tgz")], "HTTP 404"),
         "refused": (["text8", "--source", f"http://127.0.0.1:{closed_port()}/text8.zip"], "Connection refused"),
-        "truncated tgz, downloaded": (
-            ["ptb", "--source", serve("/t/simple-examples.tgz", archives.ptb_truncated.read_bytes())],
-            "truncated or corrupt",
-        ),
+        "missing in folder": (["ptb", "--source", str(tmp_path)], "no file named ptb.char.train.txt"),
+        "missing source": (["ptb", "--source", str(tmp_path / "nope.tgz")], "no such file or folder"),
+        "not writable": (["synthetic", "--data-dir", str(blocked / "data")], "cannot write to the data folder"),
+        "source for synthetic": (["synthetic", "--source", str(tmp_path)], "takes no --source"),
+        "text option": (["ptb", "--split", "0.8,0.1,0.1"], "--split: only for `hmlm data text FILE`"),
+    }
+
+
+def archive_error_cases(server: DataServer, archives: Archives) -> dict[str, tuple[list[str], str]]:
+    """The same for the broken archives built from the real corpora."""
+    truncated_url = server.serve("/t/simple-examples.tgz", archives.ptb_truncated.read_bytes())
+    return {
+        "truncated tgz, downloaded": (["ptb", "--source", truncated_url], "truncated or corrupt"),
         "truncated tgz, local": (["ptb", "--source", str(archives.ptb_truncated)], "truncated or corrupt"),
         "truncated zip": (["text8", "--source", str(archives.text8_truncated)], "truncated or corrupt"),
         "corrupt zip": (["enwik8", "--source", str(archives.enwik8_corrupt), "--no-verify"], "truncated or corrupt"),
         "missing member": (["text8", "--source", str(archives.text8_missing_member)], "no file named text8"),
-        "missing in folder": (["ptb", "--source", str(tmp_path)], "no file named ptb.char.train.txt"),
-        "missing source": (["ptb", "--source", str(tmp_path / "nope.tgz")], "no such file or folder"),
         "checksum": (["text8", "--source", str(archives.text8)], "checksum mismatch"),
         "escaping tgz": (
             ["ptb", "--source", str(archives.ptb_escaping)],
@@ -225,38 +231,40 @@ def error_cases(server: DataServer, archives: Archives, tmp_path: Path) -> dict[
             "'../evil': its path escapes the folder",
         ),
         "link out of the folder": (["ptb", "--source", str(archives.ptb_link_out)], "a link to outside the folder"),
-        "not writable": (["synthetic", "--data-dir", str(blocked / "data")], "cannot write to the data folder"),
-        "source for synthetic": (["synthetic", "--source", str(archives.ptb)], "takes no --source"),
-        "text option": (["ptb", "--split", "0.8,0.1,0.1"], "--split: only for `hmlm data text FILE`"),
     }
 
 
-CASES = [
+PLAIN_CASES = [
     "unknown name",
     "404",
     "refused",
+    "missing in folder",
+    "missing source",
+    "not writable",
+    "source for synthetic",
+    "text option",
+]
+ARCHIVE_CASES = [
     "truncated tgz, downloaded",
     "truncated tgz, local",
     "truncated zip",
     "corrupt zip",
     "missing member",
-    "missing in folder",
-    "missing source",
     "checksum",
     "escaping tgz",
     "escaping zip",
     "link out of the folder",
-    "not writable",
-    "source for synthetic",
-    "text option",
 ]
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", PLAIN_CASES + ARCHIVE_CASES)
 def test_errors_are_one_line_exit_2_and_leave_nothing(
-    case: str, server: DataServer, archives: Archives, tmp_path: Path, capsys: pytest.CaptureFixture
+    case: str, server: DataServer, tmp_path: Path, capsys: pytest.CaptureFixture, request: pytest.FixtureRequest
 ) -> None:
-    args, fragment = error_cases(server, archives, tmp_path)[case]
+    if case in ARCHIVE_CASES:  # only these skip without ../shared/data
+        args, fragment = archive_error_cases(server, request.getfixturevalue("archives"))[case]
+    else:
+        args, fragment = plain_error_cases(server, tmp_path)[case]
     data_dir = tmp_path / "data"
     if "--data-dir" not in args:
         args = [*args, "--data-dir", str(data_dir)]

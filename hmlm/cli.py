@@ -120,7 +120,7 @@ def data(
 def train(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML config file, e.g. configs/tiny.yaml."),
     set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
-    run_dir: Path | None = typer.Option(None, "--run-dir", help="Where the run goes. [default: runs/CONFIG_NAME]"),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="Where the run goes. (default: runs/CONFIG_NAME)"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -134,10 +134,11 @@ def train(
         run_dir = Path("runs") / config.stem
     loaded = load_config(config, set_) if config is not None and not resume else None
     summary = run_training(loaded, run_dir, resume=resume, overrides=set_ if resume else [], progress=not quiet)
-    typer.echo(
-        f"{summary.stopped} at step {summary.step} (epoch {summary.epoch}); "
-        f"best valid bpc {summary.best_valid_bpc:.4f}; run in {summary.run_dir}"
-    )
+    if summary.main_process:
+        typer.echo(
+            f"{summary.stopped} at step {summary.step} (epoch {summary.epoch}); "
+            f"best valid bpc {summary.best_valid_bpc:.4f}; run in {summary.run_dir}"
+        )
 
 
 @app.command("eval")
@@ -146,12 +147,13 @@ def evaluate_command(
     split: str = typer.Option("valid", "--split", help="valid or test."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
     batch_size: int = typer.Option(64, "--batch-size", help="Contiguous streams evaluated together."),
-    data_dir: Path | None = typer.Option(None, "--data-dir", help="Prepared datasets. [default: the run's data.dir]"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Prepared datasets. (default: the run's data.dir)"),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of a sentence."),
 ) -> None:
     """Print bits per character on a split, with the state carried across the whole split."""
     import json
 
+    from hmlm.boundaries import split_references
     from hmlm.checkpoint import load_trained
     from hmlm.data import open_dataset
     from hmlm.evaluate import evaluate
@@ -161,10 +163,13 @@ def evaluate_command(
     trained = load_trained(run, checkpoint)
     config, path = trained.config, trained.path
     dataset = open_dataset(config.data.name, data_dir or config.data.dir)
-    result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, progress=not json_)
+    result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, progress=not json_,
+                      references=split_references(dataset, split))  # fmt: skip
     report = {"bpc": result.bpc, "split": split, "tokens": result.tokens, "loss": result.loss,
               "checkpoint": str(path), "dataset": config.data.name}  # fmt: skip
     report |= {f"boundary_rate_layer{i + 1}": rate for i, rate in enumerate(result.boundary_rate)}
+    if result.boundary_stats is not None:  # boundary_f1_word_layer1, ... (`hmlm boundaries --split` adds baselines)
+        report |= result.boundary_stats.flat(baselines=False, rates=False)
     if json_:
         typer.echo(json.dumps(report))
     else:
@@ -197,6 +202,90 @@ def sample(
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+@app.command("boundaries")
+def boundaries_command(
+    run: Path = typer.Argument(..., help="A run directory (runs/NAME) or a checkpoint file."),
+    text: str | None = typer.Option(
+        None, "--text", help="The text to read, from a fresh state (a typed space stands for the dataset's space)."
+    ),
+    split: str | None = typer.Option(
+        None, "--split", help="Instead of a text, score a whole split (valid or test), with the baselines."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="With --text: draw the figure into this .png file."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object (the figure, if any, is still drawn)."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
+    wrap: int = typer.Option(100, "--wrap", help="Symbols per row of the figure and of the text view."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random-boundaries baseline."),
+    batch_size: int = typer.Option(64, "--batch-size", help="With --split: contiguous streams read together."),
+    max_tokens: int = typer.Option(0, "--max-tokens", help="With --split: score about the first N tokens; 0: all."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Prepared datasets. (default: the run's data.dir)"),
+) -> None:
+    """Where each layer's boundary detector closes a segment, and how well that matches word boundaries.
+
+    With --text, like the paper's Figure 3: prints the text with a | under it wherever a layer closes a
+    segment, then the statistics; --out FIG.png draws the boundaries z and the output gates g over the text;
+    --json prints the symbols, every layer's z and g at every position, and the statistics.
+
+    With --split: the statistics over a whole split, with the state carried as in `hmlm eval`.
+
+    Statistics, per layer: the firing rate, the mean segment length, and precision / recall / F1 against word
+    boundaries (the space symbol; on the synthetic corpus its true word ends, and its phrase ends too). A
+    boundary hits a word when it fires on the word's last symbol or on the space after it. Next to them, two
+    baselines: a boundary after every symbol, and random boundaries at the layer's own rate.
+
+    Examples: `hmlm boundaries runs/ptb --text "the company said" --out fig.png`,
+    `hmlm boundaries runs/ptb --split test`.
+    """
+    import json
+
+    from hmlm.boundaries import check_figure_args, read_text, require_boundaries, split_references
+    from hmlm.checkpoint import load_trained
+
+    if (text is None) == (split is None):
+        raise UserError("pass either --text TEXT (one text, drawn with --out) or --split valid|test (a whole split)")
+    if split is not None and out is not None:
+        raise UserError("--out draws a text: use it with --text, not with --split")
+    check_figure_args(out, wrap)  # before the model runs
+    trained = load_trained(run, checkpoint)
+    require_boundaries(trained.model)
+
+    if text is not None:
+        result = read_text(trained.model, trained.vocab, text, seed)
+        if out is not None:
+            from hmlm.boundaries import draw
+
+            width, height = draw(result, out, wrap, title=f"{trained.path}: where each layer closes a segment")
+            # With --json the object alone goes to stdout, so that it stays parseable.
+            typer.echo(f"wrote {out} ({width}x{height} pixels, {len(result.symbols)} symbols)", err=json_)
+        if json_:
+            typer.echo(json.dumps(result.to_json() | {"checkpoint": str(trained.path)}))
+        elif out is None:
+            typer.echo(result.view(wrap))
+        return
+
+    from hmlm.data import open_dataset
+    from hmlm.evaluate import evaluate
+
+    if split not in ("valid", "test"):
+        raise UserError(f"--split must be valid or test, not {split!r}")
+    config = trained.config
+    dataset = open_dataset(config.data.name, data_dir or config.data.dir)
+    references = split_references(dataset, split)
+    result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, max_tokens=max_tokens,
+                      progress=not json_, references=references, seed=seed)  # fmt: skip
+    stats = result.boundary_stats
+    assert stats is not None  # the model has boundaries and references were given
+    if json_:
+        report = {"split": split, "tokens": result.tokens, "bpc": result.bpc, "checkpoint": str(trained.path),
+                  "dataset": config.data.name}  # fmt: skip
+        typer.echo(json.dumps(report | stats.flat()))
+        return
+    typer.echo(f"{config.data.name} {split}: {result.tokens:,} tokens, bpc {result.bpc:.4f} ({trained.path})")
+    if not references:
+        typer.echo("(no reference boundaries: this vocabulary has no space symbol)")
+    typer.echo(stats.table())
 
 
 def main() -> None:

@@ -1,13 +1,14 @@
 """Bits per character: the mean over predicted tokens of -log2 p(token | everything before it in its stream).
 
 The split is cut into contiguous streams (the same batchify as training) and the recurrent state is carried
-across the whole split, so every prediction sees its full history. No autograd state is kept.
+across the whole split, so every prediction sees its full history. No autograd state is kept. Given reference
+boundaries, the same pass scores each layer's boundaries against them (hmlm/boundaries.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hmlm.boundaries import BoundaryStats, score
 from hmlm.data import StreamBatcher
 from hmlm.model import CharLM
 
@@ -27,6 +29,7 @@ class EvalResult:
     loss: float  # mean negative log-likelihood in nats
     tokens: int  # predicted tokens
     boundary_rate: list[float] = field(default_factory=list)  # per lower layer: fraction of steps with z = 1
+    boundary_stats: BoundaryStats | None = None  # with `references` and a model that has boundaries
 
     @property
     def bpc(self) -> float:
@@ -46,12 +49,19 @@ def evaluate(
     reduce_sum: ReduceSum | None = None,
     autocast: bool = False,
     progress: bool = False,
+    references: Mapping[str, np.ndarray] | None = None,
+    seed: int = 0,
 ) -> EvalResult:
     """BPC of `model` on `tokens`. With several processes, each takes its own streams and `reduce_sum` adds
-    the sums over processes, so every token is counted exactly once."""
+    the sums over processes, so every token is counted exactly once.
+
+    `references` ({name: (len(tokens),) bool gaps}, from hmlm.boundaries.split_references) asks for the boundary
+    statistics too: every position's z is kept (L-1 floats per token) and scored at the end, stream by stream,
+    with the random baseline seeded by `seed`."""
     if max_tokens:
         tokens = tokens[: max_tokens + batch_size]  # + batch_size: every stream loses its first token as input
     batcher = StreamBatcher(tokens, batch_size, seq_len, rank, world_size)
+    kept: list[torch.Tensor] = []  # (B, T, L-1) per batch, when scoring boundaries
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -69,10 +79,43 @@ def evaluate(
         count += y.numel()
         rates = out.boundaries.double().sum(dim=(0, 1))  # (L-1,)
         boundary_sum = rates if boundary_sum is None else boundary_sum + rates
+        if references is not None:
+            kept.append(out.boundaries.float())
     if boundary_sum is None:
         boundary_sum = torch.zeros(0, dtype=torch.float64, device=device)
     if reduce_sum is not None:
         loss_sum, count, boundary_sum = reduce_sum(loss_sum), reduce_sum(count), reduce_sum(boundary_sum)
     model.train(was_training)
+    stats = None
+    if references is not None and boundary_sum.numel():
+        stats = _score_streams(torch.cat(kept, dim=1), references, tokens, batch_size, seq_len, rank, world_size, seed)
+        if reduce_sum is not None:
+            numbers = reduce_sum(torch.tensor(stats.numbers(), dtype=torch.float64, device=device))
+            stats = stats.with_numbers(numbers.tolist())
     n = max(count.item(), 1.0)
-    return EvalResult(loss=loss_sum.item() / n, tokens=int(count.item()), boundary_rate=(boundary_sum / n).tolist())
+    rate = (boundary_sum / n).tolist()
+    return EvalResult(loss=loss_sum.item() / n, tokens=int(count.item()), boundary_rate=rate, boundary_stats=stats)
+
+
+def _score_streams(
+    boundaries: torch.Tensor,
+    references: Mapping[str, np.ndarray],
+    tokens: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+) -> BoundaryStats:
+    """Score this process's boundaries (streams, n - 1, L-1) against the references cut into the same streams.
+
+    Stream s covers tokens[s*n : (s+1)*n]; its inputs are positions 0..n-2, whose predictions reach the gaps
+    0..n-1: the stream's whole row of gaps."""
+    gaps = {}
+    for name, ref in references.items():
+        if len(ref) < len(tokens):
+            raise ValueError(f"reference {name!r} has {len(ref)} positions for {len(tokens)} tokens")
+        # A second batcher over the labels lays them out exactly as the tokens: (streams, n)
+        gaps[name] = StreamBatcher(ref[: len(tokens)], batch_size, seq_len, rank, world_size).data
+    # Each process draws its own random baseline: seeded by rank too, so processes do not repeat one another.
+    return score(boundaries.cpu().numpy(), gaps, seed + 1000003 * rank)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hmlm.boundaries import split_references
 from hmlm.checkpoint import (
     FORMAT_VERSION,
     load_checkpoint,
@@ -217,6 +218,8 @@ class Trainer:
             reduce_sum=all_reduce_sum if self.process.distributed else None,
             autocast=self.autocast,
             progress=self.progress,
+            references=split_references(self.dataset, "valid"),  # boundary F1 against word (and phrase) ends
+            seed=cfg.seed,
         )
 
     def after_evaluation(self, result: EvalResult) -> bool:
@@ -320,6 +323,9 @@ class Trainer:
         improved = self.after_evaluation(result)
         self.log_scalars("valid", {"bpc": result.bpc, "loss": result.loss})
         self.log_scalars("valid", {f"boundary_rate_layer{i + 1}": r for i, r in enumerate(result.boundary_rate)})
+        if result.boundary_stats is not None:  # precision, recall, F1 per layer; mean segment length
+            scores = result.boundary_stats.flat(baselines=False, rates=False)
+            self.log_scalars("valid", {key: value for key, value in scores.items() if value is not None})
         if self.process.is_main:
             self.log_sample()
             tqdm.write(

@@ -34,6 +34,7 @@ class TrainConfig:
     seq_len: int = 100  # truncated-BPTT length
     lr: float = 0.002
     lr_decay: float = 50.0  # divide the learning rate by this when validation loss stops improving
+    lr_patience: int = 0  # evaluations without improvement tolerated before dividing (the paper: 0)
     min_lr: float = 1e-6  # stop dividing below this
     grad_clip: float = 1.0  # gradient-norm clip
     max_epochs: int = 100
@@ -45,7 +46,7 @@ class TrainConfig:
     sample_length: int = 200  # characters generated into TensorBoard at each evaluation; 0: none
     seed: int = 0
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
-    precision: str = "fp32"  # fp32, or bf16 (autocast, CUDA only)
+    precision: str = "fp32"  # fp32; bf16 (autocast, CUDA only); fp64 (slow, for exact comparisons)
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Config:
 CHOICES = {
     "model.kind": ("hmlstm", "lstm"),
     "model.boundary": ("step", "sample", "soft"),
-    "train.precision": ("fp32", "bf16"),
+    "train.precision": ("fp32", "bf16", "fp64"),
     "slope.schedule": ("epoch", "step"),
 }
 POSITIVE = ("train.batch_size", "train.seq_len", "train.lr", "train.eval_every", "train.log_every")

@@ -49,6 +49,7 @@ class TrainSummary:
     epoch: int
     best_valid_bpc: float
     stopped: str  # "finished", "max_steps", "max_time" or "interrupted"
+    main_process: bool = True  # False in the other torchrun processes, which stay quiet
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Schedule:
     epoch: int = 0
     lr: float = 0.0
     best_valid_loss: float = math.inf
+    bad_evaluations: int = 0  # evaluations since the last improvement
     elapsed: float = 0.0  # seconds of training so far, over all restarts (for train.max_time)
 
 
@@ -105,6 +107,8 @@ class Trainer:
         self.vocab = self.dataset.vocab
         torch.manual_seed(cfg.seed)
         self.model = CharLM(len(self.vocab), config.model).to(device)
+        if cfg.precision == "fp64":  # for checks that must agree to rounding, e.g. one process against several
+            self.model.double()
         self.ddp = None
         if process.distributed:
             ids = [device.index] if device.type == "cuda" else None
@@ -181,28 +185,30 @@ class Trainer:
 
     # ---- one step, one evaluation ------------------------------------------------------------------------------
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, slope: float) -> tuple[float, float, torch.Tensor]:
-        """Forward, backward, clip, Adam. Returns the loss (nats), the gradient norm and the boundaries."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, slope: float) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """Forward, backward, clip, Adam. Returns this process's loss (nats), the gradient norm, the boundaries."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # (B, T)
         model = self.ddp or self.model
         cast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
         with cast:
             out = model(x, self.state, slope)
-        loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
+        logits = out.logits if out.logits.dtype == torch.float64 else out.logits.float()  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip))
+        # The norm is of the gradients after DDP averaged them: a NaN on any process shows on all of them,
+        # so every process stops here together instead of leaving the others waiting.
+        if not math.isfinite(grad_norm) or not math.isfinite(loss.item()):
             last = self.checkpoint_dir / "last.pt"
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
             raise UserError(
-                f"the training loss became {loss_value} at step {self.schedule.step + 1}; {kept}. "
+                f"the training loss became {loss.item()} at step {self.schedule.step + 1}; {kept}. "
                 "Lower train.lr or train.grad_clip, then resume with --resume or start a new run"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
         self.optimizer.step()
         self.state = out.state.detach()  # truncated BPTT: carry the values, cut the graph
-        return loss_value, float(grad_norm), out.boundaries.detach()
+        return loss.detach(), grad_norm, out.boundaries.detach()
 
     def validate(self) -> EvalResult:
         cfg = self.config.train
@@ -227,13 +233,17 @@ class Trainer:
         cfg, schedule = self.config.train, self.schedule
         improved = result.loss < schedule.best_valid_loss
         if improved:
-            schedule.best_valid_loss = result.loss
-        elif schedule.lr > cfg.min_lr:
+            schedule.best_valid_loss, schedule.bad_evaluations = result.loss, 0
+            return True
+        schedule.bad_evaluations += 1
+        if schedule.bad_evaluations > cfg.lr_patience and schedule.lr > cfg.min_lr:
+            schedule.bad_evaluations = 0
             schedule.lr = max(schedule.lr / cfg.lr_decay, cfg.min_lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = schedule.lr
-            tqdm.write(f"step {schedule.step}: validation did not improve; learning rate now {schedule.lr:.3g}")
-        return improved
+            if self.process.is_main:
+                tqdm.write(f"step {schedule.step}: validation did not improve; learning rate now {schedule.lr:.3g}")
+        return False
 
     # ---- logging ----------------------------------------------------------------------------------------------
 
@@ -262,8 +272,9 @@ class Trainer:
         if self.process.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events a killed run logged after its last checkpoint, so curves do not double.
-            self.writer = SummaryWriter(str(self.run_dir), purge_step=schedule.step or None)
+            # purge_step drops what a killed run logged after its last checkpoint (so curves do not double); what
+            # it logged at the checkpoint's own step was written before the checkpoint and stays.
+            self.writer = SummaryWriter(str(self.run_dir), purge_step=schedule.step + 1 if schedule.step else None)
         total = cfg.max_steps or cfg.max_epochs * len(self.batcher)
         bar = tqdm(total=total, initial=min(schedule.step, total), disable=not self.progress, unit="step")
         chars_per_step = cfg.batch_size * cfg.seq_len
@@ -279,6 +290,7 @@ class Trainer:
                 schedule.elapsed = time.monotonic() - started
                 bar.update(1)
                 if schedule.step % cfg.log_every == 0:
+                    loss = all_reduce_sum(loss).item() / self.process.world_size  # the global batch's mean
                     now = time.monotonic()
                     speed = chars_per_step * (schedule.step - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step = now, schedule.step
@@ -295,7 +307,8 @@ class Trainer:
                     last_eval_step = schedule.step
                 if cfg.max_steps and schedule.step >= cfg.max_steps:
                     stopped = "max_steps"
-                elif cfg.max_time and schedule.elapsed >= cfg.max_time:
+                # Clocks and signals differ between processes: stop all of them when any one must stop.
+                elif broadcast_flag(bool(cfg.max_time) and schedule.elapsed >= cfg.max_time, self.device):
                     stopped = "max_time"
                 if broadcast_flag(stop.requested, self.device):
                     stopped = "interrupted"
@@ -316,7 +329,7 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         best = schedule.best_valid_loss / LN2
-        return TrainSummary(self.run_dir, schedule.step, schedule.epoch, best, stopped)
+        return TrainSummary(self.run_dir, schedule.step, schedule.epoch, best, stopped, self.process.is_main)
 
     def evaluate_and_save(self) -> None:
         result = self.validate()

@@ -13,25 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import params_equal, run_hmlm, small_config, write_config
 
 from hmlm import CharLM, ModelConfig, load_model
-from hmlm.config import from_dict
 from hmlm.data import prepare_dataset
 from hmlm.train import train
-
-SMALL = {
-    "model": {"embed_dim": 8, "hidden_sizes": [16, 16, 16], "output_embed_dim": 16},
-    "train": {"batch_size": 4, "seq_len": 20, "lr": 0.01, "max_steps": 24, "eval_every": 8, "eval_tokens": 400,
-              "log_every": 4, "sample_length": 20},
-    "slope": {"schedule": "step", "steps": 24},
-}  # fmt: skip
-
-
-def run_hmlm(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "hmlm", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"hmlm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +25,6 @@ def data_dir(tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("data")
     prepare_dataset("synthetic", data)
     return data
-
-
-def small_config(data_dir: Path, **train):
-    raw = json.loads(json.dumps(SMALL))
-    raw["data"] = {"name": "synthetic", "dir": str(data_dir)}
-    raw["train"].update(train)
-    return from_dict(raw)
-
-
-def write_config(path: Path, data_dir: Path, **train) -> Path:
-    path.write_text(small_config(data_dir, **train).to_yaml())
-    return path
-
-
-def params_equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_overfits_one_small_batch():

@@ -1,0 +1,42 @@
+"""Helpers shared by the tests that train small models: a small config, and `hmlm` as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from hmlm.config import Config, from_dict
+
+SMALL = {
+    "model": {"embed_dim": 8, "hidden_sizes": [16, 16, 16], "output_embed_dim": 16},
+    "train": {"batch_size": 4, "seq_len": 20, "lr": 0.01, "max_steps": 24, "eval_every": 8, "eval_tokens": 400,
+              "log_every": 4, "sample_length": 20},
+    "slope": {"schedule": "step", "steps": 24},
+}  # fmt: skip
+
+
+def run_hmlm(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "hmlm", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"hmlm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def small_config(data_dir: Path, **train) -> Config:
+    raw = json.loads(json.dumps(SMALL))
+    raw["data"] = {"name": "synthetic", "dir": str(data_dir)}
+    raw["train"].update(train)
+    return from_dict(raw)
+
+
+def write_config(path: Path, data_dir: Path, **train) -> Path:
+    path.write_text(small_config(data_dir, **train).to_yaml())
+    return path
+
+
+def params_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

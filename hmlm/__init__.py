@@ -1,15 +1,33 @@
-"""hmlm: character-level language modelling with the Hierarchical Multiscale LSTM."""
+"""hmlm: character-level language modelling with the Hierarchical Multiscale LSTM.
 
-from hmlm.model import HMLSTM, CharLM, CharLMOutput, HMLSTMOutput, HMLSTMState, ModelConfig
+    from hmlm import HMLSTM, CharLM, ModelConfig, load_model
+
+The names are imported on first use, so that `hmlm data` and `hmlm --help` start without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["HMLSTM", "CharLM", "CharLMOutput", "HMLSTMOutput", "HMLSTMState", "ModelConfig", "load_model"]
+
+_PUBLIC = {
+    "HMLSTM": "hmlm.model",
+    "HMLSTMOutput": "hmlm.model",
+    "HMLSTMState": "hmlm.model",
+    "CharLM": "hmlm.model",
+    "CharLMOutput": "hmlm.model",
+    "ModelConfig": "hmlm.model",
+    "load_model": "hmlm.checkpoint",
+}
+__all__ = [*_PUBLIC, "__version__"]
 
 
 def __getattr__(name: str):
-    # load_model pulls in checkpoints, configs and datasets: import them only when it is asked for.
-    if name == "load_model":
-        from hmlm.checkpoint import load_model
-
-        return load_model
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'hmlm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from hmlm import CharLM, ModelConfig
 from hmlm.boundaries import (
     Match,
     TextBoundaries,
@@ -20,6 +21,7 @@ from hmlm.boundaries import (
     end_gaps,
     figure_size,
     match,
+    read_text,
     reference_gaps,
     score,
     symbols_of,
@@ -166,6 +168,20 @@ def test_bytes_symbols_and_the_space_symbol():
     assert symbols_of(vocab, vocab.encode("caf\u00e9 ")) == ["c", "a", "f", "\u00e9", "", " "]
     ptb = Vocab("chars", ["\n", "_", "a", "b"], space="_")
     assert symbols_of(ptb, ptb.encode("ab ba\n")) == ["a", "b", " ", "b", "a", "\n"]
+
+
+def test_soft_boundaries_keep_their_values_and_models_without_boundaries_are_refused():
+    torch.manual_seed(0)
+    vocab = Vocab("chars", [" ", "a", "b", "c"], space=" ")
+    soft = CharLM(len(vocab), ModelConfig(embed_dim=4, hidden_sizes=[8, 8, 8], output_embed_dim=8, boundary="soft"))
+    result = read_text(soft, vocab, "ab ca bc")
+    z1 = result.to_json()["boundaries"]["layer1"]
+    assert len(z1) == 8 and all(isinstance(z, float) for z in z1) and not set(z1) <= {0.0, 1.0}
+    assert result.stats.layers[0].rate == pytest.approx(np.mean(z1))
+    assert result.stats.layers[0].boundaries == sum(z > 0.5 for z in z1)
+    for config in (ModelConfig(kind="lstm", hidden_sizes=[8, 8]), ModelConfig(hidden_sizes=[8])):
+        with pytest.raises(UserError, match="no boundary detectors"):
+            read_text(CharLM(len(vocab), config), vocab, "ab")
 
 
 # ---- the figure --------------------------------------------------------------------------------------------------

@@ -277,12 +277,13 @@ class TextBoundaries:
             "gates": {f"layer{i + 1}": self.gates[:, i].tolist() for i in range(self.gates.shape[1])},
         } | self.stats.flat()
 
-    def view(self, width: int = 100) -> str:
-        """The text, and under it one line per layer with "|" where the layer closes a segment; wrapped at `width`."""
+    def view(self, wrap: int = 100) -> str:
+        """The text, and under it one line per layer with "|" where the layer closes a segment; wrapped at `wrap`."""
         glyphs = "".join(glyph(s) for s in self.symbols)
+        per_row = row_length(len(glyphs), wrap)
         lines = []
-        for start in range(0, len(glyphs), width):
-            stop = start + width
+        for start in range(0, len(glyphs), per_row):
+            stop = start + per_row
             lines.append(f"{'text':>9}  {glyphs[start:stop]}")
             for layer in range(self.boundaries.shape[1]):
                 marks = "".join("|" if z > THRESHOLD else " " for z in self.boundaries[start:stop, layer])
@@ -366,10 +367,16 @@ def _block_height(layers: int) -> int:
     return (layers - 1) * ROW + LABELS + GAP + layers * ROW + LABELS
 
 
+def row_length(symbols: int, wrap: int) -> int:
+    """Symbols per row when `symbols` are wrapped at `wrap`: rows of even length, so no short stub is left over."""
+    return math.ceil(symbols / max(1, math.ceil(symbols / wrap)))
+
+
 def figure_size(symbols: int, layers: int, wrap: int = 100) -> tuple[int, int]:
-    """(width, height) in pixels of the figure of `symbols` positions of an L-layer model, `wrap` symbols a row."""
-    blocks = max(1, math.ceil(symbols / wrap))
-    width = LEFT + min(symbols, wrap) * CELL + RIGHT
+    """(width, height) in pixels of the figure of `symbols` positions of an L-layer model, wrapped at `wrap`."""
+    per_row = row_length(symbols, wrap)
+    blocks = math.ceil(symbols / per_row)
+    width = LEFT + per_row * CELL + RIGHT
     height = TOP + blocks * _block_height(layers) + (blocks - 1) * BLOCK_GAP + BOTTOM
     return width, height
 
@@ -398,8 +405,9 @@ def draw(result: TextBoundaries, path: Path, wrap: int = 100, title: str = "") -
         (result.boundaries, "Greys", layers - 1, "boundary z: black where the layer closes a segment"),
         (result.gates, "Blues", layers, "output gate g: white 0 to blue 1"),
     )
-    for block, start in enumerate(range(0, symbols, wrap)):
-        stop = min(start + wrap, symbols)
+    per_row = row_length(symbols, wrap)
+    for block, start in enumerate(range(0, symbols, per_row)):
+        stop = min(start + per_row, symbols)
         top = TOP + block * (_block_height(layers) + BLOCK_GAP)  # pixels from the top of the figure
         for values, cmap, rows, label in panels:
             ax = fig.add_axes(((LEFT) / width, 1 - (top + rows * ROW) / height, (stop - start) * CELL / width,

@@ -195,7 +195,7 @@ def fake_result(text: str, layers: int = 3) -> TextBoundaries:
     return TextBoundaries(text, list(range(len(text))), list(text), z, gates, stats)
 
 
-@pytest.mark.parametrize(("length", "wrap", "blocks"), [(37, 100, 1), (130, 50, 3)])
+@pytest.mark.parametrize(("length", "wrap", "blocks"), [(37, 100, 1), (110, 50, 3)])
 def test_the_png_is_an_image_of_the_size_asked(tmp_path: Path, length: int, wrap: int, blocks: int):
     from PIL import Image
 
@@ -203,8 +203,9 @@ def test_the_png_is_an_image_of_the_size_asked(tmp_path: Path, length: int, wrap
     path = tmp_path / "out" / "fig.png"  # the folder is made
     size = draw(fake_result(text), path, wrap=wrap, title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    one_block = figure_size(min(length, wrap), 3, wrap)[1]
-    assert size == figure_size(length, 3, wrap) and size[0] == figure_size(min(length, wrap), 3)[0]
+    per_row = -(-length // blocks)  # rows of even length
+    assert size == figure_size(length, 3, wrap) and size[0] == figure_size(per_row, 3)[0]
+    one_block = figure_size(per_row, 3)[1]
     assert (blocks == 1) == (size[1] == one_block) and size[1] >= blocks * (one_block - 80)
     image = Image.open(path)
     assert image.size == size
@@ -277,6 +278,9 @@ def test_text_view_marks_each_layer_under_the_text(run: Path):
         assert shown[layer] == f"  layer {layer}  {marks}".rstrip()
     assert any(line.startswith("every symbol") for line in shown)
     assert any(line.startswith("random @ layer 2") for line in shown)
+    wrapped = invoke("boundaries", str(run), "--text", SENTENCE, "--wrap", "20").splitlines()
+    rows = [line[11:] for line in wrapped if line.startswith("     text")]
+    assert rows == [SENTENCE[:15], SENTENCE[15:30], SENTENCE[30:]]  # 43 symbols in 3 even rows, not 20 + 20 + 3
 
 
 def test_out_writes_the_png_and_json_stays_clean(run: Path, tmp_path: Path):

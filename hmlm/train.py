@@ -114,6 +114,12 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        if cfg.batch_size % process.world_size:
+            raise UserError(
+                f"train.batch_size {cfg.batch_size} is the global batch and must divide by the {process.world_size} "
+                f"processes: use a multiple of {process.world_size}, e.g. -s train.batch_size="
+                f"{cfg.batch_size + process.world_size - cfg.batch_size % process.world_size}"
+            )
         self.batcher = StreamBatcher(
             self.dataset.split("train"), cfg.batch_size, cfg.seq_len, process.rank, process.world_size
         )

@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hmlm.cell import BOUNDARY_MODES, LayerWeights, blend, reference_step
+from hmlm import fast
+from hmlm.cell import BOUNDARY_MODES, LayerWeights, reference_step
 
 MODEL_KINDS = ("hmlstm", "lstm")
+IMPLS = ("fast", "reference")  # the same function: hmlm/fast.py, or the readable step of cell.py
 
 
 @dataclass
@@ -87,25 +89,27 @@ class HMLSTM(nn.Module):
         super().__init__()
         if boundary not in BOUNDARY_MODES:
             raise ValueError(f"boundary must be one of {BOUNDARY_MODES}, not {boundary!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, not {impl!r}")
         self.input_size = input_size
         self.hidden_sizes = list(hidden_sizes)
         self.layer_norm = layer_norm
         self.boundary_mode = boundary
         self.impl = impl
         n = len(self.hidden_sizes)
-        below_sizes = [input_size] + self.hidden_sizes[:-1]
-        self.w_below, self.u_rec, self.u_above, self.bias = (nn.ParameterList() for _ in range(4))
+        self.below_sizes = [input_size] + self.hidden_sizes[:-1]
+        self.above_sizes = self.hidden_sizes[1:] + [0]  # the top layer has no top-down input
+        # One matrix per layer, [W_below | U_rec | U_above] side by side (rows: f, i, o, g, then zhat below the
+        # top), so that a step is one matmul over the concatenated inputs; layer_weights() gives the three parts.
+        self.weight, self.bias = nn.ParameterList(), nn.ParameterList()
         self.ln_gates_gain, self.ln_gates_bias = nn.ParameterList(), nn.ParameterList()
         self.ln_cell_gain, self.ln_cell_bias = nn.ParameterList(), nn.ParameterList()
-        for layer, (hidden, below) in enumerate(zip(self.hidden_sizes, below_sizes, strict=True)):
-            is_top = layer == n - 1
-            rows = 4 * hidden + (0 if is_top else 1)
+        for layer, (hidden, below, above) in enumerate(
+            zip(self.hidden_sizes, self.below_sizes, self.above_sizes, strict=True)
+        ):
+            rows = 4 * hidden + (0 if layer == n - 1 else 1)
             bound = 1.0 / math.sqrt(hidden)
-            self.w_below.append(nn.Parameter(torch.empty(rows, below).uniform_(-bound, bound)))
-            self.u_rec.append(nn.Parameter(torch.empty(rows, hidden).uniform_(-bound, bound)))
-            # The top layer has no top-down term; an empty matrix keeps the lists aligned by layer.
-            above = 0 if is_top else self.hidden_sizes[layer + 1]
-            self.u_above.append(nn.Parameter(torch.empty(rows, above).uniform_(-bound, bound)))
+            self.weight.append(nn.Parameter(torch.empty(rows, below + hidden + above).uniform_(-bound, bound)))
             bias = torch.zeros(rows)
             bias[:hidden] = 1.0  # forget gate
             self.bias.append(nn.Parameter(bias))
@@ -120,11 +124,13 @@ class HMLSTM(nn.Module):
         return len(self.hidden_sizes)
 
     def layer_weights(self, layer: int) -> LayerWeights:
-        top = layer == self.num_layers - 1
+        """The parameters of one layer as the reference step takes them (views, so gradients reach them)."""
+        D, H = self.below_sizes[layer], self.hidden_sizes[layer]
+        weight = self.weight[layer]
         return LayerWeights(
-            w_below=self.w_below[layer],
-            u_rec=self.u_rec[layer],
-            u_above=None if top else self.u_above[layer],
+            w_below=weight[:, :D],
+            u_rec=weight[:, D : D + H],
+            u_above=weight[:, D + H :] if layer < self.num_layers - 1 else None,
             bias=self.bias[layer],
             ln_gates=(self.ln_gates_gain[layer], self.ln_gates_bias[layer]) if self.layer_norm else None,
             ln_cell=(self.ln_cell_gain[layer], self.ln_cell_bias[layer]) if self.layer_norm else None,
@@ -132,7 +138,7 @@ class HMLSTM(nn.Module):
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> HMLSTMState:
         """All zeros: no memory, and no layer has just closed a segment."""
-        like = self.u_rec[0]
+        like = self.weight[0]
         device, dtype = device or like.device, dtype or like.dtype
 
         def zeros(size: int) -> list[Tensor]:
@@ -146,6 +152,8 @@ class HMLSTM(nn.Module):
 
     def forward(self, x: Tensor, state: HMLSTMState | None = None, slope: float = 1.0) -> HMLSTMOutput:
         """x: (B, T, input_size). Returns every layer's h, the boundaries and the final state."""
+        if self.impl not in IMPLS:  # impl is a plain attribute: switching it is how tests compare the two
+            raise ValueError(f"impl must be one of {IMPLS}, not {self.impl!r}")
         if state is None:
             state = self.initial_state(x.shape[0], x.device, x.dtype)
         if self.impl == "reference":
@@ -177,50 +185,26 @@ class HMLSTM(nn.Module):
         )
 
     def _forward_fast(self, x: Tensor, state: HMLSTMState, slope: float) -> HMLSTMOutput:
-        """The same function as the reference, arranged for speed.
-
-        - Layer 1's bottom-up input (z^0 = 1, never masked) is projected for all T steps in one matmul.
-        - Every other product of a step is one matmul over the concatenated inputs
-          [z^{l-1}_t h^{l-1}_t, h^l_{t-1}, z^l_{t-1} h^{l+1}_{t-1}] (masking the input, not the output: the same
-          product because z is one scalar per row).
-        """
-        n = self.num_layers
-        B, T, _ = x.shape
-        h, c, z = list(state.h), list(state.c), list(state.z)
-        ln = self.layer_norm
-        # (rows, H_l + H_{l+1}) for layer 1, (rows, D_below + H_l + H_{l+1}) above it; transposed for addmm.
-        w_step = [
-            torch.cat(([] if layer == 0 else [self.w_below[layer]]) + [self.u_rec[layer], self.u_above[layer]], 1).T
-            for layer in range(n)
-        ]
-        x_proj = torch.addmm(self.bias[0], x.reshape(B * T, -1), self.w_below[0].T).view(B, T, -1)  # (B, T, rows)
-        x_proj_steps = x_proj.unbind(1)
-        ones = x.new_ones(B, 1)
-        hidden: list[list[Tensor]] = [[] for _ in range(n)]
-        boundaries: list[Tensor] = []
-        for t in range(T):
-            h_below, z_below = None, ones
-            h_above_prev = h[1:] + [None]
-            for layer in range(n):
-                inputs = [h[layer]] if h_above_prev[layer] is None else [h[layer], z[layer] * h_above_prev[layer]]
-                if layer == 0:
-                    s = torch.addmm(x_proj_steps[t], torch.cat(inputs, 1), w_step[0])
-                else:
-                    s = torch.addmm(self.bias[layer], torch.cat([z_below * h_below] + inputs, 1), w_step[layer])
-                h[layer], c[layer], z[layer] = blend(
-                    s, h[layer], c[layer], z[layer], z_below,
-                    (self.ln_gates_gain[layer], self.ln_gates_bias[layer]) if ln else None,
-                    (self.ln_cell_gain[layer], self.ln_cell_bias[layer]) if ln else None,
-                    has_boundary=layer < n - 1, slope=slope, mode=self.boundary_mode, training=self.training,
-                )  # fmt: skip
-                h_below, z_below = h[layer], z[layer]
-                hidden[layer].append(h[layer])
-            boundaries.append(torch.cat(z[:-1], dim=-1) if n > 1 else x.new_zeros(B, 0))
-        return HMLSTMOutput(
-            hidden=[torch.stack(hs, dim=1) for hs in hidden],
-            boundaries=torch.stack(boundaries, dim=1),
-            state=HMLSTMState(h, c, z),
+        """The same function as the reference, arranged for speed: see hmlm/fast.py."""
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        plan = fast.Plan(
+            hidden_sizes=tuple(self.hidden_sizes),
+            below_sizes=(0, *self.below_sizes[1:]),  # layer 1's input is projected here, before the loop
+            layer_norm=self.layer_norm,
+            mode=self.boundary_mode,
+            training=self.training,
+            slope=float(slope),
+            mm_dtype=torch.get_autocast_dtype(device) if autocast else state.h[0].dtype,
         )
+        E = self.input_size
+        x_proj = F.linear(x, self.weight[0][:, :E], self.bias[0])  # (B, T, R_1): every step's input at once
+        weights = [self.weight[0][:, E:], *self.weight[1:]]  # the per-step parts
+        ln = None
+        if self.layer_norm:
+            ln = list(zip(self.ln_gates_gain, self.ln_gates_bias, self.ln_cell_gain, self.ln_cell_bias, strict=True))
+        hidden, boundaries, h, c, z = fast.run(plan, x_proj, state.h, state.c, state.z, weights, list(self.bias), ln)
+        return HMLSTMOutput(hidden, boundaries, HMLSTMState(h, c, z))
 
 
 class OutputModule(nn.Module):

@@ -365,12 +365,12 @@ def test_layer_norm_is_used_and_has_its_own_parameters():
     # Each gate block is normalized on its own: scaling every weight into one block (the forget gate of
     # layer 1) changes nothing with layer norm, and changes the output without it.
     for rnn, invariant in ((normed, True), (plain, False)):
-        before = rnn(x).hidden[-1]
+        before = rnn(x).hidden[0]
         hidden = rnn.hidden_sizes[0]
         for name, p in rnn.named_parameters():
             if name.endswith(".0") and p.shape[0] == 4 * hidden + 1:
                 p[:hidden] *= 3.0
-        after = rnn(x).hidden[-1]
+        after = rnn(x).hidden[0]
         assert torch.allclose(before, after, atol=1e-5) == invariant
 
 

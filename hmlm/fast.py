@@ -1,0 +1,499 @@
+"""The fast path of the HM-LSTM stack: the function of `cell.reference_step`, run over a whole sequence with a
+hand-written backward through time. `tests/test_model.py` holds it to the reference in float64.
+
+Where the time goes, and what this file does about it (measure with `hmlm bench`):
+- Autograd. Stepping the reference cell makes ~30 autograd nodes per layer and step; creating and walking them
+  costs more CPU time than the arithmetic. Here the whole sequence is one node (`HMLSTMSequence`), and forward
+  and backward are plain tensor ops.
+- Small ops. What is left of a step is a few dozen elementwise ops on (B, H) tensors, each paying microseconds
+  of dispatch, so each one counts: the blend is written in as few ops as fused kernels allow (lerp, addcmul,
+  sigmoid_backward), results go with out= into buffers allocated once per call, the per-step views of those
+  buffers are made once per call and shared by forward and backward, and h_t is written straight into the
+  slot of the next step's matmul input.
+- Matmuls. One per layer and step, over the concatenated masked inputs [z^{l-1}_t h^{l-1}_t | h^l_{t-1} |
+  z^l_{t-1} h^{l+1}_{t-1}] against the layer's weight [W_below | U_rec | U_above] (masking the inputs rather
+  than the products gives the same numbers: z is one scalar per row). Layer 1's input projection is one matmul
+  over all steps, made by the caller. The weight gradients are one matmul per layer over all B*T rows after
+  the loop, instead of T thin ones accumulated into a large matrix; the layer norm gains likewise.
+- Evaluation and sampling (no gradient needed) keep nothing but the outputs: one reused slot per buffer.
+
+The blend of cell.blend, rearranged with the same values. With copy = (1 - z_prev)(1 - z_below),
+update = (1 - z_prev) z_below and keep = 1 - copy (= flush + update):
+    c = keep*i*g + (copy + update*f)*c_prev        exactly c_prev on a COPY (0*x + 1*c_prev)
+    h = lerp(o*tanh(c), h_prev, copy)              exactly h_prev on a COPY (torch.lerp is exact at 0 and 1)
+    z = keep*zraw                                  zraw = 1[zhat > 0], a Bernoulli draw, or hard_sigmoid(zhat)
+In the backward everything that reaches z_prev and z_below goes through two per-row scalars, kept negated:
+    N_copy = -d loss / d copy = <dh, o*tanh(c) - h_prev> + <dc, i*g - c_prev> + dz*zraw
+    G_upd  =  d loss / d update = <dc, f*c_prev>
+    d z_prev  = N_copy - z_below (G_upd + N_copy)          d z_below = (1 - z_prev)(G_upd + N_copy)
+Layer 1 (z_below = 1) never copies and skips the copy terms.
+
+Device-agnostic (CPU and CUDA): plain torch ops, no host synchronization inside the loops. Under autocast the
+matmuls run in the autocast dtype (bf16) and everything elementwise, and the carried state, in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hmlm.cell import hard_sigmoid
+
+LN_EPS = 1e-5  # F.layer_norm's default, which the reference uses
+aten = torch.ops.aten
+LayerNormParams = tuple[Tensor, Tensor, Tensor, Tensor]  # gate gain (4, H), gate bias (4, H), cell gain, cell bias
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one call computes, apart from the tensors."""
+
+    hidden_sizes: tuple[int, ...]
+    below_sizes: tuple[int, ...]  # step-weight columns fed from below: 0 for layer 1 (projected before the loop)
+    layer_norm: bool
+    mode: str  # "step", "sample" or "soft"
+    training: bool
+    slope: float
+    mm_dtype: torch.dtype  # the matmuls' dtype: the autocast dtype under autocast, else the state's
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.hidden_sizes)
+
+
+class LayerTape:
+    """One layer's buffers for one call, and their per-step views (made once: a view costs a microsecond or two).
+
+    With `save` every step has its own slot, kept for the backward; without, one slot is reused. h, c and z keep
+    every step, since they are the outputs.
+    """
+
+    def __init__(self, plan: Plan, layer: int, Z: Tensor, save: bool):
+        T, B, L = Z.shape[0] - 1, Z.shape[1], Z.shape[2]
+        H, D = plan.hidden_sizes[layer], plan.below_sizes[layer]
+        A = plan.hidden_sizes[layer + 1] if layer < L - 1 else 0  # top-down input width
+        S = T if save else 1
+        like = {"device": Z.device, "dtype": Z.dtype}
+        self.H, self.D = H, D
+        self.bottom, self.top = layer == 0, layer == L - 1  # the top layer has no boundary and no top-down input
+        self.save = save
+
+        # The matmul inputs [z_below h_below | h_prev | z_prev h_above] of every step (B, D + H + A). h_t is
+        # written straight into the h_prev part of slot t + 1 (so slot T exists for h_{T-1}), unless the matmuls
+        # run in another dtype (autocast) or only one slot is kept; then h has its own buffer.
+        self.h_in_x = save and plan.mm_dtype == Z.dtype
+        self.x = torch.empty(T + 1 if self.h_in_x else S, B, D + H + A, device=Z.device, dtype=plan.mm_dtype)
+        self.h = self.x[:, :, D : D + H] if self.h_in_x else torch.empty(T + 1, B, H, **like)  # h[t + 1] = h_t
+        self.c = torch.empty(T + 1, B, H, **like)
+        self.s = torch.empty(S, B, 4 * H + (0 if self.top else 1), **like)  # pre-activations: gates, then zhat
+        self.act = torch.empty(S, B, 4 * H, **like)  # sigm(f), sigm(i), sigm(o), tanh(g)
+        self.keep_f = torch.empty(S, B, H, **like)  # copy + update*f = d c / d c_prev
+        self.tc = torch.empty(S, B, H, **like)  # tanh of (the layer-normalized) c
+        # -d h / d copy and -d c / d copy, side by side like the gradients they meet (layer 1 never copies)
+        self.neg_d_copy = torch.empty(S, B, 2, H, **like) if save and not self.bottom else None
+        self.zraw = torch.empty(S, B, 1, **like) if not self.top else None
+        self.gates_ln: list[tuple[Tensor, Tensor, Tensor]] = []  # per step: the gates before it, mean, rstd
+        self.cell_ln: list[tuple[Tensor, Tensor]] = []  # per step: mean, rstd
+
+        self.h_t, self.c_t = self.h.unbind(0), self.c.unbind(0)
+        self.z_t = Z[:, :, layer : layer + 1].unbind(0)  # (B, 1) each
+        self.x_t = self.x.unbind(0)
+        self.x_below_t, self.x_rec_t = self.x[..., :D].unbind(0), self.x[..., D : D + H].unbind(0)
+        self.x_above_t = self.x[..., D + H :].unbind(0)
+        self.s_t, self.gates_t, self.zhat_t = self.s.unbind(0), self.s[..., : 4 * H].unbind(0), self.s[..., 4 * H :]
+        self.zhat_t = self.zhat_t.unbind(0)
+        self.fio_t, self.g_t = self.act[..., : 3 * H].unbind(0), self.act[..., 3 * H :].unbind(0)
+        self.f_t, self.i_t, self.o_t = (self.act[..., k * H : (k + 1) * H].unbind(0) for k in range(3))
+        self.keep_f_t, self.tc_t = self.keep_f.unbind(0), self.tc.unbind(0)
+        self.zraw_t = self.zraw.unbind(0) if self.zraw is not None else None
+        if self.neg_d_copy is not None:
+            self.neg_d_copy_t = self.neg_d_copy.flatten(2).unbind(0)  # (B, 2H)
+            self.neg_d_h_t, self.neg_d_c_t = self.neg_d_copy[:, :, 0].unbind(0), self.neg_d_copy[:, :, 1].unbind(0)
+
+
+# --- Forward ---------------------------------------------------------------------------------------------------
+
+
+def forward_sequence(
+    plan: Plan,
+    x_proj: Tensor,  # (B, T, R_1) layer 1's bottom-up pre-activations, bias included
+    h0: list[Tensor],  # L x (B, H_l)
+    c0: list[Tensor],
+    z0: list[Tensor],  # L x (B, 1)
+    weights: list[Tensor],  # L x (R_l, K_l): [U_rec | U_above] for layer 1, [W_below | U_rec | U_above] above
+    biases: list[Tensor | None],  # L x (R_l,); None for layer 1 (its bias is in x_proj)
+    ln: list[LayerNormParams] | None,
+    save: bool,
+) -> tuple[Tensor, list[LayerTape]]:
+    """Run the stack over the sequence. Returns Z (T+1, B, L), every layer's z (row 0: the initial state), and
+    the layers' tapes."""
+    B, T, _ = x_proj.shape
+    L = plan.num_layers
+    Z = torch.zeros(T + 1, B, L, device=h0[0].device, dtype=h0[0].dtype)
+    tapes = [LayerTape(plan, layer, Z, save) for layer in range(L)]
+    for layer, tape in enumerate(tapes):
+        tape.h[0], tape.c[0], tape.z_t[0][:] = h0[layer], c0[layer], z0[layer]
+    w_t = [w.to(plan.mm_dtype).t() for w in weights]  # (K, R): x @ w_t
+    bases = [x_proj.unbind(1), *([b] * T for b in biases[1:])]  # what each step's matmul adds to
+    ones = Z.new_ones(B, 1)  # z^0 = 1, and 1 - z without a slow scalar op
+    for t in range(T):
+        k = t if save else 0
+        for layer, tape in enumerate(tapes):
+            below = tapes[layer - 1] if layer > 0 else None
+            above = tapes[layer + 1] if layer < L - 1 else None
+            layer_step(plan, tape, below, above, t, k, bases[layer][t], w_t[layer], ln[layer] if ln else None, ones)
+    return Z, tapes
+
+
+def layer_step(
+    plan: Plan, tape: LayerTape, below: LayerTape | None, above: LayerTape | None, t: int, k: int,
+    base: Tensor, w_t: Tensor, ln: LayerNormParams | None, ones: Tensor,
+) -> None:  # fmt: skip
+    """Step t of one layer (k: its slot in the tape): writes h_t, c_t and z_t."""
+    H = tape.H
+    h_prev, c_prev, z_prev = tape.h_t[t], tape.c_t[t], tape.z_t[t]  # (B, H), (B, H), (B, 1)
+    z_below = below.z_t[t + 1] if below is not None else ones
+
+    # The masked inputs, then one matmul: s = base + x @ w_t  (B, R)
+    x, s = tape.x_t[t if tape.h_in_x else k], tape.s_t[k]
+    if below is not None:
+        torch.mul(below.h_t[t + 1], z_below, out=tape.x_below_t[k])
+    if above is not None:
+        torch.mul(above.h_t[t], z_prev, out=tape.x_above_t[k])
+    if not tape.h_in_x:
+        tape.x_rec_t[k].copy_(h_prev)
+    if x.dtype == s.dtype:
+        torch.addmm(base, x, w_t, out=s)
+    else:  # autocast: a bf16 matmul, added into the fp32 pre-activations
+        torch.add(base, torch.mm(x, w_t), out=s)
+
+    # Gates: sigm(f), sigm(i), sigm(o), tanh(g); with layer norm on each of the four blocks on its own.
+    gates = tape.gates_t[k]  # (B, 4H)
+    if ln is not None:
+        gates = gates.reshape(-1, 4, H)  # a copy: the zhat column makes the rows of s non-contiguous
+        normed, mean, rstd = torch.native_layer_norm(gates, (H,), None, None, LN_EPS)
+        if tape.save:
+            tape.gates_ln.append((gates, mean, rstd))
+        gates = torch.addcmul(ln[1], normed, ln[0]).view(-1, 4 * H)
+    torch.sigmoid(gates[:, : 3 * H], out=tape.fio_t[k])
+    torch.tanh(gates[:, 3 * H :], out=tape.g_t[k])
+    f, i, o, g = tape.f_t[k], tape.i_t[k], tape.o_t[k], tape.g_t[k]
+
+    # c = keep*i*g + (copy + update*f)*c_prev
+    ig = i * g
+    keep_f, c = tape.keep_f_t[k], tape.c_t[t + 1]
+    if below is None:  # layer 1: z_below = 1, so update = 1 - z_prev, copy = 0, keep = 1
+        torch.addcmul(f, f, z_prev, value=-1, out=keep_f)
+        torch.addcmul(ig, keep_f, c_prev, out=c)
+    else:
+        update = torch.addcmul(z_below, z_prev, z_below, value=-1)  # (1 - z_prev) z_below   (B, 1)
+        keep = z_prev + update
+        copy = torch.sub(ones, keep)
+        torch.addcmul(copy, f, update, out=keep_f)
+        torch.mul(ig, keep, out=c)
+        c.addcmul_(keep_f, c_prev)
+
+    # h = lerp(o*tanh(c), h_prev, copy)
+    tc = tape.tc_t[k]
+    if ln is not None:
+        normed_c, mean_c, rstd_c = torch.native_layer_norm(c, (H,), ln[2], ln[3], LN_EPS)
+        if tape.save:
+            tape.cell_ln.append((mean_c, rstd_c))
+        torch.tanh(normed_c, out=tc)
+    else:
+        torch.tanh(c, out=tc)
+    h = tape.h_t[t + 1]
+    if below is None:
+        torch.mul(o, tc, out=h)
+    else:
+        otc = o * tc
+        torch.lerp(otc, h_prev, copy, out=h)
+        if tape.save:
+            torch.sub(otc, h_prev, out=tape.neg_d_h_t[k])
+            torch.sub(ig, c_prev, out=tape.neg_d_c_t[k])
+
+    # The boundary: z = keep*zraw. It can only open on a step that computed something.
+    if above is not None:
+        zhat, zraw = tape.zhat_t[k], tape.zraw_t[k]  # (B, 1)
+        if plan.mode == "soft":
+            zraw.copy_(hard_sigmoid(zhat, plan.slope))
+        elif plan.mode == "sample" and plan.training:
+            torch.bernoulli(hard_sigmoid(zhat, plan.slope), out=zraw)  # the reference's draws, in its order
+        else:
+            torch.gt(zhat, 0, out=zraw)  # whatever the slope
+        if below is None:
+            tape.z_t[t + 1].copy_(zraw)
+        else:
+            torch.mul(keep, zraw, out=tape.z_t[t + 1])
+
+
+# --- Backward --------------------------------------------------------------------------------------------------
+
+
+class LayerGrads:
+    """One layer's backward state: the gradients w.r.t. its h and c (side by side, [dh | dc]) and z at the step
+    being processed, summed over everything that reads them; per-step coefficients for all steps at once; and
+    the pre-activation gradients ds, the input of the weight gradients."""
+
+    def __init__(self, plan: Plan, tape: LayerTape, layer: int, Z: Tensor, grad_h, grad_c, grad_z):
+        B, H = Z.shape[1], tape.H
+        # Two [dh | dc] buffers: the current step's, and the previous step's being written.
+        self.pair = [torch.zeros(B, 2, H, device=Z.device, dtype=Z.dtype) for _ in range(2)]
+        self.pair_flat = [p.flatten(1) for p in self.pair]
+        self.pair_h, self.pair_c = [p[:, 0] for p in self.pair], [p[:, 1] for p in self.pair]
+        self.cur = 0
+        if grad_h is not None:
+            self.pair_h[0].copy_(grad_h)
+        if grad_c is not None:
+            self.pair_c[0].copy_(grad_c)
+        self.dz = grad_z.clone() if grad_z is not None else torch.zeros_like(tape.z_t[0])
+
+        self.ds = torch.empty_like(tape.s)  # (T, B, R)
+        self.ds_t, self.dzhat_t = self.ds.unbind(0), self.ds[..., 4 * H :].unbind(0)
+        self.dgates_t = self.ds[..., : 4 * H].unbind(0)
+        # Gradients of the gates after their layer norm and of the normalized c: the layer norm gains' inputs.
+        self.dact = torch.empty_like(tape.act) if plan.layer_norm else self.ds[..., : 4 * H]
+        self.d_cn = torch.empty_like(tape.tc) if plan.layer_norm else None
+        self.dfio_t, self.dg_t = self.dact[..., : 3 * H].unbind(0), self.dact[..., 3 * H :].unbind(0)
+        self.df_t, self.di_t, self.do_t = (self.dact[..., k * H : (k + 1) * H].unbind(0) for k in range(3))
+        self.d_cn_t = self.d_cn.unbind(0) if self.d_cn is not None else None
+
+        # Per-step (B, 1) coefficients, for all steps at once.
+        z_prev = Z[:-1, :, layer : layer + 1]  # (T, B, 1)
+        z_below = Z[1:, :, layer - 1 : layer] if layer > 0 else torch.ones_like(z_prev)
+        update = z_below - z_prev * z_below
+        keep = z_prev + update
+        self.z_prev_t, self.z_below_t = z_prev.unbind(0), z_below.unbind(0)
+        self.update_t, self.keep_t, self.copy_t = update.unbind(0), keep.unbind(0), (1 - keep).unbind(0)
+        self.not_flush_t = (1 - z_prev).unbind(0)
+        if not tape.top:
+            # The straight-through gradient: the hard sigmoid's derivative, as torch.clamp defines it (the
+            # bounds count as inside), times keep (z = keep*zraw).
+            y = (plan.slope * tape.s[..., 4 * H :] + 1.0) / 2.0
+            st = ((y >= 0) & (y <= 1)).to(y.dtype) * (plan.slope / 2.0)
+            self.keep_st_t = (keep * st).unbind(0)
+
+    def swap(self) -> None:
+        self.cur = 1 - self.cur
+
+
+def backward_sequence(
+    plan: Plan,
+    Z: Tensor,
+    tapes: list[LayerTape],
+    weights: list[Tensor],
+    ln: list[LayerNormParams] | None,
+    grad_hidden: list[Tensor | None],  # L x (B, T, H_l) or None
+    grad_boundaries: Tensor | None,  # (B, T, L-1) or None
+    grad_h: list[Tensor | None],  # the final state's gradients, L x (B, H_l) or None
+    grad_c: list[Tensor | None],
+    grad_z: list[Tensor | None],
+):
+    """Backward through time. Returns the gradients of x_proj (T, B, R_1), h0, c0, z0, the weights, the biases
+    and the layer norm parameters."""
+    L = plan.num_layers
+    T = Z.shape[0] - 1
+    w = [weight.to(plan.mm_dtype) for weight in weights]  # (R, K)
+    grads = [LayerGrads(plan, tapes[i], i, Z, grad_h[i], grad_c[i], grad_z[i]) for i in range(L)]
+    ext_h = [g.unbind(1) if g is not None else None for g in grad_hidden]
+    ext_z = grad_boundaries.unbind(1) if grad_boundaries is not None else None
+    for t in reversed(range(T)):
+        for layer in reversed(range(L)):
+            grad = grads[layer]
+            if ext_h[layer] is not None:
+                grad.pair_h[grad.cur].add_(ext_h[layer][t])
+            if ext_z is not None and layer < L - 1:
+                grad.dz += ext_z[t][:, layer : layer + 1]
+            below = (tapes[layer - 1], grads[layer - 1]) if layer > 0 else None
+            above = (tapes[layer + 1], grads[layer + 1]) if layer < L - 1 else None
+            layer_step_backward(plan, tapes[layer], grad, below, above, t, w[layer], ln[layer] if ln else None)
+    dh = [g.pair_h[g.cur] for g in grads]
+    dc = [g.pair_c[g.cur] for g in grads]
+    return grads[0].ds, dh, dc, [g.dz for g in grads], *parameter_gradients(plan, tapes, grads, weights, ln)
+
+
+def layer_step_backward(
+    plan: Plan, tape: LayerTape, grad: LayerGrads, below: tuple | None, above: tuple | None, t: int,
+    w: Tensor, ln: LayerNormParams | None,
+) -> None:  # fmt: skip
+    """Step t of one layer, backwards: from the gradients w.r.t. h_t, c_t, z_t (grad's current pair and dz)
+    to those of the step's inputs, and ds[t]."""
+    H, D = tape.H, tape.D
+    cur, nxt = grad.cur, 1 - grad.cur
+    g_h, g_c, g_z = grad.pair_h[cur], grad.pair_c[cur], grad.dz  # (B, H), (B, H), (B, 1)
+    f, i, o, g = tape.f_t[t], tape.i_t[t], tape.o_t[t], tape.g_t[t]
+    tc, c_prev = tape.tc_t[t], tape.c_t[t]
+    keep, update, copy = grad.keep_t[t], grad.update_t[t], grad.copy_t[t]
+
+    # h = lerp(o*tanh(cn), h_prev, copy)
+    g_otc = g_h if below is None else g_h * keep
+    torch.mul(g_otc, tc, out=grad.do_t[t])
+    d_tc = aten.tanh_backward(g_otc * o, tc)
+    if ln is not None:
+        grad.d_cn_t[t].copy_(d_tc)
+        mean_c, rstd_c = tape.cell_ln[t]
+        mask = (True, False, False)
+        g_c += aten.native_layer_norm_backward(d_tc, tape.c_t[t + 1], (H,), mean_c, rstd_c, ln[2], ln[3], mask)[0]
+    else:
+        g_c += d_tc
+    # c = keep*i*g + (copy + update*f)*c_prev; g_c is now the whole d loss / d c_t.
+    g_ig = g_c if below is None else g_c * keep
+    torch.mul(g_ig, g, out=grad.di_t[t])
+    torch.mul(g_ig, i, out=grad.dg_t[t])
+    g_c_c_prev = g_c * c_prev
+    torch.mul(g_c_c_prev, update, out=grad.df_t[t])
+    g_update = (g_c_c_prev * f).sum(1, keepdim=True)  # (B, 1)
+    torch.mul(g_c, tape.keep_f_t[t], out=grad.pair_c[nxt])  # d c_{t-1}
+
+    # Through the nonlinearities (and the layer norm) into the gate pre-activations.
+    aten.sigmoid_backward.grad_input(grad.dfio_t[t], tape.fio_t[t], grad_input=grad.dfio_t[t])
+    aten.tanh_backward.grad_input(grad.dg_t[t], g, grad_input=grad.dg_t[t])
+    if ln is not None:
+        gates, mean, rstd = tape.gates_ln[t]  # (B, 4, H)
+        d_normed = grad.dact[t].view(-1, 4, H) * ln[0]
+        mask = (True, False, False)
+        d_gates = aten.native_layer_norm_backward(d_normed, gates, (H,), mean, rstd, None, None, mask)[0]
+        grad.dgates_t[t].copy_(d_gates.view(-1, 4 * H))
+
+    # Into the choice of operation (z_prev, z_below), and through z = keep*zraw into zhat (straight-through).
+    if below is None:  # z_below = 1: d z_prev = -G_upd
+        g_z_prev = -g_update
+    else:
+        neg_g_copy = (grad.pair_flat[cur] * tape.neg_d_copy_t[t]).sum(1, keepdim=True)  # <[dh|dc], -d[h|c]/d copy>
+        if above is not None:
+            neg_g_copy.addcmul_(g_z, tape.zraw_t[t])
+        diff = g_update + neg_g_copy
+        g_z_prev = torch.addcmul(neg_g_copy, grad.z_below_t[t], diff, value=-1)
+        g_z_below = grad.not_flush_t[t] * diff
+    if above is not None:
+        torch.mul(g_z, grad.keep_st_t[t], out=grad.dzhat_t[t])
+
+    # Through the matmul into the step's inputs [z_below h_below | h_prev | z_prev h_above].
+    ds = grad.ds_t[t]
+    dx = torch.mm(ds, w) if ds.dtype == w.dtype else torch.mm(ds.to(w.dtype), w).to(ds.dtype)  # (B, K)
+    dh_prev = dx[:, D : D + H]
+    if below is None:
+        grad.pair_h[nxt].copy_(dh_prev)
+    else:
+        torch.addcmul(dh_prev, g_h, copy, out=grad.pair_h[nxt])  # recurrent, and COPY's pass-through
+    if above is not None:
+        tape_above, grad_above = above
+        dx_above = dx[:, D + H :]
+        grad_above.pair_h[grad_above.cur].addcmul_(dx_above, grad.z_prev_t[t])  # layer l+1 is at step t-1 already
+        g_z_prev += (dx_above * tape_above.h_t[t]).sum(1, keepdim=True)
+    grad.dz = g_z_prev
+    if below is not None:
+        tape_below, grad_below = below
+        dx_below = dx[:, :D]
+        grad_below.pair_h[grad_below.cur].addcmul_(dx_below, grad.z_below_t[t])
+        grad_below.dz += g_z_below + (dx_below * tape_below.h_t[t + 1]).sum(1, keepdim=True)
+    grad.swap()
+
+
+def parameter_gradients(plan: Plan, tapes: list[LayerTape], grads: list[LayerGrads], weights, ln):
+    """The weight, bias and layer norm gradients: one reduction over all B*T rows per layer."""
+    grad_w, grad_b, grad_ln = [], [], []
+    for layer, (tape, grad) in enumerate(zip(tapes, grads, strict=True)):
+        T = grad.ds.shape[0]
+        ds = grad.ds.flatten(0, 1)  # (T*B, R)
+        x = tape.x[:T].flatten(0, 1)  # (T*B, K)
+        grad_w.append(torch.mm(ds.t().to(plan.mm_dtype), x).to(weights[layer].dtype))  # (R, K)
+        grad_b.append(ds.sum(0))
+        if ln is not None:
+            gates, mean, rstd = (torch.stack(part) for part in zip(*tape.gates_ln, strict=True))  # (T, B, 4, ...)
+            normed = (gates - mean) * rstd  # (T, B, 4, H)
+            dact = grad.dact.view_as(normed)
+            mean_c, rstd_c = (torch.stack(part) for part in zip(*tape.cell_ln, strict=True))  # (T, B, 1)
+            normed_c = (tape.c[1:] - mean_c) * rstd_c
+            d_cn = grad.d_cn
+            grad_ln.append(
+                ((dact * normed).sum((0, 1)), dact.sum((0, 1)), (d_cn * normed_c).sum((0, 1)), d_cn.sum((0, 1)))
+            )
+    return grad_w, grad_b, grad_ln
+
+
+# --- The autograd node and the entry point ---------------------------------------------------------------------
+
+
+class HMLSTMSequence(torch.autograd.Function):
+    """The whole sequence as one autograd node. Inputs: x_proj, then the flat list of `flatten_inputs`."""
+
+    @staticmethod
+    def forward(ctx, plan: Plan, x_proj: Tensor, *flat: Tensor):
+        h0, c0, z0, weights, biases, ln = unflatten_inputs(plan, flat)
+        with torch.autocast(x_proj.device.type, enabled=False):
+            Z, tapes = forward_sequence(plan, x_proj, h0, c0, z0, weights, biases, ln, save=True)
+        ctx.plan, ctx.Z, ctx.tapes = plan, Z, tapes
+        ctx.save_for_backward(*weights, *[p for layer in ln or [] for p in layer])
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None and costs nothing
+        return outputs(plan, Z, tapes)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: Tensor | None):
+        plan, L = ctx.plan, ctx.plan.num_layers
+        saved = ctx.saved_tensors
+        weights = list(saved[:L])
+        ln = [tuple(saved[L + 4 * layer : L + 4 * layer + 4]) for layer in range(L)] if plan.layer_norm else None
+        grad_hidden, grad_boundaries = list(grads[:L]), grads[L]
+        grad_h, grad_c = list(grads[L + 1 : 2 * L + 1]), list(grads[2 * L + 1 : 3 * L + 1])
+        grad_z = [*grads[3 * L + 1 : 4 * L], None]  # the top layer's z is no output
+        with torch.autocast(ctx.Z.device.type, enabled=False):
+            d_x_proj, dh, dc, dz, grad_w, grad_b, grad_ln = backward_sequence(
+                plan, ctx.Z, ctx.tapes, weights, ln, grad_hidden, grad_boundaries, grad_h, grad_c, grad_z
+            )
+        ctx.tapes = ctx.Z = None  # free the tape now, not when the graph goes
+        grad_ln_flat = [g for layer in grad_ln for g in layer]
+        return None, d_x_proj.transpose(0, 1), *dh, *dc, *dz, *grad_w, *grad_b[1:], *grad_ln_flat
+
+
+def flatten_inputs(h0, c0, z0, weights, biases, ln) -> list[Tensor]:
+    return [*h0, *c0, *z0, *weights, *biases[1:], *[p for layer in ln or [] for p in layer]]
+
+
+def unflatten_inputs(plan: Plan, flat):
+    L = plan.num_layers
+    h0, c0, z0 = list(flat[:L]), list(flat[L : 2 * L]), list(flat[2 * L : 3 * L])
+    weights = list(flat[3 * L : 4 * L])
+    biases = [None, *flat[4 * L : 5 * L - 1]]  # layer 1's bias is part of x_proj
+    rest = flat[5 * L - 1 :]
+    ln = [tuple(rest[4 * layer : 4 * layer + 4]) for layer in range(L)] if plan.layer_norm else None
+    return h0, c0, z0, weights, biases, ln
+
+
+def outputs(plan: Plan, Z: Tensor, tapes: list[LayerTape]) -> tuple[Tensor, ...]:
+    """hidden (L x (B, T, H_l), views of the tape), boundaries (B, T, L-1), then the final h, c and z (the top
+    layer's z left out: it is always 0). The final state is copied out, so that carrying it to the next call
+    does not keep this call's buffers alive."""
+    L = plan.num_layers
+    hidden = [tape.h[1:].transpose(0, 1) for tape in tapes]
+    boundaries = Z[1:, :, : L - 1].transpose(0, 1)
+    h_last = [tape.h[-1].clone() for tape in tapes]
+    c_last = [tape.c[-1].clone() for tape in tapes]
+    z_last = [Z[-1, :, layer : layer + 1].clone() for layer in range(L - 1)]
+    return (*hidden, boundaries, *h_last, *c_last, *z_last)
+
+
+def run(
+    plan: Plan,
+    x_proj: Tensor,  # (B, T, R_1)
+    h0: list[Tensor],
+    c0: list[Tensor],
+    z0: list[Tensor],
+    weights: list[Tensor],
+    biases: list[Tensor],
+    ln: list[LayerNormParams] | None,
+) -> tuple[list[Tensor], Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """hidden, boundaries, and the final h, c, z. Keeps a tape only when some gradient is needed."""
+    flat = flatten_inputs(h0, c0, z0, weights, biases, ln)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_proj, *flat)):
+        out = HMLSTMSequence.apply(plan, x_proj, *flat)
+    else:
+        with torch.autocast(x_proj.device.type, enabled=False):
+            out = outputs(plan, *forward_sequence(plan, x_proj, h0, c0, z0, weights, biases, ln, save=False))
+    L = plan.num_layers
+    hidden, boundaries = list(out[:L]), out[L]
+    h, c, z = list(out[L + 1 : 2 * L + 1]), list(out[2 * L + 1 : 3 * L + 1]), list(out[3 * L + 1 :])
+    return hidden, boundaries, h, c, [*z, torch.zeros_like(z0[-1])]

@@ -288,6 +288,37 @@ def boundaries_command(
     typer.echo(stats.table())
 
 
+@app.command()
+def bench(
+    json_: bool = typer.Option(False, "--json", help="Print the results as a JSON object."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (CUDA when present)."),
+    shape: str = typer.Option(None, "--shape", help="ptb, text8 or small [default: small on CPU, ptb on CUDA]."),
+    steps: int = typer.Option(None, "--steps", help="Measured rounds [default: 10 on CPU, 20 on CUDA]."),
+    warmup: int = typer.Option(2, "--warmup", help="Warm-up rounds, not measured."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch [default: torch's own choice]."),
+    layer_norm: bool = typer.Option(True, "--layer-norm/--no-layer-norm", help="HM-LSTM with layer norm (paper)."),
+    batch: int = typer.Option(None, "--batch", help="Override the shape's batch size."),
+    seq_len: int = typer.Option(None, "--seq-len", help="Override the shape's sequence length (1: sampling)."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak training memory."),
+) -> None:
+    """Training and inference throughput of HM-LSTM (fast and reference) against torch's nn.LSTM of the same size."""
+    import torch
+
+    from hmlm.bench import format_report, run_bench, to_json
+
+    if threads < 0:
+        raise UserError(f"--threads must be positive (or 0 for torch's choice), not {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+
+    def progress(done: int, total: int) -> None:
+        typer.echo(f"\rbench: round {done}/{total}", err=True, nl=done == total)
+
+    report = run_bench(shape, device, steps, warmup, layer_norm, memory=memory, batch=batch, seq_len=seq_len,
+                       progress=progress)  # fmt: skip
+    typer.echo(to_json(report) if json_ else format_report(report))
+
+
 def main() -> None:
     try:
         app()

@@ -281,8 +281,9 @@ class Trainer:
             # purge_step drops what a killed run logged after its last checkpoint (so curves do not double); what
             # it logged at the checkpoint's own step was written before the checkpoint and stays.
             self.writer = SummaryWriter(str(self.run_dir), purge_step=schedule.step + 1 if schedule.step else None)
-        total = cfg.max_steps or cfg.max_epochs * len(self.batcher)
-        bar = tqdm(total=total, initial=min(schedule.step, total), disable=not self.progress, unit="step")
+        # With only a time limit the number of steps is unknown: the bar then counts without a total.
+        total = cfg.max_steps or (None if cfg.max_time else cfg.max_epochs * len(self.batcher))
+        bar = tqdm(total=total, initial=schedule.step, disable=not self.progress, unit="step")
         chars_per_step = cfg.batch_size * cfg.seq_len
         started, stopped = time.monotonic() - schedule.elapsed, "finished"
         last_eval_step = schedule.step

@@ -34,6 +34,9 @@ matmuls run in the autocast dtype (bf16) and everything elementwise, and the car
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -66,27 +69,27 @@ class Plan:
 class LayerTape:
     """One layer's buffers for one call, and their per-step views (made once: a view costs a microsecond or two).
 
-    With `save` every step has its own slot, kept for the backward; without, one slot is reused. h, c and z keep
-    every step, since they are the outputs.
+    With `save` every step has its own slot, kept for the backward. Without, one slot is reused (two for c), and
+    the tape can serve the next call of the same plan and batch size (see TapeCache); only the outputs, h and z,
+    are then new at every call (`attach`).
     """
 
-    def __init__(self, plan: Plan, layer: int, Z: Tensor, save: bool):
-        T, B, L = Z.shape[0] - 1, Z.shape[1], Z.shape[2]
+    def __init__(self, plan: Plan, layer: int, B: int, T: int, device: torch.device, dtype: torch.dtype, save: bool):
         H, D = plan.hidden_sizes[layer], plan.below_sizes[layer]
+        L = plan.num_layers
         A = plan.hidden_sizes[layer + 1] if layer < L - 1 else 0  # top-down input width
         S = T if save else 1
-        like = {"device": Z.device, "dtype": Z.dtype}
-        self.H, self.D = H, D
+        like = {"device": device, "dtype": dtype}
+        self.H, self.D, self.layer = H, D, layer
         self.bottom, self.top = layer == 0, layer == L - 1  # the top layer has no boundary and no top-down input
         self.save = save
 
         # The matmul inputs [z_below h_below | h_prev | z_prev h_above] of every step (B, D + H + A). h_t is
         # written straight into the h_prev part of slot t + 1 (so slot T exists for h_{T-1}), unless the matmuls
         # run in another dtype (autocast) or only one slot is kept; then h has its own buffer.
-        self.h_in_x = save and plan.mm_dtype == Z.dtype
-        self.x = torch.empty(T + 1 if self.h_in_x else S, B, D + H + A, device=Z.device, dtype=plan.mm_dtype)
-        self.h = self.x[:, :, D : D + H] if self.h_in_x else torch.empty(T + 1, B, H, **like)  # h[t + 1] = h_t
-        self.c = torch.empty(T + 1, B, H, **like)
+        self.h_in_x = save and plan.mm_dtype == dtype
+        self.x = torch.empty(T + 1 if self.h_in_x else S, B, D + H + A, device=device, dtype=plan.mm_dtype)
+        self.c = torch.empty(T + 1 if save else 2, B, H, **like)  # c[t + 1] = c_t, or c_t in slot t % 2
         self.s = torch.empty(S, B, 4 * H + (0 if self.top else 1), **like)  # pre-activations: gates, then zhat
         self.act = torch.empty(S, B, 4 * H, **like)  # sigm(f), sigm(i), sigm(o), tanh(g)
         self.keep_f = torch.empty(S, B, H, **like)  # copy + update*f = d c / d c_prev
@@ -97,20 +100,54 @@ class LayerTape:
         self.gates_ln: list[tuple[Tensor, Tensor, Tensor]] = []  # per step: the gates before it, mean, rstd
         self.cell_ln: list[tuple[Tensor, Tensor]] = []  # per step: mean, rstd
 
-        self.h_t, self.c_t = self.h.unbind(0), self.c.unbind(0)
-        self.z_t = Z[:, :, layer : layer + 1].unbind(0)  # (B, 1) each
+        # Per-step views: a call to unbind makes all of them at about the cost of one view each.
+        self.c_slots = self.c.unbind(0)
         self.x_t = self.x.unbind(0)
-        self.x_below_t, self.x_rec_t = self.x[..., :D].unbind(0), self.x[..., D : D + H].unbind(0)
-        self.x_above_t = self.x[..., D + H :].unbind(0)
-        self.s_t, self.gates_t, self.zhat_t = self.s.unbind(0), self.s[..., : 4 * H].unbind(0), self.s[..., 4 * H :]
-        self.zhat_t = self.zhat_t.unbind(0)
-        self.fio_t, self.g_t = self.act[..., : 3 * H].unbind(0), self.act[..., 3 * H :].unbind(0)
-        self.f_t, self.i_t, self.o_t = (self.act[..., k * H : (k + 1) * H].unbind(0) for k in range(3))
+        self.x_below_t, self.x_rec_t, self.x_above_t = (part.unbind(0) for part in self.x.split((D, H, A), dim=2))
+        self.s_t = self.s.unbind(0)
+        self.gates_t, self.zhat_t = (part.unbind(0) for part in self.s.split((4 * H, self.s.shape[2] - 4 * H), dim=2))
+        self.f_t, self.i_t, self.o_t, self.g_t = (part.unbind(0) for part in self.act.split(H, dim=2))
+        self.fio_t = self.act[..., : 3 * H].unbind(0)
         self.keep_f_t, self.tc_t = self.keep_f.unbind(0), self.tc.unbind(0)
         self.zraw_t = self.zraw.unbind(0) if self.zraw is not None else None
         if self.neg_d_copy is not None:
             self.neg_d_copy_t = self.neg_d_copy.flatten(2).unbind(0)  # (B, 2H)
-            self.neg_d_h_t, self.neg_d_c_t = self.neg_d_copy[:, :, 0].unbind(0), self.neg_d_copy[:, :, 1].unbind(0)
+            self.neg_d_h_t, self.neg_d_c_t = (part.unbind(0) for part in self.neg_d_copy.unbind(2))
+
+    def attach(self, Z: Tensor) -> None:
+        """Make this call's outputs: h (unless it lives in x) and this layer's column of Z (T+1, B, L)."""
+        T, B = Z.shape[0] - 1, Z.shape[1]
+        if self.h_in_x:
+            self.h = self.x[:, :, self.D : self.D + self.H]  # h[t + 1] = h_t; h[0] is the initial state
+        else:
+            self.h = torch.empty(T + 1, B, self.H, device=Z.device, dtype=Z.dtype)
+        self.h_t = self.h.unbind(0)
+        self.c_t = self.c_slots if self.save else [self.c_slots[t % 2] for t in range(T + 1)]
+        self.z_t = Z[:, :, self.layer : self.layer + 1].unbind(0)  # (B, 1) each
+
+
+class TapeCache:
+    """The tapes of calls without gradient, kept for the next call of the same plan and batch size: sampling
+    makes one call per symbol, and building the buffers and views of a tape costs as much as the step itself.
+    A tape is taken out while in use, so two calls at once never share one."""
+
+    def __init__(self, size: int = 4):
+        self.entries: OrderedDict[tuple, list[LayerTape]] = OrderedDict()
+        self.size = size
+        self.lock = threading.Lock()
+
+    def take(self, key: tuple) -> list[LayerTape] | None:
+        with self.lock:
+            return self.entries.pop(key, None)
+
+    def give(self, key: tuple, tapes: list[LayerTape]) -> None:
+        with self.lock:
+            self.entries[key] = tapes
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+
+TAPES = TapeCache()
 
 
 # --- Forward ---------------------------------------------------------------------------------------------------
@@ -126,15 +163,18 @@ def forward_sequence(
     biases: list[Tensor | None],  # L x (R_l,); None for layer 1 (its bias is in x_proj)
     ln: list[LayerNormParams] | None,
     save: bool,
+    tapes: list[LayerTape] | None = None,  # from an earlier call without save, or None for new ones
 ) -> tuple[Tensor, list[LayerTape]]:
     """Run the stack over the sequence. Returns Z (T+1, B, L), every layer's z (row 0: the initial state), and
     the layers' tapes."""
     B, T, _ = x_proj.shape
     L = plan.num_layers
-    Z = torch.zeros(T + 1, B, L, device=h0[0].device, dtype=h0[0].dtype)
-    tapes = [LayerTape(plan, layer, Z, save) for layer in range(L)]
+    device, dtype = h0[0].device, h0[0].dtype
+    Z = torch.zeros(T + 1, B, L, device=device, dtype=dtype)
+    tapes = tapes or [LayerTape(plan, layer, B, T, device, dtype, save) for layer in range(L)]
     for layer, tape in enumerate(tapes):
-        tape.h[0], tape.c[0], tape.z_t[0][:] = h0[layer], c0[layer], z0[layer]
+        tape.attach(Z)
+        tape.h_t[0][:], tape.c_t[0][:], tape.z_t[0][:] = h0[layer], c0[layer], z0[layer]
     w_t = [w.to(plan.mm_dtype).t() for w in weights]  # (K, R): x @ w_t
     bases = [x_proj.unbind(1), *([b] * T for b in biases[1:])]  # what each step's matmul adds to
     ones = Z.new_ones(B, 1)  # z^0 = 1, and 1 - z without a slow scalar op
@@ -470,8 +510,8 @@ def outputs(plan: Plan, Z: Tensor, tapes: list[LayerTape]) -> tuple[Tensor, ...]
     L = plan.num_layers
     hidden = [tape.h[1:].transpose(0, 1) for tape in tapes]
     boundaries = Z[1:, :, : L - 1].transpose(0, 1)
-    h_last = [tape.h[-1].clone() for tape in tapes]
-    c_last = [tape.c[-1].clone() for tape in tapes]
+    h_last = [tape.h_t[-1].clone() for tape in tapes]
+    c_last = [tape.c_t[-1].clone() for tape in tapes]
     z_last = [Z[-1, :, layer : layer + 1].clone() for layer in range(L - 1)]
     return (*hidden, boundaries, *h_last, *c_last, *z_last)
 
@@ -491,8 +531,13 @@ def run(
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x_proj, *flat)):
         out = HMLSTMSequence.apply(plan, x_proj, *flat)
     else:
-        with torch.autocast(x_proj.device.type, enabled=False):
-            out = outputs(plan, *forward_sequence(plan, x_proj, h0, c0, z0, weights, biases, ln, save=False))
+        key = (plan, x_proj.shape[0], x_proj.device, h0[0].dtype)
+        tapes = TAPES.take(key)
+        autocast = torch.is_autocast_enabled(x_proj.device.type)  # entering a context costs more than a small step
+        with torch.autocast(x_proj.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            Z, tapes = forward_sequence(plan, x_proj, h0, c0, z0, weights, biases, ln, save=False, tapes=tapes)
+            out = outputs(plan, Z, tapes)
+        TAPES.give(key, tapes)
     L = plan.num_layers
     hidden, boundaries = list(out[:L]), out[L]
     h, c, z = list(out[L + 1 : 2 * L + 1]), list(out[2 * L + 1 : 3 * L + 1]), list(out[3 * L + 1 :])

@@ -434,3 +434,33 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32():
     )
     assert all(t.dtype == torch.float32 for part in out.state for t in part), "the carried state stays fp32"
     torch.testing.assert_close(out.logits.float(), reference.logits, atol=0.1, rtol=0.1)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_outputs_of_one_call_are_not_changed_by_the_next(grad: bool):
+    """The fast path reuses its scratch buffers between calls; what it returned must stay as it was."""
+    rnn = make_rnn([6, 5, 4], layer_norm=True)
+    x1, x2 = torch.randn(3, 7, 6, dtype=F64), torch.randn(3, 7, 6, dtype=F64)
+    with torch.set_grad_enabled(grad):
+        first = rnn(x1)
+        kept = [t.detach().clone() for t in (*first.hidden, first.boundaries, *first.state.h, *first.state.c)]
+        rnn(x2)
+        rnn(x2[:, :1])
+    now = [t.detach() for t in (*first.hidden, first.boundaries, *first.state.h, *first.state.c)]
+    assert all(torch.equal(a, b) for a, b in zip(kept, now, strict=True))
+
+
+@torch.no_grad()
+def test_stepping_one_symbol_at_a_time_equals_one_call():
+    """What sampling does: T = 1 calls with the state carried (no gradient), against one call over the sequence."""
+    rnn = make_rnn([6, 5, 4], layer_norm=True)
+    x = torch.randn(2, 9, 6, dtype=F64)
+    whole = rnn(x)
+    state, hidden = None, []
+    for t in range(9):
+        out = rnn(x[:, t : t + 1], state)
+        state = out.state
+        hidden.append(out.hidden[-1])
+    torch.testing.assert_close(torch.cat(hidden, 1), whole.hidden[-1])
+    for mine, theirs in zip(state, whole.state, strict=True):
+        torch.testing.assert_close(mine, theirs)

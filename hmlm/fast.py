@@ -90,22 +90,23 @@ class LayerTape:
         self.h_in_x = save and plan.mm_dtype == dtype
         self.x = torch.empty(T + 1 if self.h_in_x else S, B, D + H + A, device=device, dtype=plan.mm_dtype)
         self.c = torch.empty(T + 1 if save else 2, B, H, **like)  # c[t + 1] = c_t, or c_t in slot t % 2
-        self.s = torch.empty(S, B, 4 * H + (0 if self.top else 1), **like)  # pre-activations: gates, then zhat
+        # Pre-activations: the gates (contiguous, for layer norm to read in place) and zhat, from two matmuls.
+        self.gates = torch.empty(S, B, 4 * H, **like)
+        self.zhat = torch.empty(S, B, 0 if self.top else 1, **like)
         self.act = torch.empty(S, B, 4 * H, **like)  # sigm(f), sigm(i), sigm(o), tanh(g)
         self.keep_f = torch.empty(S, B, H, **like)  # copy + update*f = d c / d c_prev
         self.tc = torch.empty(S, B, H, **like)  # tanh of (the layer-normalized) c
         # -d h / d copy and -d c / d copy, side by side like the gradients they meet (layer 1 never copies)
         self.neg_d_copy = torch.empty(S, B, 2, H, **like) if save and not self.bottom else None
         self.zraw = torch.empty(S, B, 1, **like) if not self.top else None
-        self.gates_ln: list[tuple[Tensor, Tensor, Tensor]] = []  # per step: the gates before it, mean, rstd
+        self.gates_ln: list[tuple[Tensor, Tensor]] = []  # per step: mean, rstd
         self.cell_ln: list[tuple[Tensor, Tensor]] = []  # per step: mean, rstd
 
         # Per-step views: a call to unbind makes all of them at about the cost of one view each.
         self.c_slots = self.c.unbind(0)
         self.x_t = self.x.unbind(0)
         self.x_below_t, self.x_rec_t, self.x_above_t = (part.unbind(0) for part in self.x.split((D, H, A), dim=2))
-        self.s_t = self.s.unbind(0)
-        self.gates_t, self.zhat_t = (part.unbind(0) for part in self.s.split((4 * H, self.s.shape[2] - 4 * H), dim=2))
+        self.gates_t, self.zhat_t = self.gates.unbind(0), self.zhat.unbind(0)
         self.f_t, self.i_t, self.o_t, self.g_t = (part.unbind(0) for part in self.act.split(H, dim=2))
         self.fio_t = self.act[..., : 3 * H].unbind(0)
         self.keep_f_t, self.tc_t = self.keep_f.unbind(0), self.tc.unbind(0)
@@ -175,8 +176,11 @@ def forward_sequence(
     for layer, tape in enumerate(tapes):
         tape.attach(Z)
         tape.h_t[0][:], tape.c_t[0][:], tape.z_t[0][:] = h0[layer], c0[layer], z0[layer]
-    w_t = [w.to(plan.mm_dtype).t() for w in weights]  # (K, R): x @ w_t
-    bases = [x_proj.unbind(1), *([b] * T for b in biases[1:])]  # what each step's matmul adds to
+    # (K, 4H) and (K, 1): the gates' and zhat's parts of each weight, transposed, so that x @ w_t
+    w_t = [w.to(plan.mm_dtype).t().split(4 * H, dim=1) for w, H in zip(weights, plan.hidden_sizes, strict=True)]
+    # What each step's matmuls add to: layer 1's projected input at step t, the bias above it.
+    bases = [[b.split(4 * H, dim=-1)] * T for b, H in zip(biases[1:], plan.hidden_sizes[1:], strict=True)]
+    bases.insert(0, [step.split(4 * plan.hidden_sizes[0], dim=-1) for step in x_proj.unbind(1)])
     ones = Z.new_ones(B, 1)  # z^0 = 1, and 1 - z without a slow scalar op
     for t in range(T):
         k = t if save else 0
@@ -187,35 +191,42 @@ def forward_sequence(
     return Z, tapes
 
 
+def matmul_add(base: Tensor, x: Tensor, w_t: Tensor, out: Tensor) -> None:
+    """out = base + x @ w_t. Under autocast x and w_t are bf16: the product is added into fp32."""
+    if x.dtype == out.dtype:
+        torch.addmm(base, x, w_t, out=out)
+    else:
+        torch.add(base, torch.mm(x, w_t), out=out)
+
+
 def layer_step(
     plan: Plan, tape: LayerTape, below: LayerTape | None, above: LayerTape | None, t: int, k: int,
-    base: Tensor, w_t: Tensor, ln: LayerNormParams | None, ones: Tensor,
+    base: tuple[Tensor, Tensor], w_t: tuple[Tensor, Tensor], ln: LayerNormParams | None, ones: Tensor,
 ) -> None:  # fmt: skip
     """Step t of one layer (k: its slot in the tape): writes h_t, c_t and z_t."""
     H = tape.H
     h_prev, c_prev, z_prev = tape.h_t[t], tape.c_t[t], tape.z_t[t]  # (B, H), (B, H), (B, 1)
     z_below = below.z_t[t + 1] if below is not None else ones
 
-    # The masked inputs, then one matmul: s = base + x @ w_t  (B, R)
-    x, s = tape.x_t[t if tape.h_in_x else k], tape.s_t[k]
+    # The masked inputs, then the matmul: [gates | zhat] = base + x @ w_t  (B, R), as two matmuls that write the
+    # gates and zhat to buffers of their own.
+    x = tape.x_t[t if tape.h_in_x else k]
     if below is not None:
         torch.mul(below.h_t[t + 1], z_below, out=tape.x_below_t[k])
     if above is not None:
         torch.mul(above.h_t[t], z_prev, out=tape.x_above_t[k])
     if not tape.h_in_x:
         tape.x_rec_t[k].copy_(h_prev)
-    if x.dtype == s.dtype:
-        torch.addmm(base, x, w_t, out=s)
-    else:  # autocast: a bf16 matmul, added into the fp32 pre-activations
-        torch.add(base, torch.mm(x, w_t), out=s)
+    gates = tape.gates_t[k]  # (B, 4H)
+    matmul_add(base[0], x, w_t[0], out=gates)
+    if above is not None:
+        matmul_add(base[1], x, w_t[1], out=tape.zhat_t[k])
 
     # Gates: sigm(f), sigm(i), sigm(o), tanh(g); with layer norm on each of the four blocks on its own.
-    gates = tape.gates_t[k]  # (B, 4H)
     if ln is not None:
-        gates = gates.reshape(-1, 4, H)  # a copy: the zhat column makes the rows of s non-contiguous
-        normed, mean, rstd = torch.native_layer_norm(gates, (H,), None, None, LN_EPS)
+        normed, mean, rstd = torch.native_layer_norm(gates.view(-1, 4, H), (H,), None, None, LN_EPS)
         if tape.save:
-            tape.gates_ln.append((gates, mean, rstd))
+            tape.gates_ln.append((mean, rstd))
         gates = torch.addcmul(ln[1], normed, ln[0]).view(-1, 4 * H)
     torch.sigmoid(gates[:, : 3 * H], out=tape.fio_t[k])
     torch.tanh(gates[:, 3 * H :], out=tape.g_t[k])
@@ -290,7 +301,8 @@ class LayerGrads:
             self.pair_c[0].copy_(grad_c)
         self.dz = grad_z.clone() if grad_z is not None else torch.zeros_like(tape.z_t[0])
 
-        self.ds = torch.empty_like(tape.s)  # (T, B, R)
+        T, R = tape.gates.shape[0], 4 * H + tape.zhat.shape[2]
+        self.ds = torch.empty(T, B, R, device=Z.device, dtype=Z.dtype)  # d loss / d [gates | zhat]
         self.ds_t, self.dzhat_t = self.ds.unbind(0), self.ds[..., 4 * H :].unbind(0)
         self.dgates_t = self.ds[..., : 4 * H].unbind(0)
         # Gradients of the gates after their layer norm and of the normalized c: the layer norm gains' inputs.
@@ -311,7 +323,7 @@ class LayerGrads:
         if not tape.top:
             # The straight-through gradient: the hard sigmoid's derivative, as torch.clamp defines it (the
             # bounds count as inside), times keep (z = keep*zraw).
-            y = (plan.slope * tape.s[..., 4 * H :] + 1.0) / 2.0
+            y = (plan.slope * tape.zhat + 1.0) / 2.0
             st = ((y >= 0) & (y <= 1)).to(y.dtype) * (plan.slope / 2.0)
             self.keep_st_t = (keep * st).unbind(0)
 
@@ -391,9 +403,10 @@ def layer_step_backward(
     aten.sigmoid_backward.grad_input(grad.dfio_t[t], tape.fio_t[t], grad_input=grad.dfio_t[t])
     aten.tanh_backward.grad_input(grad.dg_t[t], g, grad_input=grad.dg_t[t])
     if ln is not None:
-        gates, mean, rstd = tape.gates_ln[t]  # (B, 4, H)
+        mean, rstd = tape.gates_ln[t]  # (B, 4, 1)
         d_normed = grad.dact[t].view(-1, 4, H) * ln[0]
         mask = (True, False, False)
+        gates = tape.gates_t[t].view(-1, 4, H)
         d_gates = aten.native_layer_norm_backward(d_normed, gates, (H,), mean, rstd, None, None, mask)[0]
         grad.dgates_t[t].copy_(d_gates.view(-1, 4 * H))
 
@@ -442,8 +455,8 @@ def parameter_gradients(plan: Plan, tapes: list[LayerTape], grads: list[LayerGra
         grad_w.append(torch.mm(ds.t().to(plan.mm_dtype), x).to(weights[layer].dtype))  # (R, K)
         grad_b.append(ds.sum(0))
         if ln is not None:
-            gates, mean, rstd = (torch.stack(part) for part in zip(*tape.gates_ln, strict=True))  # (T, B, 4, ...)
-            normed = (gates - mean) * rstd  # (T, B, 4, H)
+            mean, rstd = (torch.stack(part) for part in zip(*tape.gates_ln, strict=True))  # (T, B, 4, 1)
+            normed = (tape.gates.view(*mean.shape[:3], -1) - mean) * rstd  # (T, B, 4, H)
             dact = grad.dact.view_as(normed)
             mean_c, rstd_c = (torch.stack(part) for part in zip(*tape.cell_ln, strict=True))  # (T, B, 1)
             normed_c = (tape.c[1:] - mean_c) * rstd_c

@@ -181,10 +181,12 @@ def forward_sequence(
     for layer, tape in enumerate(tapes):
         tape.attach(Z)
         tape.h_t[0][:], tape.c_t[0][:], tape.z_t[0][:] = h0[layer], c0[layer], z0[layer]
-    # (K, 4H) and (K, 1): the gates' and zhat's parts of each weight, transposed, so that x @ w_t. Made contiguous
-    # once per call: MKL's matmuls run a few percent faster on it than on the transposed view (PTB shape, CPU).
+    # (K, 4H) and (K, 1): the gates' and zhat's parts of each weight, transposed, so that x @ w_t. Over a long
+    # sequence it pays to make the transpose contiguous once (MKL's matmuls: ~3% at the PTB shape); for a few
+    # steps (sampling) the copy would cost more than the steps.
     sizes = plan.hidden_sizes
-    w_t = [w.to(plan.mm_dtype).t().contiguous().split(4 * H, dim=1) for w, H in zip(weights, sizes, strict=True)]
+    w_t = [w.to(plan.mm_dtype).t() for w in weights]
+    w_t = [(w.contiguous() if T >= 16 else w).split(4 * H, dim=1) for w, H in zip(w_t, sizes, strict=True)]
     # What each step's matmuls add to: layer 1's projected input at step t, the bias above it.
     bases = [[b.split(4 * H, dim=-1)] * T for b, H in zip(biases[1:], sizes[1:], strict=True)]
     bases.insert(0, [step.split(4 * sizes[0], dim=-1) for step in x_proj.unbind(1)])

@@ -495,6 +495,11 @@ class HMLSTMSequence(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: Tensor | None):
+        if ctx.tapes is None:  # freed by the first backward, as autograd frees its own saved tensors
+            raise RuntimeError(
+                "Trying to backward through the HM-LSTM fast path a second time (retain_graph=True): its tape is "
+                "freed after the first backward. Run the forward again, or use HMLSTM(impl='reference')."
+            )
         plan, L = ctx.plan, ctx.plan.num_layers
         saved = ctx.saved_tensors
         weights = list(saved[:L])

@@ -464,3 +464,11 @@ def test_stepping_one_symbol_at_a_time_equals_one_call():
     torch.testing.assert_close(torch.cat(hidden, 1), whole.hidden[-1])
     for mine, theirs in zip(state, whole.state, strict=True):
         torch.testing.assert_close(mine, theirs)
+
+
+def test_a_second_backward_through_the_fast_path_fails_clearly():
+    rnn = make_rnn([6, 5, 4])
+    loss = rnn(torch.randn(2, 4, 6, dtype=F64)).hidden[-1].sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()

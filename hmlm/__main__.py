@@ -1,3 +1,6 @@
+"""`python -m hmlm`, the same as the `hmlm` command (and what torchrun runs with `-m hmlm`)."""
+
 from hmlm.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -10,15 +10,6 @@ from hmlm.cell import LayerWeights, blend, boundary, hard_sigmoid, reference_ste
 B, D, H, HA = 6, 5, 4, 3  # batch, input below, this layer, layer above
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread only waits at barriers (milliseconds when the machine is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_weights(layer_norm: bool, top: bool = False, seed: int = 0) -> LayerWeights:
     """Random float64 weights of one layer; the layer norm gains and biases are random too, so they matter."""
     gen = torch.Generator().manual_seed(seed)

@@ -12,15 +12,6 @@ from hmlm.cell import reference_step
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread only waits at barriers (milliseconds when the machine is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 IMPLS = ["fast", "reference"]
 
 

@@ -31,7 +31,7 @@ from hmlm.checkpoint import (
     state_from_lists,
     state_to_lists,
 )
-from hmlm.config import Config
+from hmlm.config import Config, apply_override, from_dict, load_config
 from hmlm.data import Dataset, StreamBatcher, open_dataset
 from hmlm.distributed import Process, all_reduce_sum, barrier, broadcast_flag, init_process, shutdown
 from hmlm.errors import UserError
@@ -360,8 +360,6 @@ class Trainer:
 
 def resolve_run(config: Config | None, run_dir: Path, resume: bool, overrides: list[str]) -> tuple[Config, Any]:
     """The config to train with and, when resuming, the checkpoint to continue from."""
-    from hmlm.config import apply_override, from_dict
-
     last = run_dir / "checkpoints" / "last.pt"
     if not resume:
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -371,20 +369,15 @@ def resolve_run(config: Config | None, run_dir: Path, resume: bool, overrides: l
         if config is None:
             raise UserError("pass --config FILE (e.g. configs/tiny.yaml), or --resume with an existing --run-dir")
         return config, None
-    if last.exists():
-        payload = load_checkpoint(last)
-        raw = payload["config"]
-    elif (run_dir / "config.yaml").exists():  # stopped before its first checkpoint: start it again
-        import yaml
-
-        payload, raw = None, yaml.safe_load((run_dir / "config.yaml").read_text())
-    else:
+    if not last.exists():
+        if (run_dir / "config.yaml").exists():  # stopped before its first checkpoint: start it again
+            return load_config(run_dir / "config.yaml", overrides), None
         raise UserError(f"nothing to resume in {run_dir}: no checkpoints/last.pt; start a run without --resume")
+    payload = load_checkpoint(last)
     for item in overrides:  # e.g. -s train.max_steps=20000 to train a finished run for longer
-        apply_override(raw, item)
-    resumed = from_dict(raw)
-    if payload is not None:
-        payload["config"] = resumed.to_dict()
+        apply_override(payload["config"], item)
+    resumed = from_dict(payload["config"])
+    payload["config"] = resumed.to_dict()
     return resumed, payload
 
 

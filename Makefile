@@ -10,6 +10,8 @@ install:
 	# The CPU build of torch that this machine carries; a plain `torch` would fetch a CUDA build of several GB.
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.13,<3"
 	$(BIN)/pip install -q -e ".[dev]"
+	# The fused CPU kernels, compiled once here (about a minute) rather than on first use.
+	$(BIN)/python -m hmlm.fused
 
 test:
 	$(BIN)/python -m pytest -q

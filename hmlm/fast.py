@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hmlm import fused
 from hmlm.cell import hard_sigmoid
 
 LN_EPS = 1e-5  # F.layer_norm's default, which the reference uses
@@ -65,6 +66,7 @@ class Plan:
     training: bool
     slope: float
     mm_dtype: torch.dtype  # the matmuls' dtype: the autocast dtype under autocast, else the state's
+    fused: bool = False  # the elementwise work of each step in the C++ extension of hmlm/fused.py (CPU only)
 
     @property
     def num_layers(self) -> int:
@@ -104,21 +106,32 @@ class LayerTape:
         # -d h / d copy and -d c / d copy, side by side like the gradients they meet (layer 1 never copies)
         self.neg_d_copy = torch.empty(S, B, 2, H, **like) if save and not self.bottom else None
         self.zraw = torch.empty(S, B, 1, **like) if not self.top else None
-        self.gates_ln: list[tuple[Tensor, Tensor]] = []  # per step: mean, rstd
-        self.cell_ln: list[tuple[Tensor, Tensor]] = []  # per step: mean, rstd
+        # The layer norms' statistics of every step, for the backward: (mean, rstd) of the four gate blocks and
+        # of c.
+        ln_stats = save and plan.layer_norm
+        self.gates_mean, self.gates_rstd = (torch.empty(S if ln_stats else 0, B, 4, 1, **like) for _ in range(2))
+        self.cell_mean, self.cell_rstd = (torch.empty(S if ln_stats else 0, B, 1, **like) for _ in range(2))
 
-        # Per-step views: a call to unbind makes all of them at about the cost of one view each.
+        # Per-step views: a call to unbind makes all of them at about the cost of one view each, which still adds
+        # up (~2 us a view), so each path makes only those it reads.
         self.c_slots = self.c.unbind(0)
         self.x_t = self.x.unbind(0)
         self.x_below_t, self.x_rec_t, self.x_above_t = (part.unbind(0) for part in self.x.split((D, H, A), dim=2))
         self.gates_t, self.zhat_t = self.gates.unbind(0), self.zhat.unbind(0)
-        self.f_t, self.i_t, self.o_t, self.g_t = (part.unbind(0) for part in self.act.split(H, dim=2))
-        self.fio_t = self.act[..., : 3 * H].unbind(0)
+        self.act_t = self.act.unbind(0)
         self.keep_f_t, self.tc_t = self.keep_f.unbind(0), self.tc.unbind(0)
         self.zraw_t = self.zraw.unbind(0) if self.zraw is not None else None
         if self.neg_d_copy is not None:
             self.neg_d_copy_t = self.neg_d_copy.flatten(2).unbind(0)  # (B, 2H)
             self.neg_d_h_t, self.neg_d_c_t = (part.unbind(0) for part in self.neg_d_copy.unbind(2))
+        if plan.fused:  # the layer norm statistics as the extension takes them: (B, 4), (B, 4), (B, 1), (B, 1)
+            stats = (self.gates_mean[..., 0], self.gates_rstd[..., 0], self.cell_mean, self.cell_rstd)
+            self.ln_stats_t = list(zip(*(x.unbind(0) for x in stats), strict=True)) if ln_stats else [(None,) * 4] * S
+        else:
+            self.f_t, self.i_t, self.o_t, self.g_t = (part.unbind(0) for part in self.act.split(H, dim=2))
+            self.fio_t = self.act[..., : 3 * H].unbind(0)
+            self.gates_mean_t, self.gates_rstd_t = self.gates_mean.unbind(0), self.gates_rstd.unbind(0)  # (B, 4, 1)
+            self.cell_mean_t, self.cell_rstd_t = self.cell_mean.unbind(0), self.cell_rstd.unbind(0)  # (B, 1)
 
     def attach(self, Z: Tensor) -> None:
         """Make this call's outputs: h (unless it lives in x) and this layer's column of Z (T+1, B, L)."""
@@ -161,7 +174,8 @@ TAPES = TapeCache()
 
 def forward_sequence(
     plan: Plan,
-    x_proj: Tensor,  # (B, T, R_1) layer 1's bottom-up pre-activations, bias included
+    x_proj: Tensor,  # (T, B, R_1) layer 1's bottom-up pre-activations, bias included (time-major: each step's
+    # slice is contiguous, as the matmul it is added to likes)
     h0: list[Tensor],  # L x (B, H_l)
     c0: list[Tensor],
     z0: list[Tensor],  # L x (B, 1)
@@ -173,7 +187,7 @@ def forward_sequence(
 ) -> tuple[Tensor, list[LayerTape]]:
     """Run the stack over the sequence. Returns Z (T+1, B, L), every layer's z (row 0: the initial state), and
     the layers' tapes."""
-    B, T, _ = x_proj.shape
+    T, B, _ = x_proj.shape
     L = plan.num_layers
     device, dtype = h0[0].device, h0[0].dtype
     Z = torch.zeros(T + 1, B, L, device=device, dtype=dtype)
@@ -187,34 +201,47 @@ def forward_sequence(
     sizes = plan.hidden_sizes
     w_t = [w.to(plan.mm_dtype).t() for w in weights]
     w_t = [(w.contiguous() if T >= 16 else w).split(4 * H, dim=1) for w, H in zip(w_t, sizes, strict=True)]
-    # What each step's matmuls add to: layer 1's projected input at step t, the bias above it.
-    bases = [[b.split(4 * H, dim=-1)] * T for b, H in zip(biases[1:], sizes[1:], strict=True)]
-    bases.insert(0, [step.split(4 * sizes[0], dim=-1) for step in x_proj.unbind(1)])
+    # What each step's matmuls add to: layer 1's projected input at step t, the bias above it. With a slot per
+    # step, the pre-activation buffers start out holding it, for all steps in one copy (addmm's out= would copy
+    # it at every step, at several times the cost); with one slot, each step adds it.
+    bases = [x_proj[..., : 4 * sizes[0]], *(b[: 4 * H] for b, H in zip(biases[1:], sizes[1:], strict=True))]
+    bases_z = [x_proj[..., 4 * sizes[0] :], *(b[4 * H :] for b, H in zip(biases[1:], sizes[1:], strict=True))]
+    if save:
+        for tape, base, base_z in zip(tapes, bases, bases_z, strict=True):
+            tape.gates.copy_(base.expand_as(tape.gates))
+            tape.zhat.copy_(base_z.expand_as(tape.zhat))
+        step_bases = [[(None, None)] * T] * L
+    else:
+        step_bases = [list(zip(bases[0].unbind(0), bases_z[0].unbind(0), strict=True))]  # layer 1: per step
+        step_bases += [[(base, base_z)] * T for base, base_z in zip(bases[1:], bases_z[1:], strict=True)]
     ones = Z.new_ones(B, 1)  # z^0 = 1, and 1 - z without a slow scalar op
     for t in range(T):
         k = t if save else 0
         for layer, tape in enumerate(tapes):
             below = tapes[layer - 1] if layer > 0 else None
             above = tapes[layer + 1] if layer < L - 1 else None
-            layer_step(plan, tape, below, above, t, k, bases[layer][t], w_t[layer], ln[layer] if ln else None, ones)
+            base = step_bases[layer][t]
+            layer_step(plan, tape, below, above, t, k, base, w_t[layer], ln[layer] if ln else None, ones)
     return Z, tapes
 
 
-def matmul_add(base: Tensor, x: Tensor, w_t: Tensor, out: Tensor) -> None:
-    """out = base + x @ w_t. Under autocast x and w_t are bf16: the product is added into fp32."""
-    if x.dtype == out.dtype:
-        torch.addmm(base, x, w_t, out=out)
+def matmul_add(base: Tensor | None, x: Tensor, w_t: Tensor, out: Tensor) -> None:
+    """out = base + x @ w_t, or out += x @ w_t without a base. Under autocast x and w_t are bf16: the product is
+    added into fp32."""
+    if x.dtype != out.dtype:
+        torch.add(out if base is None else base, torch.mm(x, w_t), out=out)
+    elif base is None:
+        out.addmm_(x, w_t)
     else:
-        torch.add(base, torch.mm(x, w_t), out=out)
+        torch.addmm(base, x, w_t, out=out)
 
 
 def layer_step(
     plan: Plan, tape: LayerTape, below: LayerTape | None, above: LayerTape | None, t: int, k: int,
-    base: tuple[Tensor, Tensor], w_t: tuple[Tensor, Tensor], ln: LayerNormParams | None, ones: Tensor,
+    base: tuple[Tensor | None, Tensor | None], w_t: tuple[Tensor, Tensor], ln: LayerNormParams | None, ones: Tensor,
 ) -> None:  # fmt: skip
     """Step t of one layer (k: its slot in the tape): writes h_t, c_t and z_t."""
-    H = tape.H
-    h_prev, c_prev, z_prev = tape.h_t[t], tape.c_t[t], tape.z_t[t]  # (B, H), (B, H), (B, 1)
+    h_prev, z_prev = tape.h_t[t], tape.z_t[t]  # (B, H), (B, 1)
     z_below = below.z_t[t + 1] if below is not None else ones
 
     # The masked inputs, then the matmul: [gates | zhat] = base + x @ w_t  (B, R), as two matmuls that write the
@@ -230,12 +257,50 @@ def layer_step(
     matmul_add(base[0], x, w_t[0], out=gates)
     if above is not None:
         matmul_add(base[1], x, w_t[1], out=tape.zhat_t[k])
+        if plan.mode == "sample" and plan.training:
+            torch.bernoulli(hard_sigmoid(tape.zhat_t[k], plan.slope), out=tape.zraw_t[k])  # the reference's draws
+
+    if plan.fused:
+        fused_cell_step(plan, tape, below, above, t, k, ln, z_below)
+    else:
+        cell_step(plan, tape, below, above, t, k, ln, z_below, ones)
+
+
+FUSED_ZRAW = {"step": 0, "soft": 1, "sample": 2}  # cell_cpu.cpp's ZrawMode; sample: drawn by layer_step
+
+
+def fused_cell_step(
+    plan: Plan, tape: LayerTape, below: LayerTape | None, above: LayerTape | None, t: int, k: int,
+    ln: LayerNormParams | None, z_below: Tensor,
+) -> None:  # fmt: skip
+    """The elementwise part of layer_step in one call of the C++ extension (the same arithmetic as cell_step)."""
+    top, bottom, save_copy = above is None, below is None, tape.save and below is not None
+    zraw_mode = FUSED_ZRAW["step" if plan.mode == "sample" and not plan.training else plan.mode]
+    fused.load().cell_forward(
+        tape.gates_t[k], None if top else tape.zhat_t[k], *(ln or (None,) * 4),
+        tape.h_t[t], tape.c_t[t], tape.z_t[t], None if bottom else z_below,
+        tape.act_t[k], tape.keep_f_t[k], tape.c_t[t + 1], tape.tc_t[k], tape.h_t[t + 1],
+        tape.neg_d_h_t[k] if save_copy else None, tape.neg_d_c_t[k] if save_copy else None,
+        None if top else tape.zraw_t[k], None if top else tape.z_t[t + 1],
+        *tape.ln_stats_t[k], zraw_mode, plan.slope, LN_EPS,
+    )  # fmt: skip
+
+
+def cell_step(
+    plan: Plan, tape: LayerTape, below: LayerTape | None, above: LayerTape | None, t: int, k: int,
+    ln: LayerNormParams | None, z_below: Tensor, ones: Tensor,
+) -> None:  # fmt: skip
+    """The elementwise part of layer_step in torch ops, from the gates' pre-activations to h_t, c_t and z_t."""
+    H = tape.H
+    h_prev, c_prev, z_prev = tape.h_t[t], tape.c_t[t], tape.z_t[t]  # (B, H), (B, H), (B, 1)
+    gates = tape.gates_t[k]  # (B, 4H)
 
     # Gates: sigm(f), sigm(i), sigm(o), tanh(g); with layer norm on each of the four blocks on its own.
     if ln is not None:
         normed, mean, rstd = torch.native_layer_norm(gates.view(-1, 4, H), (H,), None, None, LN_EPS)
         if tape.save:
-            tape.gates_ln.append((mean, rstd))
+            tape.gates_mean_t[k].copy_(mean)
+            tape.gates_rstd_t[k].copy_(rstd)
         gates = torch.addcmul(ln[1], normed, ln[0]).view(-1, 4 * H)
     torch.sigmoid(gates[:, : 3 * H], out=tape.fio_t[k])
     torch.tanh(gates[:, 3 * H :], out=tape.g_t[k])
@@ -260,7 +325,8 @@ def layer_step(
     if ln is not None:
         normed_c, mean_c, rstd_c = torch.native_layer_norm(c, (H,), ln[2], ln[3], LN_EPS)
         if tape.save:
-            tape.cell_ln.append((mean_c, rstd_c))
+            tape.cell_mean_t[k].copy_(mean_c)
+            tape.cell_rstd_t[k].copy_(rstd_c)
         torch.tanh(normed_c, out=tc)
     else:
         torch.tanh(c, out=tc)
@@ -279,9 +345,7 @@ def layer_step(
         zhat, zraw = tape.zhat_t[k], tape.zraw_t[k]  # (B, 1)
         if plan.mode == "soft":
             zraw.copy_(hard_sigmoid(zhat, plan.slope))
-        elif plan.mode == "sample" and plan.training:
-            torch.bernoulli(hard_sigmoid(zhat, plan.slope), out=zraw)  # the reference's draws, in its order
-        else:
+        elif not (plan.mode == "sample" and plan.training):  # (a sample was drawn by layer_step)
             torch.gt(zhat, 0, out=zraw)  # whatever the slope
         if below is None:
             tape.z_t[t + 1].copy_(zraw)
@@ -308,13 +372,29 @@ class LayerGrads:
             self.pair_h[0].copy_(grad_h)
         if grad_c is not None:
             self.pair_c[0].copy_(grad_c)
-        self.dz = grad_z.clone() if grad_z is not None else torch.zeros_like(tape.z_t[0])
+        # d loss / d z at the step being processed; the fused path writes the previous step's into the other of
+        # two buffers (and the gradient that goes to z_below into a third).
+        self.dz_pair = [torch.zeros(B, 1, device=Z.device, dtype=Z.dtype) for _ in range(2)]
+        if grad_z is not None:
+            self.dz_pair[0].copy_(grad_z)
+        self.dz = self.dz_pair[0]
+        self.dz_below = torch.empty(B, 1, device=Z.device, dtype=Z.dtype)
 
         T, R = tape.gates.shape[0], 4 * H + tape.zhat.shape[2]
         self.ds = torch.empty(T, B, R, device=Z.device, dtype=Z.dtype)  # d loss / d [gates | zhat]
-        self.ds_t, self.dzhat_t = self.ds.unbind(0), self.ds[..., 4 * H :].unbind(0)
-        self.dgates_t = self.ds[..., : 4 * H].unbind(0)
+        self.ds_t = self.ds.unbind(0)
+        z_prev = Z[:-1, :, layer : layer + 1]  # (T, B, 1)
+        z_below = Z[1:, :, layer - 1 : layer] if layer > 0 else torch.ones_like(z_prev)
+        self.z_prev_t, self.z_below_t = z_prev.unbind(0), z_below.unbind(0)
+        if plan.fused:  # the extension takes it from here
+            self.ln_grad = Z.new_zeros(10 * H) if plan.layer_norm else None
+            return
+
         # Gradients of the gates after their layer norm and of the normalized c: the layer norm gains' inputs.
+        # (The fused path needs neither: it sums the layer norm parameters' gradients as it goes, into ln_grad,
+        # [gates gain 4H | gates bias 4H | cell gain H | cell bias H].)
+        self.ln_grad = None
+        self.dzhat_t, self.dgates_t = self.ds[..., 4 * H :].unbind(0), self.ds[..., : 4 * H].unbind(0)
         self.dact = torch.empty_like(tape.act) if plan.layer_norm else self.ds[..., : 4 * H]
         self.d_cn = torch.empty_like(tape.tc) if plan.layer_norm else None
         self.dfio_t, self.dg_t = self.dact[..., : 3 * H].unbind(0), self.dact[..., 3 * H :].unbind(0)
@@ -322,11 +402,8 @@ class LayerGrads:
         self.d_cn_t = self.d_cn.unbind(0) if self.d_cn is not None else None
 
         # Per-step (B, 1) coefficients, for all steps at once.
-        z_prev = Z[:-1, :, layer : layer + 1]  # (T, B, 1)
-        z_below = Z[1:, :, layer - 1 : layer] if layer > 0 else torch.ones_like(z_prev)
         update = z_below - z_prev * z_below
         keep = z_prev + update
-        self.z_prev_t, self.z_below_t = z_prev.unbind(0), z_below.unbind(0)
         self.update_t, self.keep_t, self.copy_t = update.unbind(0), keep.unbind(0), (1 - keep).unbind(0)
         self.not_flush_t = (1 - z_prev).unbind(0)
         if not tape.top:
@@ -369,7 +446,8 @@ def backward_sequence(
                 grad.dz += ext_z[t][:, layer : layer + 1]
             below = (tapes[layer - 1], grads[layer - 1]) if layer > 0 else None
             above = (tapes[layer + 1], grads[layer + 1]) if layer < L - 1 else None
-            layer_step_backward(plan, tapes[layer], grad, below, above, t, w[layer], ln[layer] if ln else None)
+            step_backward = fused_layer_step_backward if plan.fused else layer_step_backward
+            step_backward(plan, tapes[layer], grad, below, above, t, w[layer], ln[layer] if ln else None)
     dh = [g.pair_h[g.cur] for g in grads]
     dc = [g.pair_c[g.cur] for g in grads]
     return grads[0].ds, dh, dc, [g.dz for g in grads], *parameter_gradients(plan, tapes, grads, weights, ln)
@@ -394,7 +472,7 @@ def layer_step_backward(
     d_tc = aten.tanh_backward(g_otc * o, tc)
     if ln is not None:
         grad.d_cn_t[t].copy_(d_tc)
-        mean_c, rstd_c = tape.cell_ln[t]
+        mean_c, rstd_c = tape.cell_mean_t[t], tape.cell_rstd_t[t]
         mask = (True, False, False)
         g_c += aten.native_layer_norm_backward(d_tc, tape.c_t[t + 1], (H,), mean_c, rstd_c, ln[2], ln[3], mask)[0]
     else:
@@ -412,7 +490,7 @@ def layer_step_backward(
     aten.sigmoid_backward.grad_input(grad.dfio_t[t], tape.fio_t[t], grad_input=grad.dfio_t[t])
     aten.tanh_backward.grad_input(grad.dg_t[t], g, grad_input=grad.dg_t[t])
     if ln is not None:
-        mean, rstd = tape.gates_ln[t]  # (B, 4, 1)
+        mean, rstd = tape.gates_mean_t[t], tape.gates_rstd_t[t]  # (B, 4, 1)
         d_normed = grad.dact[t].view(-1, 4, H) * ln[0]
         mask = (True, False, False)
         gates = tape.gates_t[t].view(-1, 4, H)
@@ -454,6 +532,36 @@ def layer_step_backward(
     grad.swap()
 
 
+def fused_layer_step_backward(
+    plan: Plan, tape: LayerTape, grad: LayerGrads, below: tuple | None, above: tuple | None, t: int,
+    w: Tensor, ln: LayerNormParams | None,
+) -> None:  # fmt: skip
+    """layer_step_backward with its elementwise parts in the C++ extension: the cell's backward up to ds[t], the
+    matmul, then dx routed to h_{t-1}, the layers around and the boundaries."""
+    cur, nxt = grad.cur, 1 - grad.cur
+    top, bottom = above is None, below is None
+    kernels = fused.load()
+    kernels.cell_backward(
+        grad.pair_flat[cur], grad.dz, tape.act_t[t], tape.tc_t[t], tape.c_t[t], tape.c_t[t + 1], tape.keep_f_t[t],
+        None if bottom else tape.neg_d_copy_t[t], None if top else tape.zraw_t[t], None if top else tape.zhat_t[t],
+        tape.gates_t[t] if ln else None, *tape.ln_stats_t[t], ln[0] if ln else None, ln[2] if ln else None,
+        grad.ln_grad, grad.z_prev_t[t], None if bottom else grad.z_below_t[t],
+        grad.ds_t[t], grad.pair_c[nxt], grad.dz_pair[nxt], None if bottom else grad.dz_below, plan.slope,
+    )  # fmt: skip
+    ds = grad.ds_t[t]
+    dx = torch.mm(ds, w) if ds.dtype == w.dtype else torch.mm(ds.to(w.dtype), w).to(ds.dtype)  # (B, K)
+    tape_above, grad_above = above or (None, None)
+    tape_below, grad_below = below or (None, None)
+    kernels.route_backward(
+        dx, tape.D, grad.pair_flat[cur], grad.z_prev_t[t], None if bottom else grad.z_below_t[t], grad.pair_flat[nxt],
+        None if top else grad_above.pair_flat[grad_above.cur], None if top else tape_above.h_t[t],
+        None if bottom else grad_below.pair_flat[grad_below.cur], None if bottom else tape_below.h_t[t + 1],
+        grad.dz_pair[nxt], None if bottom else grad.dz_below, None if bottom else grad_below.dz,
+    )  # fmt: skip
+    grad.dz = grad.dz_pair[nxt]
+    grad.swap()
+
+
 def parameter_gradients(plan: Plan, tapes: list[LayerTape], grads: list[LayerGrads], weights, ln):
     """The weight, bias and layer norm gradients: one reduction over all B*T rows per layer."""
     grad_w, grad_b, grad_ln = [], [], []
@@ -463,11 +571,15 @@ def parameter_gradients(plan: Plan, tapes: list[LayerTape], grads: list[LayerGra
         x = tape.x[:T].flatten(0, 1)  # (T*B, K)
         grad_w.append(torch.mm(ds.t().to(plan.mm_dtype), x).to(weights[layer].dtype))  # (R, K)
         grad_b.append(ds.sum(0))
-        if ln is not None:
-            mean, rstd = (torch.stack(part) for part in zip(*tape.gates_ln, strict=True))  # (T, B, 4, 1)
+        if ln is not None and grad.ln_grad is not None:
+            H = tape.H
+            gain, bias, cell_gain, cell_bias = grad.ln_grad.split((4 * H, 4 * H, H, H))
+            grad_ln.append((gain.view(4, H), bias.view(4, H), cell_gain, cell_bias))
+        elif ln is not None:
+            mean, rstd = tape.gates_mean, tape.gates_rstd  # (T, B, 4, 1)
             normed = (tape.gates.view(*mean.shape[:3], -1) - mean) * rstd  # (T, B, 4, H)
             dact = grad.dact.view_as(normed)
-            mean_c, rstd_c = (torch.stack(part) for part in zip(*tape.cell_ln, strict=True))  # (T, B, 1)
+            mean_c, rstd_c = tape.cell_mean, tape.cell_rstd  # (T, B, 1)
             normed_c = (tape.c[1:] - mean_c) * rstd_c
             d_cn = grad.d_cn
             grad_ln.append(
@@ -513,7 +625,7 @@ class HMLSTMSequence(torch.autograd.Function):
             )
         ctx.tapes = ctx.Z = None  # free the tape now, not when the graph goes
         grad_ln_flat = [g for layer in grad_ln for g in layer]
-        return None, d_x_proj.transpose(0, 1), *dh, *dc, *dz, *grad_w, *grad_b[1:], *grad_ln_flat
+        return None, d_x_proj, *dh, *dc, *dz, *grad_w, *grad_b[1:], *grad_ln_flat
 
 
 def flatten_inputs(h0, c0, z0, weights, biases, ln) -> list[Tensor]:
@@ -545,7 +657,7 @@ def outputs(plan: Plan, Z: Tensor, tapes: list[LayerTape]) -> tuple[Tensor, ...]
 
 def run(
     plan: Plan,
-    x_proj: Tensor,  # (B, T, R_1)
+    x_proj: Tensor,  # (T, B, R_1)
     h0: list[Tensor],
     c0: list[Tensor],
     z0: list[Tensor],
@@ -558,7 +670,7 @@ def run(
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x_proj, *flat)):
         out = HMLSTMSequence.apply(plan, x_proj, *flat)
     else:
-        key = (plan, x_proj.shape[0], x_proj.device, h0[0].dtype)
+        key = (plan, x_proj.shape[1], x_proj.device, h0[0].dtype)
         tapes = TAPES.take(key)
         autocast = torch.is_autocast_enabled(x_proj.device.type)  # entering a context costs more than a small step
         with torch.autocast(x_proj.device.type, enabled=False) if autocast else contextlib.nullcontext():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hmlm import fast
+from hmlm import fast, fused
 from hmlm.cell import BOUNDARY_MODES, LayerWeights, reference_step
 
 MODEL_KINDS = ("hmlstm", "lstm")
@@ -196,10 +196,11 @@ class HMLSTM(nn.Module):
             training=self.training,
             slope=float(slope),
             mm_dtype=torch.get_autocast_dtype(device) if autocast else state.h[0].dtype,
+            fused=fused.usable(x.device, state.h[0].dtype),
         )
         weight, bias = params(self.weight), params(self.bias)
         E = self.input_size
-        x_proj = F.linear(x, weight[0][:, :E], bias[0])  # (B, T, R_1): every step's input at once
+        x_proj = F.linear(x.transpose(0, 1), weight[0][:, :E], bias[0])  # (T, B, R_1): every step's input at once
         weights = [weight[0][:, E:], *weight[1:]]  # the per-step parts
         ln = None
         if self.layer_norm:

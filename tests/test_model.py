@@ -3,16 +3,58 @@ fast path against the reference (float64, forward and gradients), chunking, the 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
-from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig
+from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig, fused
 from hmlm.cell import reference_step
 
 F64 = torch.float64
 
 
 IMPLS = ["fast", "reference"]
+
+
+@pytest.fixture(autouse=True, params=["fused", "torch-ops"])
+def fast_kernels(request, monkeypatch):
+    """Every test here runs twice: the fast path with the C++ CPU kernels of hmlm/fused.py, and with torch ops
+    only (as on CUDA, or where the kernels cannot be built)."""
+    if request.param == "fused":
+        monkeypatch.setenv("HMLM_FUSED", "1")
+        if fused.load() is None:
+            pytest.skip(f"the fused CPU kernels could not be built here: {fused.failure()}")
+    else:
+        monkeypatch.setenv("HMLM_FUSED", "0")
+    return request.param
+
+
+class KernelSpy:
+    """Stands in for the compiled module: notes which kernels are called, and passes the calls on."""
+
+    def __init__(self, kernels):
+        self.kernels, self.calls = kernels, set()
+
+    def __getattr__(self, name: str):
+        self.calls.add(name)
+        return getattr(self.kernels, name)
+
+
+def test_the_fast_path_uses_the_fused_kernels_where_it_can(fast_kernels: str, monkeypatch):
+    spy = KernelSpy(fused.load())
+    monkeypatch.setattr(fused, "load", lambda: spy)
+    rnn = make_rnn([6, 5, 4], layer_norm=True)
+    rnn(torch.randn(2, 3, 6, dtype=F64)).hidden[-1].sum().backward()
+    expected = {"cell_forward", "cell_backward", "route_backward"} if fast_kernels == "fused" else set()
+    assert spy.calls == expected
+
+
+def test_the_fused_kernels_build_where_there_is_a_compiler():
+    """Where a C++ compiler is installed, the build must work: otherwise training silently runs the slower path."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler here: the fast path runs on torch ops alone")
+    assert fused.load() is not None, fused.failure()
 
 
 def make_rnn(

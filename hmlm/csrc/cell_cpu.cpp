@@ -127,38 +127,40 @@ void cell_forward_impl(const at::Tensor& gates, const OptTensor& zhat_t, const O
   const bool bottom = !z_below;
   const T S = T(slope);
 
-  // The transcendental functions run as torch's vectorized ops over the whole batch (a scalar std::exp in the
-  // loops below would cost more than all the rest); everything between them is one pass over the rows.
-  // Gates: sigm(f), sigm(i), sigm(o), tanh(g), each block layer-normalized on its own first.
-  const at::Tensor* pre = &gates;
-  if (ln_gain) {
-    at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        for (int64_t j = 0; j < 4; ++j) {
-          const T* xj = g_in[b] + j * H;
-          T* aj = act[b] + j * H;
+  // The transcendental functions run as one torch sigmoid over the whole batch, vectorized (a scalar std::exp
+  // in the loops would cost more than all the rest), with tanh(x) = 2 sigm(2x) - 1: torch's tanh takes about
+  // three times as long as its sigmoid on the CPU. Between them, one pass over the rows does the rest.
+  // Gates: sigm(f), sigm(i), sigm(o), tanh(g), each block layer-normalized on its own first; the g block goes
+  // into the sigmoid doubled.
+  at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t j = 0; j < 4; ++j) {
+        const T* xj = g_in[b] + j * H;
+        T* aj = act[b] + j * H;
+        const T scale = j == 3 ? T(2) : T(1);
+        if (ln_gain) {
           T mean, rstd;
           moments(xj, H, eps, mean, rstd);
           if (g_mean) g_mean[b][j] = mean, g_rstd[b][j] = rstd;
           const T *gain = ln_gain + j * H, *bias = ln_bias + j * H;
-          for (int64_t k = 0; k < H; ++k) aj[k] = bias[k] + (xj[k] - mean) * rstd * gain[k];
+          for (int64_t k = 0; k < H; ++k) aj[k] = scale * (bias[k] + (xj[k] - mean) * rstd * gain[k]);
+        } else {
+          for (int64_t k = 0; k < H; ++k) aj[k] = scale * xj[k];
         }
       }
-    });
-    pre = &act_t;
-  }
-  at::Tensor act_fio = act_t.narrow(1, 0, 3 * H), act_g = act_t.narrow(1, 3 * H, H);
-  at::sigmoid_out(act_fio, pre->narrow(1, 0, 3 * H));
-  at::tanh_out(act_g, pre->narrow(1, 3 * H, H));
+    }
+  });
+  act_t.sigmoid_();
 
   // c = keep*i*g + (copy + update*f)*c_prev, and into tc what goes into the tanh: c, or c layer-normalized.
   at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const T zp = z_prev[b][0], zb = bottom ? T(1) : z_below[b][0];
       const T update = zb - zp * zb, keep = zp + update, copy = T(1) - keep;
-      const T *f = act[b], *i = f + H, *g = f + 3 * H, *cp = c_prev[b];
-      T *kf = keep_f[b], *c = c_out[b], *tc = tc_out[b];
+      const T *f = act[b], *i = f + H, *cp = c_prev[b];
+      T *g = act[b] + 3 * H, *kf = keep_f[b], *c = c_out[b], *tc = tc_out[b];
       for (int64_t k = 0; k < H; ++k) {
+        g[k] = T(2) * g[k] - T(1);  // tanh, from the sigmoid of the doubled input
         const T ig = i[k] * g[k];
         if (bottom) {
           kf[k] = f[k] - f[k] * zp;
@@ -173,22 +175,23 @@ void cell_forward_impl(const at::Tensor& gates, const OptTensor& zhat_t, const O
         T mean, rstd;
         moments(c, H, eps, mean, rstd);
         if (c_mean) c_mean[b][0] = mean, c_rstd[b][0] = rstd;
-        for (int64_t k = 0; k < H; ++k) tc[k] = (c[k] - mean) * rstd * cell_gain[k] + cell_bias[k];
+        for (int64_t k = 0; k < H; ++k) tc[k] = T(2) * ((c[k] - mean) * rstd * cell_gain[k] + cell_bias[k]);
       } else {
-        for (int64_t k = 0; k < H; ++k) tc[k] = c[k];
+        for (int64_t k = 0; k < H; ++k) tc[k] = T(2) * c[k];
       }
     }
   });
-  tc_t.tanh_();
+  tc_t.sigmoid_();
 
   // h = lerp(o*tanh(c), h_prev, copy), and the boundary: z = keep*zraw.
   at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const T zp = z_prev[b][0], zb = bottom ? T(1) : z_below[b][0];
       const T keep = zp + zb - zp * zb, copy = T(1) - keep;
-      const T *o = act[b] + 2 * H, *tc = tc_out[b], *hp = h_prev[b];
-      T* h = h_out[b];
+      const T *o = act[b] + 2 * H, *hp = h_prev[b];
+      T *tc = tc_out[b], *h = h_out[b];
       for (int64_t k = 0; k < H; ++k) {
+        tc[k] = T(2) * tc[k] - T(1);  // tanh, as for g
         const T otc = o[k] * tc[k];
         if (neg_dh) neg_dh[b][k] = otc - hp[k];
         h[k] = bottom ? otc : lerp(otc, hp[k], copy);

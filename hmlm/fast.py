@@ -4,11 +4,13 @@ hand-written backward through time. `tests/test_model.py` holds it to the refere
 Where the time goes, and what this file does about it (measure with `hmlm bench`):
 - Autograd. Stepping the reference cell makes ~30 autograd nodes per layer and step. Here the whole sequence is
   one node (`HMLSTMSequence`), and forward and backward are plain tensor ops.
-- Small ops. What is left of a step is a few dozen elementwise ops on (B, H) tensors, each paying microseconds
-  of dispatch, so each one counts: the blend is written in as few ops as fused kernels allow (lerp, addcmul,
-  sigmoid_backward), results go with out= into buffers allocated once per call, the per-step views of those
-  buffers are made once per call and shared by forward and backward, and h_t is written straight into the
-  slot of the next step's matmul input.
+- Small ops. What is left of a step is elementwise work on (B, H) tensors. On the CPU it runs in the C++
+  kernels of hmlm/fused.py (csrc/cell_cpu.cpp): one call per layer and step forward (`fused_cell_step`), two
+  backward (`fused_layer_step_backward`). Elsewhere (CUDA, or no compiler) it is a few dozen torch ops, each
+  paying microseconds of dispatch, so each one counts: the blend is written in as few ops as fused kernels
+  allow (lerp, addcmul, sigmoid_backward) and results go with out= into buffers allocated once per call. Both
+  ways the per-step views of those buffers are made once per call, and h_t is written straight into the slot
+  of the next step's matmul input.
 - Matmuls. One per layer and step, over the concatenated masked inputs [z^{l-1}_t h^{l-1}_t | h^l_{t-1} |
   z^l_{t-1} h^{l+1}_{t-1}] against the layer's weight [W_below | U_rec | U_above] (masking the inputs rather
   than the products gives the same numbers: z is one scalar per row). Layer 1's input projection is one matmul
@@ -16,11 +18,10 @@ Where the time goes, and what this file does about it (measure with `hmlm bench`
   the loop, instead of T thin ones accumulated into a large matrix; the layer norm gains likewise.
 - Evaluation and sampling (no gradient needed) keep nothing but the outputs, and reuse their scratch buffers
   from one call to the next.
-What that buys depends on the size (2-core CPU, measured): at small widths (3x128), where dispatch dominates,
-training runs ~1.4-2x the reference; at the paper's PTB width (3x512) the matmuls take ~80% of a step in both
-implementations, and the fast path only matches the reference. The matmuls' FLOPs are the same in any
-arrangement (forward, input gradient and weight gradient of every step's product); what would go further is
-fusing the elementwise work into one kernel per step (a C++/CUDA extension, or torch.compile), not done here.
+What that buys is in the README's Speed section (`hmlm bench`). In short, on a 2-core CPU: at small widths
+(3x128), where dispatch dominated, training runs ~2.4x the reference on one thread and ~3x on two; at the
+paper's PTB width (3x512) the per-step matmuls are ~70% of a step, run at the BLAS's speed for a batch of 64
+rows, and leave the fast path at about half of nn.LSTM's speed for ~1.5x its arithmetic.
 
 The blend of cell.blend, rearranged with the same values. With copy = (1 - z_prev)(1 - z_below),
 update = (1 - z_prev) z_below and keep = 1 - copy (= flush + update):
@@ -33,8 +34,8 @@ In the backward everything that reaches z_prev and z_below goes through two per-
     d z_prev  = N_copy - z_below (G_upd + N_copy)          d z_below = (1 - z_prev)(G_upd + N_copy)
 Layer 1 (z_below = 1) never copies and skips the copy terms.
 
-Device-agnostic (CPU and CUDA): plain torch ops, no host synchronization inside the loops. Under autocast the
-matmuls run in the autocast dtype (bf16) and everything elementwise, and the carried state, in fp32.
+Device-agnostic (CPU and CUDA): the torch-op path has no host synchronization inside the loops. Under autocast
+the matmuls run in the autocast dtype (bf16) and everything elementwise, and the carried state, in fp32.
 """
 
 from __future__ import annotations

@@ -5,13 +5,15 @@ microseconds. The extension does a layer step's elementwise work, forward or bac
 uses it wherever it can (CPU tensors, float32 or float64) and its own torch ops everywhere else (CUDA, other
 dtypes, or when the extension cannot be built here). tests/test_model.py holds both to the reference in float64.
 
-Building needs a C++ compiler (g++) and ninja, and takes about a minute, once: torch caches the build under
-$TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and rebuilds only when the source changes. `make
-install` builds it. Set HMLM_FUSED=0 to use the torch-op path on the CPU too.
+Building needs a C++ compiler (g++) and ninja, and takes about a minute, once per source, torch and Python
+version: the build lives under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). `make install`
+builds it (`python -m hmlm.fused`). Set HMLM_FUSED=0 to use the torch-op path on the CPU too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import sys
 import threading
@@ -59,22 +61,47 @@ def load(verbose: bool = False) -> ModuleType | None:
 
 
 def build(verbose: bool = False) -> ModuleType:
-    from torch.utils import cpp_extension  # imported here: it is slow to import and only needed to build
+    """Import the extension built for this source, torch, Python and CPU, or build it first.
+
+    Each build has a folder of its own, named by a hash of all that, so that a changed source or a new torch is
+    a new build, and a built one is imported straight from its folder: asking torch's builder to check that it
+    is up to date costs ~2 s at every start (it imports setuptools and runs ninja).
+    """
+    # AVX2 and FMA where torch itself runs its AVX2 kernels (~20% off the kernels' time).
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", "DEFAULT", ...
+    flags = ["-O3", "-fopenmp-simd"] + (["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else [])
+    stamp = repr((torch.__version__, sys.version_info[:2], flags)).encode()
+    name = f"hmlm_cell_cpu_{capability.lower()}_{hashlib.sha256(SOURCE.read_bytes() + stamp).hexdigest()[:12]}"
+    default_root = Path.home() / ".cache" / "torch_extensions"
+    directory = Path(os.environ.get("TORCH_EXTENSIONS_DIR", default_root)) / name
+    library = directory / f"{name}.so"
+    if library.exists() and not (directory / "lock").exists():  # "lock": torch's builder is at work there
+        try:
+            return import_library(name, library)
+        except ImportError:
+            pass  # a half-written or foreign file: build it again
+
+    from torch.utils import cpp_extension  # imported here: slow to import, and only needed to build
 
     # pip's ninja lives next to this interpreter, which need not be on PATH (.venv/bin/hmlm without activation).
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    # AVX2 and FMA where torch itself runs its AVX2 kernels (~20% off the kernels' time); the name carries the
-    # instruction set, so that a home folder shared by different machines never loads a build its CPU lacks.
-    capability = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", "DEFAULT", ...
-    flags = ["-O3", "-fopenmp-simd"] + (["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else [])
+    if not verbose:
+        print("hmlm: compiling the fused CPU kernels (once; about a minute)...", file=sys.stderr, flush=True)
+    directory.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
-        name=f"hmlm_cell_cpu_{capability.lower()}",
-        sources=[str(SOURCE)],
-        extra_cflags=flags,
-        verbose=verbose,
+        name=name, sources=[str(SOURCE)], extra_cflags=flags, build_directory=str(directory), verbose=verbose
     )
+
+
+def import_library(name: str, library: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def failure() -> str | None:

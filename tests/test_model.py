@@ -3,8 +3,6 @@ fast path against the reference (float64, forward and gradients), chunking, the 
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -48,13 +46,6 @@ def test_the_fast_path_uses_the_fused_kernels_where_it_can(fast_kernels: str, mo
     rnn(torch.randn(2, 3, 6, dtype=F64)).hidden[-1].sum().backward()
     expected = {"cell_forward", "cell_backward", "route_backward"} if fast_kernels == "fused" else set()
     assert spy.calls == expected
-
-
-def test_the_fused_kernels_build_where_there_is_a_compiler():
-    """Where a C++ compiler is installed, the build must work: otherwise training silently runs the slower path."""
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler here: the fast path runs on torch ops alone")
-    assert fused.load() is not None, fused.failure()
 
 
 def make_rnn(

@@ -1,0 +1,87 @@
+"""The fused CPU kernels (hmlm/fused.py): built where a compiler is, imported without the builder once built, a
+clear fallback where they cannot be built, and the float32 build (AVX2/FMA where the CPU has it) against the
+reference. tests/test_model.py runs every model test with and without them, in float64."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from hmlm import HMLSTM, fused
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """fused.load() as in a new process: nothing loaded and no failure noted."""
+    monkeypatch.setattr(fused, "_module", None)
+    monkeypatch.setattr(fused, "_failed", None)
+
+
+def test_the_kernels_build_where_there_is_a_compiler():
+    """Where a C++ compiler is installed the build must work: otherwise training silently runs the slower path."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler here: the fast path runs on torch ops alone")
+    assert fused.load() is not None, fused.failure()
+
+
+def test_a_built_extension_is_imported_without_the_builder(fresh_state, monkeypatch):
+    if fused.load() is None:
+        pytest.skip(f"the fused CPU kernels could not be built here: {fused.failure()}")
+    monkeypatch.setattr(fused, "_module", None)
+
+    def no_builder(*args, **kwargs):
+        raise AssertionError("torch's builder was called for an extension that is already built")
+
+    monkeypatch.setattr(cpp_extension, "load", no_builder)
+    module = fused.load()
+    assert module is not None and callable(module.cell_forward)
+
+
+def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(fresh_state, monkeypatch):
+    def failing_build(verbose: bool = False):
+        raise RuntimeError("Error building extension 'hmlm_cell_cpu'\nc++: not found")
+
+    monkeypatch.setattr(fused, "build", failing_build)
+    with pytest.warns(RuntimeWarning, match="could not build the fused CPU kernels .*c\\+\\+: not found"):
+        assert fused.load() is None
+    assert not fused.usable(torch.device("cpu"), torch.float32)
+    assert "c++: not found" in fused.failure()
+    rnn = HMLSTM(4, [5, 3], layer_norm=True)  # and the model still runs, on torch ops, without warning again
+    rnn(torch.randn(2, 3, 4)).hidden[-1].sum().backward()
+
+
+def test_hmlm_fused_0_turns_them_off(monkeypatch):
+    monkeypatch.setenv("HMLM_FUSED", "0")
+    assert not fused.usable(torch.device("cpu"), torch.float32)
+    assert not fused.usable(torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_float32_kernels_match_the_reference(layer_norm: bool, monkeypatch):
+    """tests/test_model.py holds the kernels to the reference in float64; this is the float32 build, vectorized
+    differently (FMA, sums in a different order), at a size where the vector loops have full lanes and tails."""
+    if fused.load() is None:
+        pytest.skip(f"the fused CPU kernels could not be built here: {fused.failure()}")
+    monkeypatch.setenv("HMLM_FUSED", "1")
+    torch.manual_seed(0)
+    rnn = HMLSTM(24, [67, 40, 33], layer_norm=layer_norm)
+    x = torch.randn(9, 20, 24)
+    results = {}
+    for impl in ("fast", "reference"):
+        rnn.impl = impl
+        rnn.zero_grad()
+        out = rnn(x, slope=2.0)
+        loss = sum((h * torch.linspace(-1, 1, h.shape[-1])).sum() for h in out.hidden)
+        loss.backward()
+        results[impl] = (out, {name: p.grad.clone() for name, p in rnn.named_parameters()})
+    (out_f, grads_f), (out_r, grads_r) = results["fast"], results["reference"]
+    assert torch.equal(out_f.boundaries, out_r.boundaries)
+    assert 0 < out_f.boundaries.mean() < 1  # both kinds of step happen
+    # float32 rounding, through 20 steps of layer norm: the torch-op path differs from the reference by ~2e-5 too
+    for mine, theirs in zip(out_f.hidden, out_r.hidden, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-4)
+    for name, theirs in grads_r.items():
+        torch.testing.assert_close(grads_f[name], theirs, rtol=1e-3, atol=1e-4 * theirs.abs().max().item(), msg=name)

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from hmlm import fused
 from hmlm.errors import UserError
 from hmlm.model import CharLM, ModelConfig
 
@@ -199,6 +200,9 @@ def run_bench(
         "warmup_rounds": warmup,
         "measured_rounds": steps,
         "torch": torch.__version__,
+        # what the fast path's elementwise work ran on: the C++ kernels of hmlm/fused.py, or torch ops
+        "fast_kernels": "fused" if fused.usable(dev, torch.float32) else "torch-ops",
+        "fast_kernels_detail": fused.describe(dev, torch.float32),
         "results": results,
         "ratios": ratios(results),
     }
@@ -295,6 +299,7 @@ def format_report(report: dict) -> str:
         f"layer norm {'on' if report['layer_norm'] else 'off'}",
         f"device: {dev['type']} ({where}); torch {report['torch']}; "
         f"median of {report['measured_rounds']} interleaved rounds after {report['warmup_rounds']} warm-up",
+        f"fast path: {report['fast_kernels_detail']}",
         "",
         f"{'':20s} {'train chars/s':>14s} {'vs LSTM':>8s} {'infer chars/s':>14s} {'vs LSTM':>8s} {'train memory':>13s}",
     ]

@@ -104,6 +104,17 @@ def import_library(name: str, library: Path) -> ModuleType:
     return module
 
 
+def describe(device: torch.device, dtype: torch.dtype) -> str:
+    """What the fast path runs its elementwise work on for this device and dtype, and why, in words."""
+    if usable(device, dtype):
+        return "fused CPU kernels"
+    if device.type != "cpu" or dtype not in DTYPES:
+        return f"torch ops (the fused kernels are for float32/float64 on the CPU, not {dtype} on {device.type})"
+    if not wanted():
+        return "torch ops (HMLM_FUSED=0)"
+    return f"torch ops (the fused CPU kernels could not be built: {failure()})"
+
+
 def failure() -> str | None:
     """Why the extension could not be built, or None."""
     return _failed

@@ -50,7 +50,7 @@ def load(verbose: bool = False) -> ModuleType | None:
             try:
                 _module = build(verbose)
             except Exception as error:  # no compiler, no ninja, a compile error: fall back, and say so once
-                _failed = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
+                _failed = summarize(error)
                 warnings.warn(
                     f"hmlm: could not build the fused CPU kernels ({_failed}); using the slower torch-op path. "
                     "Set HMLM_FUSED=0 to skip the attempt.",
@@ -58,6 +58,13 @@ def load(verbose: bool = False) -> ModuleType | None:
                     stacklevel=2,
                 )
     return _module
+
+
+def summarize(error: Exception) -> str:
+    """One line for a failed build: the compiler's first error if it printed one, else the exception's last line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first_error = next((line for line in lines if "error:" in line), None)
+    return f"{type(error).__name__}: {first_error or (lines[-1] if lines else '')}"
 
 
 def build(verbose: bool = False) -> ModuleType:

@@ -85,3 +85,15 @@ def test_float32_kernels_match_the_reference(layer_norm: bool, monkeypatch):
         torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-4)
     for name, theirs in grads_r.items():
         torch.testing.assert_close(grads_f[name], theirs, rtol=1e-3, atol=1e-4 * theirs.abs().max().item(), msg=name)
+
+
+def test_a_failed_build_is_summed_up_by_the_compilers_first_error():
+    output = (
+        "Error building extension 'hmlm_cell_cpu':\n[1/2] c++ -MMD ... -c cell_cpu.cpp\n"
+        "cell_cpu.cpp:455:45: error: cannot bind non-const lvalue reference\ncell_cpu.cpp:469:38: error: ambiguous\n"
+        "ninja: build stopped: subcommand failed."
+    )
+    assert fused.summarize(RuntimeError(output)) == (
+        "RuntimeError: cell_cpu.cpp:455:45: error: cannot bind non-const lvalue reference"
+    )
+    assert fused.summarize(OSError("ninja is required\nto load C++ extensions")) == "OSError: to load C++ extensions"

@@ -20,8 +20,8 @@ Where the time goes, and what this file does about it (measure with `hmlm bench`
   from one call to the next.
 What that buys is in the README's Speed section (`hmlm bench`). In short, on a 2-core CPU: at small widths
 (3x128), where dispatch dominated, training runs ~2.4x the reference on one thread and ~3x on two; at the
-paper's PTB width (3x512) the per-step matmuls are ~70% of a step, run at the BLAS's speed for a batch of 64
-rows, and leave the fast path at about half of nn.LSTM's speed for ~1.5x its arithmetic.
+paper's PTB width (3x512) matmuls are ~80% of a step, most of them of 64 rows at the BLAS's speed for that,
+and leave the fast path at about half of nn.LSTM's speed for ~1.5x its arithmetic.
 
 The blend of cell.blend, rearranged with the same values. With copy = (1 - z_prev)(1 - z_below),
 update = (1 - z_prev) z_below and keep = 1 - copy (= flush + update):

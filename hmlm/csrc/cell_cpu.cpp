@@ -40,8 +40,10 @@ struct Rows {
 };
 
 template <typename T>
-const T* ptr_or_null(const OptTensor& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+const T* ptr_or_null(const OptTensor& t) {  // a parameter vector, read as one flat array
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->is_contiguous(), "hmlm_cpu: the layer norm parameters must be contiguous");
+  return t->data_ptr<T>();
 }
 
 // torch.lerp(start, end, weight), written as torch writes it, so that it is exact at weight 0 and 1.

@@ -301,7 +301,10 @@ def bench(
     seq_len: int = typer.Option(None, "--seq-len", help="Override the shape's sequence length (1: sampling)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak training memory."),
 ) -> None:
-    """Training and inference throughput of HM-LSTM (fast and reference) against torch's nn.LSTM of the same size."""
+    """Training and inference throughput of HM-LSTM (fast and reference) against torch's nn.LSTM of the same size.
+
+    On the CPU the fast path uses its fused C++ kernels (make install builds them); HMLM_FUSED=0: torch ops.
+    """
     import torch
 
     from hmlm.bench import format_report, run_bench, to_json

@@ -119,13 +119,13 @@ class LayerTape:
         self.x_t = self.x.unbind(0)
         self.x_below_t, self.x_rec_t, self.x_above_t = (part.unbind(0) for part in self.x.split((D, H, A), dim=2))
         self.gates_t, self.zhat_t = self.gates.unbind(0), self.zhat.unbind(0)
-        self.act_t = self.act.unbind(0)
         self.keep_f_t, self.tc_t = self.keep_f.unbind(0), self.tc.unbind(0)
         self.zraw_t = self.zraw.unbind(0) if self.zraw is not None else None
         if self.neg_d_copy is not None:
             self.neg_d_copy_t = self.neg_d_copy.flatten(2).unbind(0)  # (B, 2H)
             self.neg_d_h_t, self.neg_d_c_t = (part.unbind(0) for part in self.neg_d_copy.unbind(2))
-        if plan.fused:  # the layer norm statistics as the extension takes them: (B, 4), (B, 4), (B, 1), (B, 1)
+        if plan.fused:  # the activations, and the layer norm statistics as (B, 4), (B, 4), (B, 1), (B, 1)
+            self.act_t = self.act.unbind(0)
             stats = (self.gates_mean[..., 0], self.gates_rstd[..., 0], self.cell_mean, self.cell_rstd)
             self.ln_stats_t = list(zip(*(x.unbind(0) for x in stats), strict=True)) if ln_stats else [(None,) * 4] * S
         else:
@@ -374,12 +374,11 @@ class LayerGrads:
         if grad_c is not None:
             self.pair_c[0].copy_(grad_c)
         # d loss / d z at the step being processed; the fused path writes the previous step's into the other of
-        # two buffers (and the gradient that goes to z_below into a third).
+        # two buffers (and the gradient that goes to z_below into dz_below).
         self.dz_pair = [torch.zeros(B, 1, device=Z.device, dtype=Z.dtype) for _ in range(2)]
         if grad_z is not None:
             self.dz_pair[0].copy_(grad_z)
         self.dz = self.dz_pair[0]
-        self.dz_below = torch.empty(B, 1, device=Z.device, dtype=Z.dtype)
 
         T, R = tape.gates.shape[0], 4 * H + tape.zhat.shape[2]
         self.ds = torch.empty(T, B, R, device=Z.device, dtype=Z.dtype)  # d loss / d [gates | zhat]
@@ -388,6 +387,7 @@ class LayerGrads:
         z_below = Z[1:, :, layer - 1 : layer] if layer > 0 else torch.ones_like(z_prev)
         self.z_prev_t, self.z_below_t = z_prev.unbind(0), z_below.unbind(0)
         if plan.fused:  # the extension takes it from here
+            self.dz_below = torch.empty(B, 1, device=Z.device, dtype=Z.dtype)
             self.ln_grad = Z.new_zeros(10 * H) if plan.layer_norm else None
             return
 

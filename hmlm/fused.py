@@ -1,9 +1,10 @@
 """The fused CPU step: hmlm/csrc/cell_cpu.cpp, compiled with torch's C++ extension builder on first use.
 
-On the CPU, without it, most of a small HM-LSTM's step is dispatch: a few dozen elementwise torch ops per layer,
-microseconds. The extension does a layer step's elementwise work, forward or backward, in one call; hmlm/fast.py
-uses it wherever it can (CPU tensors, float32 or float64) and its own torch ops everywhere else (CUDA, other
-dtypes, or when the extension cannot be built here). tests/test_model.py holds both to the reference in float64.
+On the CPU, without it, most of a small HM-LSTM's step is dispatch: a few dozen elementwise torch ops per
+layer, each a few microseconds. The extension does a layer step's elementwise work, forward or backward, in one
+call; hmlm/fast.py uses it wherever it can (CPU tensors, float32 or float64) and its own torch ops everywhere
+else (CUDA, other dtypes, or when the extension cannot be built here). tests/test_model.py holds both to the
+reference in float64.
 
 Building needs a C++ compiler (g++) and ninja, and takes about a minute, once per source, torch and Python
 version: the build lives under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). `make install`

@@ -102,6 +102,13 @@ inline void layer_norm_backward(const T* dy, const T* x, const T* gain, int64_t 
   }
 }
 
+// The blend's per-row coefficients, from z_prev and z_below (1 for layer 1): see fast.py's docstring.
+template <typename T>
+struct Blend {
+  T update, keep, copy;
+  Blend(T z_prev, T z_below) : update(z_below - z_prev * z_below), keep(z_prev + update), copy(T(1) - keep) {}
+};
+
 enum ZrawMode : int64_t { kStep = 0, kSoft = 1, kGiven = 2 };
 
 // Rows per task of at::parallel_for: about 32k elements of work each, so small batches stay on one thread.
@@ -157,8 +164,8 @@ void cell_forward_impl(const at::Tensor& gates, const OptTensor& zhat_t, const O
   // c = keep*i*g + (copy + update*f)*c_prev, and into tc what goes into the tanh: c, or c layer-normalized.
   at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const T zp = z_prev[b][0], zb = bottom ? T(1) : z_below[b][0];
-      const T update = zb - zp * zb, keep = zp + update, copy = T(1) - keep;
+      const T zp = z_prev[b][0];
+      const auto [update, keep, copy] = Blend<T>(zp, bottom ? T(1) : z_below[b][0]);
       const T *f = act[b], *i = f + H, *cp = c_prev[b];
       T *g = act[b] + 3 * H, *kf = keep_f[b], *c = c_out[b], *tc = tc_out[b];
       for (int64_t k = 0; k < H; ++k) {
@@ -188,8 +195,7 @@ void cell_forward_impl(const at::Tensor& gates, const OptTensor& zhat_t, const O
   // h = lerp(o*tanh(c), h_prev, copy), and the boundary: z = keep*zraw.
   at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const T zp = z_prev[b][0], zb = bottom ? T(1) : z_below[b][0];
-      const T keep = zp + zb - zp * zb, copy = T(1) - keep;
+      const auto [update, keep, copy] = Blend<T>(z_prev[b][0], bottom ? T(1) : z_below[b][0]);
       const T *o = act[b] + 2 * H, *hp = h_prev[b];
       T *tc = tc_out[b], *h = h_out[b];
       for (int64_t k = 0; k < H; ++k) {
@@ -240,7 +246,7 @@ void cell_backward_impl(const at::Tensor& pair_t, const at::Tensor& g_z_t, const
     std::vector<T> d_act(4 * H), g_c(H), d_cn(H), xhat(H), ln_part(layer_norm ? 10 * H : 0, T(0));
     for (int64_t b = begin; b < end; ++b) {
       const T zp = z_prev[b][0], zb = bottom ? T(1) : z_below[b][0];
-      const T update = zb - zp * zb, keep = zp + update;
+      const auto [update, keep, copy] = Blend<T>(zp, zb);
       const T *g_h = pair[b], *g_c_in = pair[b] + H;
       const T* a = act[b];
       const T *f = a, *i = a + H, *o = a + 2 * H, *g = a + 3 * H;
@@ -322,7 +328,7 @@ void route_backward_impl(const at::Tensor& dx_t, int64_t D, const at::Tensor& pa
   at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const T zp = z_prev[b][0], zb = bottom ? T(1) : z_below[b][0];
-      const T copy = T(1) - (zp + zb - zp * zb);
+      const T copy = Blend<T>(zp, zb).copy;
       const T* d = dx[b];
       // d h_{t-1}: the recurrent matmul, and COPY's pass-through.
       for (int64_t k = 0; k < H; ++k) pair_next[b][k] = bottom ? d[D + k] : d[D + k] + pair[b][k] * copy;

@@ -97,33 +97,3 @@ def test_a_failed_build_is_summed_up_by_the_compilers_first_error():
         "RuntimeError: cell_cpu.cpp:455:45: error: cannot bind non-const lvalue reference"
     )
     assert fused.summarize(OSError("ninja is required\nto load C++ extensions")) == "OSError: to load C++ extensions"
-
-
-def test_the_kernels_split_a_large_batch_over_threads(monkeypatch):
-    """The kernels hand rows to torch's threads in chunks (at least 64 rows at H = 64) and sum the chunks' layer
-    norm gradients under a lock; the rest of the suite runs on one thread, so here two threads get a chunk of
-    65 rows each. Float64, against the reference."""
-    if fused.load() is None:
-        pytest.skip(f"the fused CPU kernels could not be built here: {fused.failure()}")
-    monkeypatch.setenv("HMLM_FUSED", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        torch.manual_seed(0)
-        rnn = HMLSTM(8, [64, 64], layer_norm=True).double()
-        x = torch.randn(130, 6, 8, dtype=torch.float64)
-        results = {}
-        for impl in ("fast", "reference"):
-            rnn.impl = impl
-            rnn.zero_grad()
-            out = rnn(x, slope=3.0)
-            sum((h * torch.linspace(-1, 1, h.shape[-1], dtype=h.dtype)).sum() for h in out.hidden).backward()
-            results[impl] = (out, {name: p.grad.clone() for name, p in rnn.named_parameters()})
-    finally:
-        torch.set_num_threads(threads)
-    (out_f, grads_f), (out_r, grads_r) = results["fast"], results["reference"]
-    assert torch.equal(out_f.boundaries, out_r.boundaries)
-    for mine, theirs in zip(out_f.hidden, out_r.hidden, strict=True):
-        torch.testing.assert_close(mine, theirs)
-    for name, theirs in grads_r.items():
-        torch.testing.assert_close(grads_f[name], theirs, msg=name)

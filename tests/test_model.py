@@ -333,6 +333,23 @@ def test_fast_path_equals_reference(sizes: list[int], layer_norm: bool, mode: st
         assert ((b > 0) & (b < 1)).any(), "soft boundaries should take fractional values"
 
 
+def test_fast_path_equals_reference_on_two_threads():
+    """The fused kernels hand rows to torch's threads in chunks (at least 64 rows at H = 64) and sum the chunks'
+    layer norm gradients under a lock; the rest of the suite runs on one thread, so here two threads get a
+    chunk of 65 rows each."""
+    rnn = make_rnn([64, 64], layer_norm=True, input_size=8)
+    x = torch.randn(130, 6, 8, dtype=F64)
+    state = random_state(rnn, 130)
+    names = [n for n, _ in rnn.named_parameters()] + ["x"] + [f"state.{p}{i}" for p in "hcz" for i in range(2)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = run_both(rnn, x, state)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(results, names)
+
+
 @pytest.mark.parametrize("layer_norm", [False, True])
 def test_charlm_fast_path_equals_reference(layer_norm: bool):
     torch.manual_seed(0)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from hmlm import fused
+from hmlm.devices import resolve_device
 from hmlm.errors import UserError
 from hmlm.model import CharLM, ModelConfig
 
@@ -65,16 +66,6 @@ MODELS = {  # key: (label, model kind, HMLSTM implementation)
     "reference": ("HM-LSTM reference", "hmlstm", "reference"),
     "lstm": ("nn.LSTM", "lstm", None),
 }
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"--device must be cpu, cuda or auto, not {device!r}")
-    return torch.device(device)
 
 
 def build_model(key: str, shape: Shape, layer_norm: bool, device: torch.device) -> CharLM:

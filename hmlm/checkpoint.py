@@ -18,6 +18,7 @@ import torch
 
 from hmlm.config import Config, from_dict
 from hmlm.data import Vocab
+from hmlm.devices import resolve_device
 from hmlm.errors import UserError
 from hmlm.model import CharLM, HMLSTMState
 
@@ -52,6 +53,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: train a model first with `hmlm train`")
     try:
+        # map_location: a checkpoint written on a GPU loads on a machine without one (the model moves later)
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged file (RuntimeError, UnpicklingError, EOF)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -93,14 +95,18 @@ def config_from_payload(payload: dict[str, Any]) -> Config:
 
 @dataclass
 class Trained:
-    model: CharLM  # in eval mode, on the CPU
+    model: CharLM  # in eval mode, on the device asked for
     vocab: Vocab
     config: Config
     path: Path  # the checkpoint file it came from
 
 
-def load_trained(run_or_checkpoint: str | Path, checkpoint: str = "best") -> Trained:
-    """The trained model with its vocabulary and config, from a run directory or a checkpoint file."""
+def load_trained(
+    run_or_checkpoint: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu"
+) -> Trained:
+    """The trained model with its vocabulary and config, from a run directory or a checkpoint file, on `device`
+    (auto, cpu, cuda, cuda:N or a torch.device)."""
+    target = resolve_device(str(device), "device")  # before the load: a wrong device is the quicker error
     path = resolve_checkpoint(run_or_checkpoint, checkpoint)
     payload = load_checkpoint(path)
     config = config_from_payload(payload)
@@ -110,10 +116,13 @@ def load_trained(run_or_checkpoint: str | Path, checkpoint: str = "best") -> Tra
         model.load_state_dict(payload["model"])
     except RuntimeError as error:
         raise UserError(f"checkpoint {path} does not match its own config: {str(error).splitlines()[0]}") from None
-    return Trained(model.eval(), vocab, config, path)
+    return Trained(model.to(target).eval(), vocab, config, path)
 
 
-def load_model(run_or_checkpoint: str | Path, checkpoint: str = "best") -> tuple[CharLM, Vocab]:
-    """The trained model (eval mode, on the CPU) and its vocabulary: `model, vocab = load_model("runs/ptb")`."""
-    trained = load_trained(run_or_checkpoint, checkpoint)
+def load_model(
+    run_or_checkpoint: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu"
+) -> tuple[CharLM, Vocab]:
+    """The trained model (eval mode, on `device`: auto, cpu, cuda, cuda:N) and its vocabulary:
+    `model, vocab = load_model("runs/ptb", device="cuda")`."""
+    trained = load_trained(run_or_checkpoint, checkpoint, device)
     return trained.model, trained.vocab

@@ -22,6 +22,7 @@ config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 SET_HELP = "Override a config key, e.g. -s model.hidden_sizes=[256,256,256] (value parsed as YAML). Repeatable."
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
 
 
 def _version(value: bool) -> None:
@@ -149,6 +150,7 @@ def evaluate_command(
     batch_size: int = typer.Option(64, "--batch-size", help="Contiguous streams evaluated together."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Prepared datasets. (default: the run's data.dir)"),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of a sentence."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Print bits per character on a split, with the state carried across the whole split."""
     import json
@@ -156,15 +158,17 @@ def evaluate_command(
     from hmlm.boundaries import split_references
     from hmlm.checkpoint import load_trained
     from hmlm.data import open_dataset
+    from hmlm.devices import resolve_device
     from hmlm.evaluate import evaluate
 
     if split not in ("valid", "test"):
         raise UserError(f"--split must be valid or test, not {split!r}")
-    trained = load_trained(run, checkpoint)
+    target = resolve_device(device)
+    trained = load_trained(run, checkpoint, target)
     config, path = trained.config, trained.path
     dataset = open_dataset(config.data.name, data_dir or config.data.dir)
-    result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, progress=not json_,
-                      references=split_references(dataset, split))  # fmt: skip
+    result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, device=target,
+                      progress=not json_, references=split_references(dataset, split))  # fmt: skip
     report = {"bpc": result.bpc, "split": split, "tokens": result.tokens, "loss": result.loss,
               "checkpoint": str(path), "dataset": config.data.name}  # fmt: skip
     report |= {f"boundary_rate_layer{i + 1}": rate for i, rate in enumerate(result.boundary_rate)}
@@ -187,14 +191,16 @@ def sample(
     top_k: int = typer.Option(0, "--top-k", help="Draw only from the K likeliest symbols; 0 for all."),
     seed: int = typer.Option(0, "--seed", help="The same seed gives the same text."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Print the prompt, then stream LENGTH generated symbols to stdout."""
     import torch
 
     from hmlm.checkpoint import load_model as load
+    from hmlm.devices import resolve_device
     from hmlm.sample import generate
 
-    model, vocab = load(run, checkpoint)
+    model, vocab = load(run, checkpoint, resolve_device(device))
     pieces = generate(model, vocab, prompt, length, temperature, top_k, torch.Generator().manual_seed(seed))
     first = next(pieces, "")  # encode the prompt (and fail on unknown characters) before printing anything
     sys.stdout.write(prompt + first)
@@ -221,6 +227,7 @@ def boundaries_command(
     batch_size: int = typer.Option(64, "--batch-size", help="With --split: contiguous streams read together."),
     max_tokens: int = typer.Option(0, "--max-tokens", help="With --split: score about the first N tokens; 0: all."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Prepared datasets. (default: the run's data.dir)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Where each layer's boundary detector closes a segment, and how well that matches word boundaries.
 
@@ -242,13 +249,15 @@ def boundaries_command(
 
     from hmlm.boundaries import check_figure_args, read_text, require_boundaries, split_references
     from hmlm.checkpoint import load_trained
+    from hmlm.devices import resolve_device
 
     if (text is None) == (split is None):
         raise UserError("pass either --text TEXT (one text, drawn with --out) or --split valid|test (a whole split)")
     if split is not None and out is not None:
         raise UserError("--out draws a text: use it with --text, not with --split")
     check_figure_args(out, wrap)  # before the model runs
-    trained = load_trained(run, checkpoint)
+    target = resolve_device(device)
+    trained = load_trained(run, checkpoint, target)
     require_boundaries(trained.model)
 
     if text is not None:
@@ -273,8 +282,8 @@ def boundaries_command(
     config = trained.config
     dataset = open_dataset(config.data.name, data_dir or config.data.dir)
     references = split_references(dataset, split)
-    result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, max_tokens=max_tokens,
-                      progress=not json_, references=references, seed=seed)  # fmt: skip
+    result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, device=target,
+                      max_tokens=max_tokens, progress=not json_, references=references, seed=seed)  # fmt: skip
     stats = result.boundary_stats
     assert stats is not None  # the model has boundaries and references were given
     if json_:
@@ -291,7 +300,7 @@ def boundaries_command(
 @app.command()
 def bench(
     json_: bool = typer.Option(False, "--json", help="Print the results as a JSON object."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (CUDA when present)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     shape: str = typer.Option(None, "--shape", help="ptb, text8 or small (default: small on CPU, ptb on CUDA)."),
     steps: int = typer.Option(None, "--steps", help="Measured rounds (default: 10 on CPU, 20 on CUDA)."),
     warmup: int = typer.Option(2, "--warmup", help="Warm-up rounds, not measured."),

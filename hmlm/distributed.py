@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hmlm.devices import local_cuda_device
+
 
 @dataclass(frozen=True)
 class Process:
@@ -28,14 +30,24 @@ class Process:
         return self.world_size > 1
 
 
-def init_process(device_type: str) -> Process:
-    """Join the process group that torchrun set up: NCCL on CUDA, gloo on the CPU."""
+def init_process(device: torch.device) -> tuple[Process, torch.device]:
+    """Join the process group that torchrun set up, as torch documents it: on CUDA, each process first takes its
+    own GPU (LOCAL_RANK modulo the GPUs it sees) with `torch.cuda.set_device`, then joins with NCCL bound to that
+    device (`device_id`); on the CPU it joins with gloo. Returns the process and the device it trains on."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Process()
+        return Process(), device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = local_cuda_device(local_rank)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return Process(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ["LOCAL_RANK"]))
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+    process = Process(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+    return process, device
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -45,12 +57,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """True on every process when it is true on any: a stop request (Ctrl-C, time limit) must stop all ranks
-    at the same step, or the others would wait forever in the next gradient all-reduce."""
+def all_gather(tensor: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Every process's `tensor` (the same shape and dtype on all), in rank order, on the CPU. The exchange goes
+    through `device`, since NCCL moves only GPU tensors."""
     if not dist.is_initialized():
-        return flag
-    return bool(all_reduce_sum(torch.tensor(float(flag), device=device)).item() > 0)
+        return [tensor.cpu()]
+    local = tensor.to(device).contiguous()
+    pieces = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(pieces, local)
+    return [piece.cpu() for piece in pieces]
 
 
 def barrier() -> None:

@@ -1,14 +1,15 @@
 """Bits per character: the mean over predicted tokens of -log2 p(token | everything before it in its stream).
 
 The split is cut into contiguous streams (the same batchify as training) and the recurrent state is carried
-across the whole split, so every prediction sees its full history. No autograd state is kept. Given reference
-boundaries, the same pass scores each layer's boundaries against them (hmlm/boundaries.py).
+across the whole split, so every prediction sees its full history. No autograd state is kept. The split goes to
+the device once and the batches are slices of it there, so on a GPU nothing waits for the host until the end.
+Given reference boundaries, the same pass scores each layer's boundaries against them (hmlm/boundaries.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -70,8 +71,8 @@ def evaluate(
     count = torch.zeros((), dtype=torch.float64, device=device)
     boundary_sum = None
     state = None
-    for x, y in tqdm(batcher, desc="eval", leave=False, disable=not progress, unit="batch"):
-        x, y = x.to(device), y.to(device)
+    batches = device_batches(batcher, device)
+    for x, y in tqdm(batches, total=len(batcher), desc="eval", leave=False, disable=not progress, unit="batch"):
         with cast:
             out = model(x, state)
         state = out.state
@@ -95,6 +96,15 @@ def evaluate(
     n = max(count.item(), 1.0)
     rate = (boundary_sum / n).tolist()
     return EvalResult(loss=loss_sum.item() / n, tokens=int(count.item()), boundary_rate=rate, boundary_stats=stats)
+
+
+def device_batches(batcher: StreamBatcher, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of one pass over `batcher`, sliced on `device` from its streams copied there once (int64,
+    8 bytes a token: 40 MB for enwik8's 5M-symbol test split): no copy and no wait per batch."""
+    streams = torch.from_numpy(np.asarray(batcher.data, dtype=np.int64)).to(device)  # (streams, n)
+    for index in range(len(batcher)):
+        start, stop = batcher.span(index)
+        yield streams[:, start:stop], streams[:, start + 1 : stop + 1]  # (streams, T) each
 
 
 def _score_streams(

@@ -22,13 +22,19 @@ def generate_ids(
     generator: torch.Generator | None = None,
 ) -> Iterator[int]:
     """Yield `length` token ids drawn after `prompt_ids`. The prompt is read once; then only the newest
-    symbol goes in, with the recurrent state carried. `generator` keeps the global RNG untouched."""
+    symbol goes in, with the recurrent state carried. `generator` keeps the global RNG untouched.
+
+    The draw is made on the generator's device (the CPU for a plain `torch.Generator()`, and the CPU's global
+    RNG when there is none), whatever device the model runs on: each symbol has to come back to the host to be
+    yielded anyway, so drawing there costs no extra wait, and one seed draws the same uniform numbers on every
+    device (the text differs only where the probabilities differ by rounding)."""
     if temperature <= 0:
         raise UserError(f"--temperature must be positive, not {temperature}")
     if top_k < 0:
         raise UserError(f"--top-k must be 0 (no limit) or positive, not {top_k}")
     model.eval()
     device = next(model.parameters()).device
+    draw_on = generator.device if generator is not None else torch.device("cpu")
     out = model(torch.tensor([prompt_ids], device=device))  # (1, P)
     state, logits = out.state, out.logits[:, -1]  # (1, V)
     for _ in range(length):
@@ -36,9 +42,10 @@ def generate_ids(
         if top_k:
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (1, 1)
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        next_id = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)  # (1, 1)
+        probs = torch.softmax(logits, dim=-1).to(draw_on)  # (1, V)
+        next_id = torch.multinomial(probs, 1, generator=generator)  # (1, 1)
         yield int(next_id)
-        out = model(next_id, state)
+        out = model(next_id.to(device), state)
         state, logits = out.state, out.logits[:, -1]
 
 

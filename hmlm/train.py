@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hmlm import rng
 from hmlm.boundaries import split_references
 from hmlm.checkpoint import (
     FORMAT_VERSION,
@@ -33,7 +34,8 @@ from hmlm.checkpoint import (
 )
 from hmlm.config import Config, apply_override, from_dict, load_config
 from hmlm.data import Dataset, StreamBatcher, open_dataset
-from hmlm.distributed import Process, all_reduce_sum, barrier, broadcast_flag, init_process, shutdown
+from hmlm.devices import resolve_device, to_device
+from hmlm.distributed import Process, all_gather, all_reduce_sum, barrier, init_process, shutdown
 from hmlm.errors import UserError
 from hmlm.evaluate import EvalResult, evaluate
 from hmlm.model import CharLM, HMLSTMState
@@ -64,15 +66,70 @@ class Schedule:
     elapsed: float = 0.0  # seconds of training so far, over all restarts (for train.max_time)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device is {name} but CUDA is not available here: use train.device=auto or cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, not {name!r}") from None
+@dataclass
+class StepResult:
+    """What one training step leaves for logging and checks, all on the device: nothing in a step waits for the
+    device to finish (see LogWindow). A step captured as a CUDA graph returns the same tensors."""
+
+    loss: torch.Tensor  # () this process's mean loss in nats
+    grad_norm: torch.Tensor  # () the gradient norm before clipping, of the gradients DDP averaged
+    finite: torch.Tensor  # () bool: loss and gradient norm both finite
+    boundaries: torch.Tensor  # (L-1,) float64: boundaries fired in this process's batch, over streams and steps
+    positions: int  # streams x steps of this process's batch
+
+
+@dataclass
+class WindowTotals:
+    """A log window read back to the host: sums over its steps and over all processes."""
+
+    steps: int  # training steps in the window: first_step + 1 .. first_step + steps
+    first_step: int
+    positions: int  # streams x symbols of one process's batches in the window
+    loss: float  # sum of the per-process mean losses
+    grad_norm: float
+    bad_steps: float  # steps with a non-finite loss or gradient norm (counted once per process)
+    boundaries: list[float]  # per lower layer: boundaries fired
+    stop: bool  # a process was asked to stop (Ctrl-C, SIGTERM)
+    time_up: bool  # a process reached train.max_time
+
+
+class LogWindow:
+    """Sums of the logged quantities since the last check, kept on the device, and read once per check.
+
+    Reading a value that the device computes makes the host wait for the device to finish, so the loop reads
+    only at a check (a logging step, an evaluation, the end of an epoch or of the run): one small tensor,
+    all-reduced over the processes under torchrun, with their stop flags, and read in one copy. Non-finite steps
+    are counted in it too, so a NaN is found at the next check, at most `log_every` steps late, and always before
+    a checkpoint is written."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset(first_step=0)
+
+    def reset(self, first_step: int) -> None:
+        """Empty the window; `first_step` is the last step before it (for the messages)."""
+        self.sums: torch.Tensor | None = None  # (3 + L-1,) float64 on the device: loss, grad norm, bad, boundaries
+        self.steps, self.positions, self.first_step = 0, 0, first_step
+
+    def add(self, result: StepResult) -> None:
+        scalars = torch.stack([result.loss.double(), result.grad_norm.double(), (~result.finite).double()])
+        step = torch.cat([scalars, result.boundaries])
+        self.sums = step if self.sums is None else self.sums + step
+        self.steps += 1
+        self.positions += result.positions
+
+    def read(self, stop: bool, time_up: bool, distributed: bool) -> WindowTotals:
+        """The window's sums and the stop flags of every process: the one host synchronisation of a check."""
+        assert self.sums is not None, "a check comes after a step"
+        flags = torch.tensor([float(stop), float(time_up)], dtype=torch.float64).to(self.device)
+        packed = torch.cat([self.sums, flags])
+        if distributed:
+            packed = all_reduce_sum(packed)
+        *values, stop_sum, time_sum = packed.tolist()
+        loss, grad_norm, bad, *boundaries = values
+        return WindowTotals(
+            self.steps, self.first_step, self.positions, loss, grad_norm, bad, boundaries, stop_sum > 0, time_sum > 0
+        )
 
 
 class StopFlag:
@@ -107,6 +164,7 @@ class Trainer:
         self.vocab = self.dataset.vocab
         torch.manual_seed(cfg.seed)
         self.model = CharLM(len(self.vocab), config.model).to(device)
+        rng.seed_process(cfg.seed, process.rank)  # the boundary: sample noise differs between processes
         if cfg.precision == "fp64":  # for checks that must agree to rounding, e.g. one process against several
             self.model.double()
         self.ddp = None
@@ -129,6 +187,7 @@ class Trainer:
         if cfg.precision == "bf16" and device.type != "cuda":
             tqdm.write("warning: train.precision bf16 autocasts on CUDA only; training in fp32 on the CPU")
         self.writer = None
+        self.window = LogWindow(device)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
@@ -147,10 +206,7 @@ class Trainer:
             "schedule": vars(self.schedule).copy(),
             "data": self.batcher.state_dict(),
             "recurrent_state": self._global_state(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            "rng": {"ranks": rng.gather(self.device)},  # every process's generators, in rank order
         }
 
     def _global_state(self) -> list[list[torch.Tensor]] | None:
@@ -159,15 +215,7 @@ class Trainer:
             return None
         if not self.process.distributed:
             return state_to_lists(self.state)
-        gathered = []
-        for part in self.state:
-            rows = []
-            for t in part:
-                pieces = [torch.empty_like(t) for _ in range(self.process.world_size)]
-                torch.distributed.all_gather(pieces, t.contiguous())
-                rows.append(torch.cat(pieces).cpu())
-            gathered.append(rows)
-        return gathered
+        return [[torch.cat(all_gather(t, self.device)) for t in part] for part in self.state]
 
     def save(self, name: str = "last", payload: dict[str, Any] | None = None) -> dict[str, Any]:
         payload = payload or self.payload()  # every process takes part in gathering the state
@@ -185,15 +233,14 @@ class Trainer:
             per_rank = self.config.train.batch_size // self.process.world_size
             rows = slice(self.process.rank * per_rank, (self.process.rank + 1) * per_rank)
             self.state = state_from_lists([[t[rows] for t in part] for part in saved], self.device)
-        torch.set_rng_state(payload["rng"]["torch"])
-        if payload["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        rng.restore(payload["rng"], self.process.rank, self.device, self.config.train.seed, self.schedule.step)
+        self.window.reset(first_step=self.schedule.step)
 
     # ---- one step, one evaluation ------------------------------------------------------------------------------
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, slope: float) -> tuple[torch.Tensor, float, torch.Tensor]:
-        """Forward, backward, clip, Adam. Returns this process's loss (nats), the gradient norm, the boundaries."""
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # (B, T)
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, slope: float) -> StepResult:
+        """Forward, backward, clip, Adam, without reading anything back from the device."""
+        x, y = to_device(x, self.device), to_device(y, self.device)  # (B, T)
         model = self.ddp or self.model
         cast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
         with cast:
@@ -202,19 +249,15 @@ class Trainer:
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip))
-        # The norm is of the gradients after DDP averaged them: a NaN on any process shows on all of them,
-        # so every process stops here together instead of leaving the others waiting.
-        if not math.isfinite(grad_norm) or not math.isfinite(loss.item()):
-            last = self.checkpoint_dir / "last.pt"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            raise UserError(
-                f"the training loss became {loss.item()} at step {self.schedule.step + 1}; {kept}. "
-                "Lower train.lr or train.grad_clip, then resume with --resume or start a new run"
-            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)  # ()
+        # Not checked here (that would wait for the device): a non-finite step is counted in the log window and
+        # stops the run at the next check, before any checkpoint is written. The norm is of the gradients DDP
+        # averaged, so a NaN on any process shows on all of them and they all stop at the same check.
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
         self.optimizer.step()
         self.state = out.state.detach()  # truncated BPTT: carry the values, cut the graph
-        return loss.detach(), grad_norm, out.boundaries.detach()
+        boundaries = out.boundaries.detach().sum(dim=(0, 1), dtype=torch.float64)  # (L-1,)
+        return StepResult(loss.detach(), grad_norm.detach(), finite, boundaries, y.numel())
 
     def validate(self) -> EvalResult:
         cfg = self.config.train
@@ -263,7 +306,7 @@ class Trainer:
         if self.writer is None or cfg.sample_length <= 0:
             return
         prompt = [int(t) for t in self.dataset.split("valid")[:20]]
-        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.schedule.step)
+        generator = torch.Generator().manual_seed(cfg.seed + self.schedule.step)  # draws on the CPU (sample.py)
         ids = list(generate_ids(self.model, prompt, cfg.sample_length, generator=generator))
         self.model.train()
         text = self.vocab.decode(prompt) + " | " + self.vocab.decode(ids)
@@ -292,32 +335,33 @@ class Trainer:
         while schedule.epoch < cfg.max_epochs and stopped == "finished":
             for x, y in self.batcher:
                 slope = self.config.slope.at(schedule.step, schedule.epoch)
-                loss, grad_norm, boundaries = self.train_step(x, y, slope)
+                self.window.add(self.train_step(x, y, slope))
                 schedule.step += 1
                 schedule.elapsed = time.monotonic() - started
                 bar.update(1)
-                if schedule.step % cfg.log_every == 0:
-                    loss = all_reduce_sum(loss).item() / self.process.world_size  # the global batch's mean
+                logging = schedule.step % cfg.log_every == 0
+                evaluating = schedule.step % cfg.eval_every == 0
+                last = bool(cfg.max_steps) and schedule.step >= cfg.max_steps
+                time_up = bool(cfg.max_time) and schedule.elapsed >= cfg.max_time
+                # Clocks and signals differ between processes: under torchrun they are compared at checks only, so
+                # that all processes stop at the same step. A process alone looks at them every step, for free.
+                alone_stops = not self.process.distributed and (time_up or stop.requested)
+                if not (logging or evaluating or last or self.batcher.position == 0 or alone_stops):
+                    continue  # no check: nothing on this step waits for the device
+                totals = self.check(stop.requested, time_up)
+                if logging:
                     now = time.monotonic()
                     speed = chars_per_step * (schedule.step - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step = now, schedule.step
-                    rates = boundaries.float().mean(dim=(0, 1)).tolist()
-                    bar.set_postfix(loss=f"{loss:.3f}", bpc=f"{loss / LN2:.3f}", chars_s=f"{speed:,.0f}")
-                    self.log_scalars(
-                        "train",
-                        {"loss": loss, "bpc": loss / LN2, "lr": schedule.lr, "slope": slope, "grad_norm": grad_norm}
-                        | {"chars_per_sec": speed}
-                        | {f"boundary_rate_layer{i + 1}": r for i, r in enumerate(rates)},
-                    )
-                if schedule.step % cfg.eval_every == 0:
+                    self.log_train(totals, slope, speed, bar)
+                if evaluating:
                     self.evaluate_and_save()
                     last_eval_step = schedule.step
-                if cfg.max_steps and schedule.step >= cfg.max_steps:
+                if last:
                     stopped = "max_steps"
-                # Clocks and signals differ between processes: stop all of them when any one must stop.
-                elif broadcast_flag(bool(cfg.max_time) and schedule.elapsed >= cfg.max_time, self.device):
+                elif totals.time_up:
                     stopped = "max_time"
-                if broadcast_flag(stop.requested, self.device):
+                if totals.stop:
                     stopped = "interrupted"
                 if stopped != "finished":
                     break
@@ -337,6 +381,39 @@ class Trainer:
             self.writer.close()
         best = schedule.best_valid_loss / LN2
         return TrainSummary(self.run_dir, schedule.step, schedule.epoch, best, stopped, self.process.is_main)
+
+    def check(self, stop: bool, time_up: bool) -> WindowTotals:
+        """Read the log window (the one wait for the device in the steps since the last check) and empty it.
+        A non-finite step in it stops the run here, before anything is saved."""
+        totals = self.window.read(stop, time_up, self.process.distributed)
+        self.window.reset(first_step=self.schedule.step)
+        if totals.bad_steps or not math.isfinite(totals.loss):
+            loss, norm = self.means(totals)
+            last = self.checkpoint_dir / "last.pt"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            steps = f"{totals.first_step + 1}-{totals.first_step + totals.steps}"
+            raise UserError(
+                f"the training loss became non-finite (mean {loss:.4g}, gradient norm {norm:.4g}) in steps {steps}; "
+                f"{kept}. Lower train.lr or train.grad_clip, then resume with --resume or start a new run"
+            )
+        return totals
+
+    def means(self, totals: WindowTotals) -> tuple[float, float]:
+        """The mean loss (nats) and gradient norm per step of the global batch, over the window."""
+        per_step = totals.steps * self.process.world_size  # every process adds its own (equal) norm too
+        return totals.loss / per_step, totals.grad_norm / per_step
+
+    def log_train(self, totals: WindowTotals, slope: float, speed: float, bar: tqdm) -> None:
+        """Means over the steps since the last check, of the global batch (all processes' sums)."""
+        loss, grad_norm = self.means(totals)
+        rates = [fired / (totals.positions * self.process.world_size) for fired in totals.boundaries]
+        bar.set_postfix(loss=f"{loss:.3f}", bpc=f"{loss / LN2:.3f}", chars_s=f"{speed:,.0f}")
+        self.log_scalars(
+            "train",
+            {"loss": loss, "bpc": loss / LN2, "lr": self.schedule.lr, "slope": slope, "grad_norm": grad_norm}
+            | {"chars_per_sec": speed}
+            | {f"boundary_rate_layer{i + 1}": r for i, r in enumerate(rates)},
+        )
 
     def evaluate_and_save(self) -> None:
         result = self.validate()
@@ -390,12 +467,8 @@ def train(
 ) -> TrainSummary:
     """Train a model as `config` says, in `run_dir`; with `resume`, continue the run saved there."""
     config, payload = resolve_run(config, run_dir, resume, overrides or [])
-    device = pick_device(config.train.device)
-    process = init_process(device.type)
+    process, device = init_process(resolve_device(config.train.device, "train.device"))
     try:
-        if process.distributed and device.type == "cuda":
-            device = torch.device("cuda", process.local_rank)
-            torch.cuda.set_device(device)
         trainer = Trainer(config, run_dir, process, device, progress)
         if payload is not None:
             trainer.restore(payload)

@@ -82,7 +82,7 @@ def test_cpu_memory_is_measured_in_bytes():
     "kwargs, message",
     [
         ({"shape_name": "enwik9"}, "--shape must be one of ptb, text8, small"),
-        ({"device": "tpu"}, "--device must be cpu, cuda or auto"),
+        ({"device": "tpu"}, "--device must be auto, cpu, cuda or cuda:N"),
         ({"steps": 0}, "--steps must be at least 1"),
         ({"warmup": -1}, "--warmup must be 0 or more"),
         ({"seq_len": 0}, "--seq-len must be at least 1"),

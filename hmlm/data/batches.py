@@ -64,10 +64,14 @@ class StreamBatcher:
         """Predicted tokens in one epoch of this process (each stream's first token is never a target)."""
         return self.streams * (self.stream_len - 1)
 
+    def span(self, index: int) -> tuple[int, int]:
+        """The columns of batch `index`: x = streams[:, start:stop], y = streams[:, start + 1 : stop + 1]."""
+        start = index * self.seq_len
+        return start, min(start + self.seq_len, self.stream_len - 1)
+
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch `index` of the epoch: (x, y), int64, (streams, T)."""
-        start = index * self.seq_len
-        stop = min(start + self.seq_len, self.stream_len - 1)
+        start, stop = self.span(index)
         # np.array copies into a plain contiguous int64 array (from a memmap, too): (streams, T) each
         x = torch.from_numpy(np.array(self.data[:, start:stop], dtype=np.int64))
         y = torch.from_numpy(np.array(self.data[:, start + 1 : stop + 1], dtype=np.int64))

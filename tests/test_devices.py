@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_hmlm, small_config
+from helpers import params_equal, run_hmlm, small_config
 
 from hmlm import load_model
 from hmlm.data import StreamBatcher, prepare_dataset
@@ -102,7 +102,8 @@ def test_commands_refuse_cuda_without_cuda(command, run):
 
 def test_commands_run_with_device_cpu(run):
     """--device cpu gives what the default gives on this machine (auto is the CPU here)."""
-    for command in (["eval", "--json"], ["sample", "--prompt", "se ", "--length", "20"], ["boundaries", "--text", "se"]):
+    commands = (["eval", "--json"], ["sample", "--prompt", "se ", "--length", "20"], ["boundaries", "--text", "se"])
+    for command in commands:
         auto = run_hmlm(command[0], str(run), *command[1:], cwd=run.parent).stdout
         cpu = run_hmlm(command[0], str(run), *command[1:], "--device", "cpu", cwd=run.parent).stdout
         if not torch.cuda.is_available():
@@ -113,7 +114,7 @@ def test_load_model_on_a_device(run):
     model, vocab = load_model(run, device="cpu")
     assert next(model.parameters()).device == torch.device("cpu") and not model.training
     same, _ = load_model(run, device=torch.device("cpu"))
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+    assert params_equal(model.state_dict(), same.state_dict())
     auto, _ = load_model(run, device="auto")
     assert next(auto.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(UserError, match="device must be"):
@@ -142,7 +143,7 @@ def test_checkpoint_saved_on_a_gpu_loads_on_the_cpu(run, tmp_path):
             torch.load(tagged, weights_only=True)
     model, _ = load_model(tagged, device="cpu")
     reference, _ = load_model(run, device="cpu")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert params_equal(model.state_dict(), reference.state_dict())
     result = run_hmlm("eval", str(tagged), "--device", "cpu", "--json", cwd=run.parent)
     assert '"bpc"' in result.stdout
 

@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo) trains the same model as one process with the same global batch."""
+"""torchrun with 2 CPU processes (gloo) trains the same model as one process with the same global batch, and
+resumes exactly, with each process's own random numbers."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_hmlm, write_config
+from helpers import params_equal, run_hmlm, write_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hmlm.data import prepare_dataset
@@ -57,8 +58,10 @@ def load_last(run: Path) -> dict:
 
 
 def losses(run: Path) -> list[float]:
+    """Train loss, validation bpc, and the logged boundary rates: those of the global batch, all processes'."""
     events = EventAccumulator(str(run)).Reload()
-    return [e.value for e in events.Scalars("train/loss")] + [e.value for e in events.Scalars("valid/bpc")]
+    tags = ("train/loss", "valid/bpc", "train/boundary_rate_layer1", "train/boundary_rate_layer2")
+    return [e.value for tag in tags for e in events.Scalars(tag)]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -116,3 +119,22 @@ def test_batch_that_does_not_divide_is_refused(workdir):
     assert proc.returncode != 0 and "train.batch_size" in err
     single = run_hmlm("train", "-c", "c.yaml", "--run-dir", "odd1", "-q", cwd=workdir)
     assert single.returncode == 0  # 5 streams are fine for one process
+
+
+def test_sampled_boundaries_resume_bit_for_bit(workdir):
+    """boundary: sample draws Bernoulli noise on every step: each process draws its own, and a run stopped and
+    resumed by 2 processes ends bit for bit where an unbroken 2-process run ends."""
+    sample = ("-c", "c.yaml", "-s", "model.boundary=sample", "-s", "train.precision=fp32", "-q")
+    finish(torchrun("train", *sample, "-s", "train.max_steps=30", "--run-dir", "sampled", cwd=workdir))
+    finish(torchrun("train", *sample, "-s", "train.max_steps=20", "--run-dir", "sampled-resumed", cwd=workdir))
+    finish(torchrun("train", "--run-dir", "sampled-resumed", "--resume", "-s", "train.max_steps=30", "-q", cwd=workdir))
+    whole, resumed = load_last(workdir / "sampled"), load_last(workdir / "sampled-resumed")
+    whole["schedule"].pop("elapsed"), resumed["schedule"].pop("elapsed")  # wall time
+    assert whole["schedule"] == resumed["schedule"]
+    assert params_equal(whole["model"], resumed["model"])
+    carried = zip(sum(whole["recurrent_state"], []), sum(resumed["recurrent_state"], []), strict=True)
+    assert all(torch.equal(a, b) for a, b in carried)
+    ranks = whole["rng"]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # one stream per process
+    for a, b in zip(ranks, resumed["rng"]["ranks"], strict=True):
+        assert torch.equal(a["torch"], b["torch"])

@@ -1,0 +1,109 @@
+"""The training loop reads values back from the device only at checks (logging, evaluation, the end).
+
+Every way a Python program can wait for a value that the device computes is counted while a small run trains:
+the Tensor methods that hand a value to the host (item, tolist, cpu, numpy, float(), int(), bool(), index, format)
+and torch.cuda.synchronize. On the CPU these cost nothing, but the same calls on a GPU make the host wait for the
+device to finish its queue, so the count on the CPU is the count on a GPU. Not counted: Adam's step counters,
+which torch keeps on the CPU even for a model on a GPU (reading them waits for nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import small_config
+
+from hmlm.data import prepare_dataset
+from hmlm.train import Trainer, train
+
+READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "__format__")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("data")
+    prepare_dataset("synthetic", data)
+    return data
+
+
+def count_reads_per_step(monkeypatch, config, run_dir: Path) -> dict[int, int]:
+    """Train; return {step: host reads between the start of that step and the start of the next}."""
+    reads: list[str] = []
+    trainer: list[Trainer] = []
+
+    def adam_step_counter(tensor: torch.Tensor) -> bool:
+        return bool(trainer) and any(s.get("step") is tensor for s in trainer[0].optimizer.state.values())
+
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            if not adam_step_counter(self):
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: reads.append("synchronize"))
+
+    starts: list[tuple[int, int]] = []  # (step about to run, reads so far)
+    original_step = Trainer.train_step
+
+    def train_step(self, x, y, slope):
+        trainer[:] = [self]
+        starts.append((self.schedule.step + 1, len(reads)))
+        return original_step(self, x, y, slope)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    train(config, run_dir, progress=False)
+    ends = [count for _, count in starts[1:]] + [len(reads)]
+    return {step: end - begin for (step, begin), end in zip(starts, ends, strict=True)}
+
+
+def test_at_most_one_host_read_per_step_outside_checks(data_dir, tmp_path, monkeypatch):
+    assert_quiet_between_checks(count_reads_per_step(monkeypatch, check_config(data_dir), tmp_path / "run"))
+
+
+def check_config(data_dir: Path):
+    # 26 steps (an epoch is far longer): checks at the logging steps (5, 10, ...), the evaluations (13, 26) and
+    # the last step; the other steps must not wait for the device.
+    return small_config(data_dir, max_steps=26, eval_every=13, log_every=5, batch_size=4, eval_tokens=200)
+
+
+def assert_quiet_between_checks(per_step: dict[int, int]) -> None:
+    assert sorted(per_step) == list(range(1, 27))
+    checks = {5, 10, 13, 15, 20, 25, 26}
+    quiet = {step: n for step, n in per_step.items() if step not in checks}
+    assert max(quiet.values()) <= 1, f"host reads per step outside checks: {quiet}"
+    # The counting sees reads: every check reads the log window (and evaluations read much more).
+    assert all(per_step[step] >= 1 for step in checks), per_step
+
+
+TORCHRUN_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import pytest
+from test_host_syncs import check_config, count_reads_per_step
+with pytest.MonkeyPatch.context() as monkeypatch:
+    per_step = count_reads_per_step(monkeypatch, check_config(Path({data!r})), Path("run"))
+Path(f"reads{{os.environ['RANK']}}.json").write_text(json.dumps(per_step))
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_processes_read_at_checks_only(data_dir, tmp_path):
+    """Under torchrun (2 gloo processes) the stop flags and the non-finite count travel in the one all-reduce of
+    a check; no step outside the checks waits for the device."""
+    script = tmp_path / "count.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), data=str(data_dir)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        per_step = json.loads((tmp_path / f"reads{rank}.json").read_text())
+        assert_quiet_between_checks({int(step): n for step, n in per_step.items()})

@@ -37,8 +37,8 @@ def resolve_device(name: str, option: str = "--device") -> torch.device:
             raise UserError(f"{option} {name}: no CUDA device is available here (available: {available}); use cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"{option} {name}: this machine has no such device (available: {available})")
-        if device.index is None:  # plain `cuda`: the current device, named, so that later code can compare it
-            device = torch.device("cuda", torch.cuda.current_device())
+    # A plain `cuda` stays torch's "current device": naming its index here would start CUDA on GPU 0 in every
+    # torchrun process before each takes its own GPU (hmlm/distributed.py).
     return device
 
 

@@ -49,9 +49,12 @@ def restore(saved: dict[str, Any], rank: int, device: torch.device, seed: int, s
     different from every other process's stream."""
     ranks = saved.get("ranks")
     if ranks is None:  # the format from before per-process states: the main process's only
-        legacy_cuda = saved.get("cuda") or []
-        index = device.index or 0
-        ranks = [{"torch": saved["torch"], "cuda": legacy_cuda[index] if index < len(legacy_cuda) else None}]
+        cuda_state = None
+        if device.type == "cuda":  # it kept the state of every GPU it saw: take this device's
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            legacy = saved.get("cuda") or []
+            cuda_state = legacy[index] if index < len(legacy) else None
+        ranks = [{"torch": saved["torch"], "cuda": cuda_state}]
     if rank >= len(ranks):
         torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
         return

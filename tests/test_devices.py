@@ -34,7 +34,6 @@ def two_gpus(monkeypatch):
     """A machine with two CUDA devices, as far as the device names go (nothing runs on them)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
 
 
 def test_device_names():
@@ -45,8 +44,7 @@ def test_device_names():
 
 
 def test_device_names_on_a_machine_with_two_gpus(two_gpus):
-    assert resolve_device("auto") == torch.device("cuda", 1)  # the current device, named
-    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda")  # torch's current device
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(UserError, match=r"--device cuda:7: .*available: cpu, cuda:0, cuda:1"):
         resolve_device("cuda:7")
@@ -157,3 +155,11 @@ def test_device_batches_are_the_batchers_batches():
         assert len(got) == len(expected) == len(batcher)
         for (x, y), (ex, ey) in zip(got, expected, strict=True):
             assert x.dtype == torch.int64 and torch.equal(x, ex) and torch.equal(y, ey)
+
+
+@NO_CUDA
+def test_train_device_cuda_without_cuda(run, tmp_path):
+    config = small_config(run.parent / "data", device="cuda:1")
+    with pytest.raises(UserError, match=r"^train.device cuda:1: no CUDA device is available here \(available: cpu\)"):
+        train(config, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()

@@ -40,6 +40,7 @@ from hmlm.errors import UserError
 from hmlm.evaluate import EvalResult, evaluate
 from hmlm.model import CharLM, HMLSTMState
 from hmlm.sample import generate_ids
+from hmlm.window import LogWindow, StepResult, WindowTotals
 
 LN2 = math.log(2)
 
@@ -64,72 +65,6 @@ class Schedule:
     best_valid_loss: float = math.inf
     bad_evaluations: int = 0  # evaluations since the last improvement
     elapsed: float = 0.0  # seconds of training so far, over all restarts (for train.max_time)
-
-
-@dataclass
-class StepResult:
-    """What one training step leaves for logging and checks, all on the device: nothing in a step waits for the
-    device to finish (see LogWindow). A step captured as a CUDA graph returns the same tensors."""
-
-    loss: torch.Tensor  # () this process's mean loss in nats
-    grad_norm: torch.Tensor  # () the gradient norm before clipping, of the gradients DDP averaged
-    finite: torch.Tensor  # () bool: loss and gradient norm both finite
-    boundaries: torch.Tensor  # (L-1,) float64: boundaries fired in this process's batch, over streams and steps
-    positions: int  # streams x steps of this process's batch
-
-
-@dataclass
-class WindowTotals:
-    """A log window read back to the host: sums over its steps and over all processes."""
-
-    steps: int  # training steps in the window: first_step + 1 .. first_step + steps
-    first_step: int
-    positions: int  # streams x symbols of one process's batches in the window
-    loss: float  # sum of the per-process mean losses
-    grad_norm: float
-    bad_steps: float  # steps with a non-finite loss or gradient norm (counted once per process)
-    boundaries: list[float]  # per lower layer: boundaries fired
-    stop: bool  # a process was asked to stop (Ctrl-C, SIGTERM)
-    time_up: bool  # a process reached train.max_time
-
-
-class LogWindow:
-    """Sums of the logged quantities since the last check, kept on the device, and read once per check.
-
-    Reading a value that the device computes makes the host wait for the device to finish, so the loop reads
-    only at a check (a logging step, an evaluation, the end of an epoch or of the run): one small tensor,
-    all-reduced over the processes under torchrun, with their stop flags, and read in one copy. Non-finite steps
-    are counted in it too, so a NaN is found at the next check, at most `log_every` steps late, and always before
-    a checkpoint is written."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.reset(first_step=0)
-
-    def reset(self, first_step: int) -> None:
-        """Empty the window; `first_step` is the last step before it (for the messages)."""
-        self.sums: torch.Tensor | None = None  # (3 + L-1,) float64 on the device: loss, grad norm, bad, boundaries
-        self.steps, self.positions, self.first_step = 0, 0, first_step
-
-    def add(self, result: StepResult) -> None:
-        scalars = torch.stack([result.loss.double(), result.grad_norm.double(), (~result.finite).double()])
-        step = torch.cat([scalars, result.boundaries])
-        self.sums = step if self.sums is None else self.sums + step
-        self.steps += 1
-        self.positions += result.positions
-
-    def read(self, stop: bool, time_up: bool, distributed: bool) -> WindowTotals:
-        """The window's sums and the stop flags of every process: the one host synchronisation of a check."""
-        assert self.sums is not None, "a check comes after a step"
-        flags = torch.tensor([float(stop), float(time_up)], dtype=torch.float64).to(self.device)
-        packed = torch.cat([self.sums, flags])
-        if distributed:
-            packed = all_reduce_sum(packed)
-        *values, stop_sum, time_sum = packed.tolist()
-        loss, grad_norm, bad, *boundaries = values
-        return WindowTotals(
-            self.steps, self.first_step, self.positions, loss, grad_norm, bad, boundaries, stop_sum > 0, time_sum > 0
-        )
 
 
 class StopFlag:
@@ -234,7 +169,7 @@ class Trainer:
             rows = slice(self.process.rank * per_rank, (self.process.rank + 1) * per_rank)
             self.state = state_from_lists([[t[rows] for t in part] for part in saved], self.device)
         rng.restore(payload["rng"], self.process.rank, self.device, self.config.train.seed, self.schedule.step)
-        self.window.reset(first_step=self.schedule.step)
+        self.window.reset(after_step=self.schedule.step)
 
     # ---- one step, one evaluation ------------------------------------------------------------------------------
 
@@ -386,12 +321,12 @@ class Trainer:
         """Read the log window (the one wait for the device in the steps since the last check) and empty it.
         A non-finite step in it stops the run here, before anything is saved."""
         totals = self.window.read(stop, time_up, self.process.distributed)
-        self.window.reset(first_step=self.schedule.step)
+        self.window.reset(after_step=self.schedule.step)
         if totals.bad_steps or not math.isfinite(totals.loss):
             loss, norm = self.means(totals)
             last = self.checkpoint_dir / "last.pt"
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            steps = f"{totals.first_step + 1}-{totals.first_step + totals.steps}"
+            steps = f"{totals.after_step + 1}-{totals.after_step + totals.steps}"
             raise UserError(
                 f"the training loss became non-finite (mean {loss:.4g}, gradient norm {norm:.4g}) in steps {steps}; "
                 f"{kept}. Lower train.lr or train.grad_clip, then resume with --resume or start a new run"

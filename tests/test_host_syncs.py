@@ -19,6 +19,7 @@ import torch
 from helpers import small_config
 
 from hmlm.data import prepare_dataset
+from hmlm.errors import UserError
 from hmlm.train import Trainer, train
 
 READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "__format__")
@@ -107,3 +108,23 @@ def test_two_processes_read_at_checks_only(data_dir, tmp_path):
     for rank in (0, 1):
         per_step = json.loads((tmp_path / f"reads{rank}.json").read_text())
         assert_quiet_between_checks({int(step): n for step, n in per_step.items()})
+
+
+def test_a_nan_stops_the_run_at_the_next_check_before_any_checkpoint(data_dir, tmp_path, monkeypatch):
+    """A weight turned NaN during step 5 is found at the check of step 8 (log_every 4), before step 8's
+    checkpoint: last.pt stays the good one of step 4 and the message names the steps."""
+    original_step = Trainer.train_step
+
+    def train_step(self, x, y, slope):
+        if self.schedule.step == 4:  # about to run step 5
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        return original_step(self, x, y, slope)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    config = small_config(data_dir, max_steps=12, eval_every=4, log_every=4, sample_length=0)
+    with pytest.raises(UserError, match=r"became non-finite .* in steps 5-8; the last good checkpoint is"):
+        train(config, tmp_path / "run", progress=False)
+    last = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
+    assert last["schedule"]["step"] == 4
+    assert all(torch.isfinite(t).all() for t in last["model"].values())

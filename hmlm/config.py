@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     precision: str = "fp32"  # fp32; bf16 (autocast, CUDA only); fp64 (slow, for exact comparisons)
+    cuda_graph: str = "auto"  # auto, on, off: capture the training step on CUDA as one CUDA graph (hmlm/cuda_graph.py)
 
 
 @dataclass
@@ -83,6 +84,7 @@ CHOICES = {
     "model.kind": ("hmlstm", "lstm"),
     "model.boundary": ("step", "sample", "soft"),
     "train.precision": ("fp32", "bf16", "fp64"),
+    "train.cuda_graph": ("auto", "on", "off"),
     "slope.schedule": ("epoch", "step"),
 }
 POSITIVE = ("train.batch_size", "train.seq_len", "train.lr", "train.eval_every", "train.log_every")

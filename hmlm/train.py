@@ -32,6 +32,7 @@ from hmlm.checkpoint import (
     state_to_lists,
 )
 from hmlm.config import Config, apply_override, from_dict, load_config
+from hmlm.cuda_graph import GraphTrainStep, StepResult, resolve_mode, set_capturable
 from hmlm.data import Dataset, StreamBatcher, open_dataset
 from hmlm.distributed import Process, all_reduce_sum, barrier, broadcast_flag, init_process, shutdown
 from hmlm.errors import UserError
@@ -129,6 +130,12 @@ class Trainer:
         if cfg.precision == "bf16" and device.type != "cuda":
             tqdm.write("warning: train.precision bf16 autocasts on CUDA only; training in fp32 on the CPU")
         self.writer = None
+        # On CUDA the training step is captured once as a CUDA graph and replayed (train.cuda_graph, hmlm/cuda_graph.py)
+        self.graph_step: GraphTrainStep | None = None
+        if resolve_mode(cfg.cuda_graph, device, process.distributed, tqdm.write):
+            cast = torch.bfloat16 if self.autocast else None
+            self.graph_step = GraphTrainStep(self.model, self.optimizer, cfg.grad_clip, cast, device, cfg.cuda_graph,
+                                             tqdm.write)  # fmt: skip
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
@@ -178,6 +185,7 @@ class Trainer:
     def restore(self, payload: dict[str, Any]) -> None:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
+        set_capturable(self.optimizer, False)  # a CUDA-graph run's checkpoint holds capturable Adam: resume anywhere
         self.schedule = Schedule(**payload["schedule"])
         self.batcher.load_state_dict(payload["data"])
         saved = payload["recurrent_state"]
@@ -193,6 +201,10 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, slope: float) -> tuple[torch.Tensor, float, torch.Tensor]:
         """Forward, backward, clip, Adam. Returns this process's loss (nats), the gradient norm, the boundaries."""
+        if self.graph_step is not None:  # the captured step; it declines a shorter batch, and after a fallback
+            result, self.state = self.graph_step.step(x, y, slope, self.state)
+            if result is not None:
+                return self.graph_step_result(result)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # (B, T)
         model = self.ddp or self.model
         cast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
@@ -206,15 +218,28 @@ class Trainer:
         # The norm is of the gradients after DDP averaged them: a NaN on any process shows on all of them,
         # so every process stops here together instead of leaving the others waiting.
         if not math.isfinite(grad_norm) or not math.isfinite(loss.item()):
-            last = self.checkpoint_dir / "last.pt"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            raise UserError(
-                f"the training loss became {loss.item()} at step {self.schedule.step + 1}; {kept}. "
-                "Lower train.lr or train.grad_clip, then resume with --resume or start a new run"
-            )
+            raise self.nonfinite_error(loss.item())
         self.optimizer.step()
         self.state = out.state.detach()  # truncated BPTT: carry the values, cut the graph
         return loss.detach(), grad_norm, out.boundaries.detach()
+
+    def nonfinite_error(self, loss: float) -> UserError:
+        last = self.checkpoint_dir / "last.pt"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        return UserError(
+            f"the training loss became {loss} at step {self.schedule.step + 1}; {kept}. "
+            "Lower train.lr or train.grad_clip, then resume with --resume or start a new run"
+        )
+
+    def graph_step_result(self, result: StepResult) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """The captured step's device results in train_step's form. Reading the norm and the finite flag waits for
+        the device, as the eager step does. (The graph's Adam has already applied a non-finite step: the run stops
+        with the same error, and the last checkpoint is untouched.)"""
+        grad_norm, finite = float(result.grad_norm), bool(result.finite)
+        if not finite:
+            raise self.nonfinite_error(float(result.loss))
+        # Copies: the next replay overwrites the graph's output buffers.
+        return result.loss.clone(), grad_norm, result.boundaries.clone()
 
     def validate(self) -> EvalResult:
         cfg = self.config.train
@@ -232,6 +257,7 @@ class Trainer:
             progress=self.progress,
             references=split_references(self.dataset, "valid"),  # boundary F1 against word (and phrase) ends
             seed=cfg.seed,
+            cuda_graph=cfg.cuda_graph,
         )
 
     def after_evaluation(self, result: EvalResult) -> bool:

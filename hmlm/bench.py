@@ -71,6 +71,8 @@ SHAPES = {
     "ptb": Shape(batch=64, seq_len=100, embed=128, hidden=512, layers=3, out_embed=512, vocab=50),
     "text8": Shape(batch=128, seq_len=100, embed=128, hidden=1024, layers=3, out_embed=2048, vocab=27),
     "small": Shape(batch=32, seq_len=100, embed=128, hidden=128, layers=3, out_embed=128, vocab=50),
+    # text8's model with enwik8's 205 byte symbols: configs/enwik8.yaml (make gpu-check counts its launches)
+    "enwik8": Shape(batch=128, seq_len=100, embed=128, hidden=1024, layers=3, out_embed=2048, vocab=205),
 }
 DEFAULT_SHAPE = {"cpu": "small", "cuda": "ptb"}  # about a minute of benchmarking on either with the default steps
 DEFAULT_STEPS = {"cpu": 10, "cuda": 20}

@@ -292,7 +292,9 @@ def boundaries_command(
 def bench(
     json_: bool = typer.Option(False, "--json", help="Print the results as a JSON object."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (CUDA when present)."),
-    shape: str = typer.Option(None, "--shape", help="ptb, text8 or small (default: small on CPU, ptb on CUDA)."),
+    shape: str = typer.Option(
+        None, "--shape", help="ptb, text8, enwik8 or small (default: small on CPU, ptb on CUDA)."
+    ),
     steps: int = typer.Option(None, "--steps", help="Measured rounds (default: 10 on CPU, 20 on CUDA)."),
     warmup: int = typer.Option(2, "--warmup", help="Warm-up rounds, not measured."),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch; 0: torch's own choice."),

@@ -158,7 +158,34 @@ def copy_batch(dst: Tensor, src: Tensor) -> None:
     dst.copy_(src, non_blocking=True)
 
 
-class StaticStep:
+class StaticInputs:
+    """The buffers a captured graph reads: a batch (x, y) and the carried recurrent state."""
+
+    def __init__(self, model: nn.Module, batch_shape: tuple[int, int], device: torch.device):
+        self.batch_shape, self.device = batch_shape, device
+        self.dtype = next(model.parameters()).dtype
+        self.x = torch.zeros(batch_shape, dtype=torch.long, device=device)  # (B, T)
+        self.y = torch.zeros(batch_shape, dtype=torch.long, device=device)  # (B, T)
+        initial = model.initial_state(batch_shape[0], device)  # every layer's h, c (B, H_l) and z (B, 1)
+        self.state = HMLSTMState(*([t.to(self.dtype) for t in part] for part in initial))
+
+    @torch.no_grad()
+    def load(self, x: Tensor, y: Tensor, state: HMLSTMState | None) -> None:
+        """Copy a batch and (unless it is already there) the carried state into the buffers."""
+        copy_batch(self.x, x)
+        copy_batch(self.y, y)
+        if state is not self.state:  # a new run or split (None: zeros), a resumed one, or after an eager step
+            self.keep_state(state)
+
+    @torch.no_grad()
+    def keep_state(self, state: HMLSTMState | None) -> None:
+        """Write `state` (None: zeros) over the state buffers."""
+        for part, new in zip(self.state, state or [None] * len(self.state), strict=True):
+            for buffer, value in zip(part, new or [None] * len(part), strict=True):
+                buffer.zero_() if value is None else buffer.copy_(value)
+
+
+class StaticStep(StaticInputs):
     """One training step that reads and writes only buffers it owns, so that it can be captured and replayed."""
 
     def __init__(
@@ -170,29 +197,17 @@ class StaticStep:
         batch_shape: tuple[int, int],
         device: torch.device,
     ):
+        super().__init__(model, batch_shape, device)
         self.model, self.optimizer, self.grad_clip, self.autocast = model, optimizer, grad_clip, autocast
-        self.device, self.batch_shape = device, batch_shape
-        B, _ = batch_shape
-        self.dtype = next(model.parameters()).dtype
-        self.x = torch.zeros(batch_shape, dtype=torch.long, device=device)  # (B, T)
-        self.y = torch.zeros(batch_shape, dtype=torch.long, device=device)  # (B, T)
         self.slope = torch.ones((), dtype=self.dtype, device=device)
         self.slope_value = 1.0
-        initial = model.initial_state(B, device)  # every layer's h, c (B, H_l) and z (B, 1): the carried state
-        self.state = HMLSTMState(*([t.to(self.dtype) for t in part] for part in initial))
 
-    def load(self, x: Tensor, y: Tensor, slope: float, state: HMLSTMState | None) -> None:
+    def load_step(self, x: Tensor, y: Tensor, slope: float, state: HMLSTMState | None) -> None:
         """Copy a batch, the slope and (unless it is already there) the carried state into the buffers."""
-        copy_batch(self.x, x)
-        copy_batch(self.y, y)
+        self.load(x, y, state)
         if slope != self.slope_value:  # a fill is a kernel launch: skip it while the slope stays
             self.slope.fill_(slope)
             self.slope_value = slope
-        if state is not self.state:  # a new run (None: zeros), a resumed one, or after an eager step
-            with torch.no_grad():
-                for part, new in zip(self.state, state or [None] * len(self.state), strict=True):
-                    for buffer, value in zip(part, new or [None] * len(part), strict=True):
-                        buffer.zero_() if value is None else buffer.copy_(value)
 
     def compute(self) -> StepResult:
         """Forward, loss, backward, gradient clipping, Adam, and the new state written over the old. The gradients
@@ -205,10 +220,7 @@ class StaticStep:
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)  # no host sync
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
         self.optimizer.step()
-        with torch.no_grad():  # truncated BPTT: the next step starts from these values, cut from the graph
-            for part, new in zip(self.state, out.state, strict=True):
-                for buffer, value in zip(part, new, strict=True):
-                    buffer.copy_(value)
+        self.keep_state(out.state)  # truncated BPTT: the next step starts from these values, cut from the graph
         return StepResult(loss.detach(), grad_norm.detach(), finite, out.boundaries.detach())
 
     def eager(self) -> StepResult:
@@ -306,7 +318,7 @@ class GraphTrainStep:
             self.static = StaticStep(self.model, self.optimizer, self.grad_clip, self.autocast, tuple(x.shape),
                                      self.device)  # fmt: skip
         static = self.static
-        static.load(x, y, slope, state)
+        static.load_step(x, y, slope, state)
         lrs = tuple(float(group["lr"]) for group in self.optimizer.param_groups)
         recapture = self.replay is None or lrs != self.captured_lrs
         if recapture and self.device.type == "cuda":
@@ -387,24 +399,18 @@ def eval_forward(
     return EvalBatch(nll, out.boundaries.double().sum(dim=(0, 1)), out.boundaries, out.state)
 
 
-class EvalGraph:
+class EvalGraph(StaticInputs):
     """evaluate()'s no-grad forward for one batch shape, captured once (per evaluate call) and replayed."""
 
     def __init__(self, model: nn.Module, batch_shape: tuple[int, int], device: torch.device, autocast):
-        self.model, self.autocast, self.batch_shape, self.device = model, autocast, batch_shape, device
-        self.x = torch.zeros(batch_shape, dtype=torch.long, device=device)
-        self.y = torch.zeros(batch_shape, dtype=torch.long, device=device)
-        dtype = next(model.parameters()).dtype
-        initial = model.initial_state(batch_shape[0], device)
-        self.state = HMLSTMState(*([t.to(dtype) for t in part] for part in initial))
+        super().__init__(model, batch_shape, device)
+        self.model, self.autocast = model, autocast
         self.out: EvalBatch | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _compute(self) -> EvalBatch:
         out = eval_forward(self.model, self.x, self.y, self.state, self.autocast)
-        for part, new in zip(self.state, out.state, strict=True):
-            for buffer, value in zip(part, new, strict=True):
-                buffer.copy_(value)
+        self.keep_state(out.state)
         return EvalBatch(out.nll, out.boundary_sum, out.boundaries, self.state)
 
     @torch.no_grad()
@@ -421,12 +427,7 @@ class EvalGraph:
 
     @torch.no_grad()
     def run(self, x: Tensor, y: Tensor, state: HMLSTMState | None) -> EvalBatch:
-        copy_batch(self.x, x)
-        copy_batch(self.y, y)
-        if state is not self.state:
-            for part, new in zip(self.state, state or [None] * len(self.state), strict=True):
-                for buffer, value in zip(part, new or [None] * len(part), strict=True):
-                    buffer.zero_() if value is None else buffer.copy_(value)
+        self.load(x, y, state)
         assert self.graph is not None and self.out is not None
         self.graph.replay()
         return self.out

@@ -144,7 +144,7 @@ def test_the_step_leaves_a_nonfinite_flag_on_the_device():
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     static = StaticStep(model, optimizer, 1.0, None, (3, 8), CPU)
     x, y = next(batches([(3, 8)]))
-    static.load(x, y, 1.0, None)
+    static.load_step(x, y, 1.0, None)
     with torch.no_grad():
         model.output.logits.bias[0] = float("nan")
     assert not bool(static.eager().finite)

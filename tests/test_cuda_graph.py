@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import small_config
+from helpers import run_hmlm, small_config, write_config
 from test_model import loss_of, loss_weights, make_rnn, random_state
 
 from hmlm import CharLM, ModelConfig, fused
-from hmlm.config import from_dict
+from hmlm.config import from_dict, load_config
 from hmlm.cuda_graph import (
     CudaGraphReplay,
     EagerReplay,
@@ -233,9 +233,18 @@ def test_resolve_mode():
         resolve_mode("on", cuda, True, warnings.append)
 
 
-def test_config_key():
+def load_config_text(tmp_path: Path, text: str, overrides: list[str] | None = None):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return load_config(path, overrides)
+
+
+def test_config_key(tmp_path):
     assert from_dict({}).train.cuda_graph == "auto"
     assert from_dict({"train": {"cuda_graph": "off"}}).train.cuda_graph == "off"
+    # YAML 1.1 reads on and off as booleans, in a file as after -s
+    assert load_config_text(tmp_path, "train:\n  cuda_graph: off\n").train.cuda_graph == "off"
+    assert load_config_text(tmp_path, "", ["train.cuda_graph=on"]).train.cuda_graph == "on"
     with pytest.raises(UserError, match="config key train.cuda_graph must be one of auto, on, off, not 'yes'"):
         from_dict({"train": {"cuda_graph": "yes"}})
 
@@ -252,6 +261,12 @@ def test_on_without_cuda_is_one_clear_error(data_dir, tmp_path):
     with pytest.raises(UserError, match="train.cuda_graph is on but training runs on cpu"):
         Trainer(config, tmp_path / "run", Process(), CPU, progress=False)
     assert Trainer(small_config(data_dir), tmp_path / "run", Process(), CPU, progress=False).graph_step is None
+    config = write_config(tmp_path / "c.yaml", data_dir, device="cpu")
+    result = run_hmlm("train", "-c", str(config), "-s", "train.cuda_graph=on", "--run-dir", "r", cwd=tmp_path,
+                      check=False)  # fmt: skip
+    expected = "error: train.cuda_graph is on but training runs on cpu: CUDA graphs need CUDA; use "
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [expected + "train.cuda_graph=auto or off"]
+    assert not (tmp_path / "r").exists()  # nothing half-written
 
 
 # --- The Trainer's wiring ---------------------------------------------------------------------------------------

@@ -283,8 +283,8 @@ class EagerReplay:
 
 
 class GraphTrainStep:
-    """The Trainer's captured training step: one StaticStep and its graph per batch shape (in practice one: the
-    full batches), captured again when the learning rate changes.
+    """The Trainer's captured training step: one StaticStep and its graph for the full batches (`batch_shape`, or
+    the first shape it is given), captured again when the learning rate changes.
 
     `step` returns (result, state): the StepResult on the device and the carried state to keep; or (None, state)
     when this step must run eagerly (a shorter batch, or graphs have been given up), with the state that step
@@ -300,9 +300,11 @@ class GraphTrainStep:
         mode: str = "auto",
         warn: Warn = warn_stderr,
         replay_factory: Callable[[StaticStep], CudaGraphReplay | EagerReplay] = CudaGraphReplay,
+        batch_shape: tuple[int, int] | None = None,
     ):
         self.model, self.optimizer, self.grad_clip, self.autocast = model, optimizer, grad_clip, autocast
         self.device, self.mode, self.warn, self.replay_factory = device, mode, warn, replay_factory
+        self.batch_shape = batch_shape  # (streams, seq_len): a run resumed at its epoch's short batch starts there
         self.static: StaticStep | None = None
         self.replay: CudaGraphReplay | EagerReplay | None = None
         self.captured_lrs: tuple[float, ...] | None = None
@@ -312,10 +314,11 @@ class GraphTrainStep:
     def step(self, x: Tensor, y: Tensor, slope: float, state: HMLSTMState | None):
         if self.given_up is not None:
             return None, state
-        if self.static is not None and tuple(x.shape) != self.static.batch_shape:
+        self.batch_shape = self.batch_shape or tuple(x.shape)
+        if tuple(x.shape) != self.batch_shape:
             return None, state  # the epoch's shorter last batch: eager, from the carried state
         if self.static is None:
-            self.static = StaticStep(self.model, self.optimizer, self.grad_clip, self.autocast, tuple(x.shape),
+            self.static = StaticStep(self.model, self.optimizer, self.grad_clip, self.autocast, self.batch_shape,
                                      self.device)  # fmt: skip
         static = self.static
         static.load_step(x, y, slope, state)

@@ -134,8 +134,9 @@ class Trainer:
         self.graph_step: GraphTrainStep | None = None
         if resolve_mode(cfg.cuda_graph, device, process.distributed, tqdm.write):
             cast = torch.bfloat16 if self.autocast else None
+            full = (self.batcher.streams, cfg.seq_len)
             self.graph_step = GraphTrainStep(self.model, self.optimizer, cfg.grad_clip, cast, device, cfg.cuda_graph,
-                                             tqdm.write)  # fmt: skip
+                                             tqdm.write, batch_shape=full)  # fmt: skip
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 

@@ -154,8 +154,11 @@ def section_env(plan: Plan, limit: float) -> dict[str, Any]:
     )
     result = run_command([sys.executable, "-c", code], limit)
     info |= json.loads(result["stdout"].strip().splitlines()[-1]) if result["rc"] == 0 else {"error": result}
-    commit = run_command(["git", "rev-parse", "--short", "HEAD"], 10)
-    info["commit"] = commit["stdout"].strip() if commit["rc"] == 0 else None
+    try:
+        commit = run_command(["git", "rev-parse", "--short", "HEAD"], 10)
+        info["commit"] = commit["stdout"].strip() if commit["rc"] == 0 else None
+    except OSError:  # no git on that machine
+        info["commit"] = None
     info["HMLM_KERNELS"] = os.environ.get("HMLM_KERNELS")
     return info
 

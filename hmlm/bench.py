@@ -12,6 +12,18 @@ the same run, which is what makes figures from different machines comparable.
 Peak memory of a training step: torch.cuda.max_memory_allocated on CUDA; on the CPU, how far the first training
 step raises the resident set size of a fresh process at its highest (sampled from /proc/self/statm; 'n/a' where
 there is none).
+
+On CUDA (`--precision`, `--models graph`, `--launches`):
+- Every model runs under the same numeric settings: `fp32` turns TF32 off for cuBLAS and cuDNN alike (torch's
+  default leaves it on for cuDNN only, which favours nn.LSTM), `tf32` turns it on for both, `bf16` autocasts both
+  (TF32 on for what stays fp32). Under bf16 autocast torch runs cuDNN's LSTM in float16, not bfloat16: the report
+  says which dtype it saw, and float16 training gets a GradScaler (as it needs, to be numerically safe), whose
+  scaling and inf check count in nn.LSTM's time.
+- `graph`: the HM-LSTM fast path with its training step captured as one CUDA graph (hmlm/cuda_graph.py: the
+  Trainer's step, so it also computes the gradient norm, clips at train.grad_clip 1.0 and a finite flag, which the
+  other training steps here do not) and its inference forward captured (which adds the cross entropy).
+- `--launches`: kernel launches of one training step, from the torch profiler: GPU kernels executed, and the
+  host's launch calls (cudaLaunchKernel and kin; cudaGraphLaunch counted apart).
 """
 
 from __future__ import annotations
@@ -25,6 +37,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -58,6 +72,8 @@ SHAPES = {
     "ptb": Shape(batch=64, seq_len=100, embed=128, hidden=512, layers=3, out_embed=512, vocab=50),
     "text8": Shape(batch=128, seq_len=100, embed=128, hidden=1024, layers=3, out_embed=2048, vocab=27),
     "small": Shape(batch=32, seq_len=100, embed=128, hidden=128, layers=3, out_embed=128, vocab=50),
+    # text8's model with enwik8's 205 byte symbols: configs/enwik8.yaml (make gpu-check counts its launches)
+    "enwik8": Shape(batch=128, seq_len=100, embed=128, hidden=1024, layers=3, out_embed=2048, vocab=205),
 }
 DEFAULT_SHAPE = {"cpu": "small", "cuda": "ptb"}  # about a minute of benchmarking on either with the default steps
 DEFAULT_STEPS = {"cpu": 10, "cuda": 20}
@@ -65,7 +81,9 @@ MODELS = {  # key: (label, model kind, HMLSTM implementation)
     "fast": ("HM-LSTM fast", "hmlstm", "fast"),
     "reference": ("HM-LSTM reference", "hmlstm", "reference"),
     "lstm": ("nn.LSTM", "lstm", None),
+    "graph": ("HM-LSTM fast + graph", "hmlstm", "fast"),  # CUDA only: the step captured as one CUDA graph
 }
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def build_model(key: str, shape: Shape, layer_norm: bool, device: torch.device) -> CharLM:
@@ -86,7 +104,9 @@ def build_model(key: str, shape: Shape, layer_norm: bool, device: torch.device) 
 class Runner:
     """One model, its optimizer, and one fixed batch; times one training or inference step."""
 
-    def __init__(self, key: str, shape: Shape, layer_norm: bool, device: torch.device, seed: int):
+    def __init__(
+        self, key: str, shape: Shape, layer_norm: bool, device: torch.device, seed: int, precision: str = "fp32"
+    ):
         torch.manual_seed(seed)
         self.model = build_model(key, shape, layer_norm, device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
@@ -94,19 +114,59 @@ class Runner:
         tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq_len + 1), generator=generator).to(device)
         self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
         self.device = device
+        self.autocast = torch.bfloat16 if precision == "bf16" else None
+        self.scaler = None
+        self.lstm_dtype: str | None = None  # what cuDNN's LSTM ran in under autocast
+        if self.autocast is not None and MODELS[key][1] == "lstm":
+            self.lstm_dtype = str(self.probe_lstm_dtype()).removeprefix("torch.")
+            if self.lstm_dtype == "float16":  # float16 gradients underflow without loss scaling
+                self.scaler = torch.amp.GradScaler(device.type)
+        self.graph = self.eval_graph = None
+        if key == "graph":
+            from hmlm.cuda_graph import CudaGraphReplay, GraphTrainStep, capture_eval
+
+            self.graph = GraphTrainStep(self.model, self.optimizer, 1.0, self.autocast, device, "on",
+                                        replay_factory=CudaGraphReplay)  # fmt: skip
+            self.model.eval()
+            first = (self.inputs.cpu(), self.targets.cpu())
+            self.eval_graph = capture_eval(self.model, tuple(self.inputs.shape), device, self.autocast, "on", first)
+
+    def cast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
+
+    def probe_lstm_dtype(self) -> torch.dtype:
+        seen = []
+        hook = self.model.lstm.register_forward_hook(lambda module, args, out: seen.append(out[0].dtype))
+        with torch.no_grad(), self.cast():
+            self.model(self.inputs[:, :2])
+        hook.remove()
+        return seen[0]
 
     def train_step(self) -> None:
         self.model.train()
-        logits = self.model(self.inputs).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), self.targets.flatten())
+        if self.graph is not None:
+            self.graph.step(self.inputs, self.targets, 1.0, None)  # None: the zero state, as the others start from
+            return
+        with self.cast():
+            logits = self.model(self.inputs).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), self.targets.flatten())
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return
         loss.backward()
         self.optimizer.step()
 
     @torch.no_grad()
     def infer_step(self) -> None:
         self.model.eval()
-        self.model(self.inputs)
+        if self.eval_graph is not None:
+            self.eval_graph.run(self.inputs, self.targets, None)
+            return
+        with self.cast():
+            self.model(self.inputs)
 
     def timed(self, step) -> float:
         sync(self.device)
@@ -121,6 +181,52 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def set_tf32(device: torch.device, tf32: bool) -> Callable[[], None]:
+    """TF32 on or off for cuBLAS and cuDNN alike (CUDA; nothing on the CPU). Returns what puts it back."""
+    if device.type != "cuda":
+        return lambda: None
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+
+    def restore() -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    return restore
+
+
+LAUNCH_CALLS = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaLaunchCooperativeKernel",
+)
+GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
+
+
+def count_launches(step: Callable[[], None], device: torch.device) -> dict[str, int]:
+    """Kernel launches of one call of `step`, from the torch profiler: GPU kernels executed (memory copies and sets
+    apart), the host's kernel launch calls, its graph launches, and the aten operators dispatched (nested ones
+    included; the only count on the CPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    events = prof.events()
+    gpu = [e.name for e in events if e.device_type == DeviceType.CUDA]
+    return {
+        "gpu_kernels": sum(1 for name in gpu if not name.startswith(("Memcpy", "Memset"))),
+        "gpu_memcpy_memset": sum(1 for name in gpu if name.startswith(("Memcpy", "Memset"))),
+        "launch_calls": sum(1 for e in events if e.name in LAUNCH_CALLS),
+        "graph_launches": sum(1 for e in events if e.name in GRAPH_LAUNCHES),
+        "aten_ops": sum(1 for e in events if e.name.startswith("aten::")),
+    }
+
+
 def run_bench(
     shape_name: str | None = None,
     device: str = "auto",
@@ -133,9 +239,21 @@ def run_bench(
     seq_len: int | None = None,
     seed: int = 0,
     progress=None,
+    precision: str = "fp32",
+    launches: bool = False,
 ) -> dict:
     """Run the benchmark and return its results as plain data (what `--json` prints)."""
     dev = resolve_device(device)
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if dev.type != "cuda" and precision != "fp32":
+        raise UserError(f"--precision {precision} is for CUDA; on the CPU use --precision fp32")
+    unknown = [key for key in models if key not in MODELS]
+    if unknown or not models:
+        what = f"unknown {', '.join(unknown)}" if unknown else "none named"
+        raise UserError(f"--models: {what}; choose from {', '.join(MODELS)}")
+    if "graph" in models and dev.type != "cuda":
+        raise UserError("--models graph (a captured CUDA graph) needs --device cuda")
     shape_name = shape_name or DEFAULT_SHAPE[dev.type]
     if shape_name not in SHAPES:
         raise UserError(f"--shape must be one of {', '.join(SHAPES)}, not {shape_name!r}")
@@ -150,7 +268,8 @@ def run_bench(
             if value is not None and value < 1:
                 raise UserError(f"{name} must be at least 1, not {value}")
         shape = replace(shape, batch=batch or shape.batch, seq_len=seq_len or shape.seq_len)
-    runners = {key: Runner(key, shape, layer_norm, dev, seed) for key in models}
+    restore_tf32 = set_tf32(dev, precision != "fp32")  # for every model alike; as it was again when done
+    runners = {key: Runner(key, shape, layer_norm, dev, seed, precision) for key in models}
     times: dict[str, dict[str, list[float]]] = {key: {"train": [], "infer": []} for key in models}
     peak: dict[str, int | None] = {key: None for key in models}
     order = list(models)
@@ -171,6 +290,7 @@ def run_bench(
             progress(round_ + 1, warmup + steps)
     if memory and dev.type == "cpu":
         peak = {key: cpu_peak_memory(key, shape, layer_norm) for key in models}
+    counts = {key: count_launches(runners[key].train_step, dev) for key in models} if launches else {}
 
     chars = shape.batch * shape.seq_len
     results = {}
@@ -184,6 +304,10 @@ def run_bench(
             "infer_step_s": times[key]["infer"],
             "peak_memory_bytes": peak[key],
         }
+        if key in counts:
+            results[key]["launches_per_train_step"] = counts[key]
+    lstm_dtype = runners["lstm"].lstm_dtype if "lstm" in runners else None
+    restore_tf32()
     return {
         "shape": {"name": shape_name, **asdict(shape)},
         "device": describe_device(dev),
@@ -194,6 +318,10 @@ def run_bench(
         # what the fast path's elementwise work ran on: the C++ kernels of hmlm/fused.py, or torch ops
         "fast_kernels": "fused" if fused.usable(dev, torch.float32) else "torch-ops",
         "fast_kernels_detail": fused.describe(dev, torch.float32),
+        "kernels_env": os.environ.get("HMLM_KERNELS"),  # the kernel backend asked for, if any
+        "precision": precision,
+        "tf32": precision != "fp32" and dev.type == "cuda",
+        "lstm_autocast_dtype": lstm_dtype,  # under bf16: what cuDNN's LSTM ran in (float16 gets a GradScaler)
         "results": results,
         "ratios": ratios(results),
     }
@@ -291,6 +419,7 @@ def format_report(report: dict) -> str:
         f"device: {dev['type']} ({where}); torch {report['torch']}; "
         f"median of {report['measured_rounds']} interleaved rounds after {report['warmup_rounds']} warm-up",
         f"fast path: {report['fast_kernels_detail']}",
+        *precision_lines(report),
         "",
         f"{'':20s} {'train chars/s':>14s} {'vs LSTM':>8s} {'infer chars/s':>14s} {'vs LSTM':>8s} {'train memory':>13s}",
     ]
@@ -303,10 +432,35 @@ def format_report(report: dict) -> str:
             f"{r['label']:20s} {r['train_chars_per_s']:14,.0f} {vs[0]:>8s} {r['infer_chars_per_s']:14,.0f} "
             f"{vs[1]:>8s} {format_bytes(r['peak_memory_bytes']):>13s}"
         )
+    lines += launch_lines(results)
     if "fast/reference" in report["ratios"]:
         ratio = report["ratios"]["fast/reference"]
         lines += ["", f"fast path vs reference: train {ratio['train']:.2f}x, inference {ratio['infer']:.2f}x"]
     return "\n".join(lines)
+
+
+def precision_lines(report: dict) -> list[str]:
+    if report.get("precision", "fp32") == "fp32" and report["device"]["type"] != "cuda":
+        return []
+    line = f"precision: {report['precision']} (TF32 {'on' if report['tf32'] else 'off'} for cuBLAS and cuDNN)"
+    if report.get("lstm_autocast_dtype"):
+        scaler = ", with a GradScaler" if report["lstm_autocast_dtype"] == "float16" else ""
+        line += f"; nn.LSTM ran in {report['lstm_autocast_dtype']} under autocast{scaler}"
+    return [line]
+
+
+def launch_lines(results: dict) -> list[str]:
+    counted = {key: r["launches_per_train_step"] for key, r in results.items() if "launches_per_train_step" in r}
+    if not counted:
+        return []
+    header = f"{'per training step':20s} {'GPU kernels':>12s} {'launch calls':>13s} {'graph launches':>15s}"
+    lines = ["", header + f" {'aten ops':>9s}"]
+    for key, c in counted.items():
+        lines.append(
+            f"{results[key]['label']:20s} {c['gpu_kernels']:12,d} {c['launch_calls']:13,d} {c['graph_launches']:15,d}"
+            f" {c['aten_ops']:9,d}"
+        )
+    return lines
 
 
 def format_bytes(n: int | None) -> str:

@@ -22,12 +22,13 @@ from torch import Tensor
 BOUNDARY_MODES = ("step", "sample", "soft")
 
 
-def hard_sigmoid(x: Tensor, slope: float) -> Tensor:
-    """clamp((slope * x + 1) / 2, 0, 1): the paper's hard sigmoid, whose slope the schedule anneals."""
+def hard_sigmoid(x: Tensor, slope: float | Tensor) -> Tensor:
+    """clamp((slope * x + 1) / 2, 0, 1): the paper's hard sigmoid, whose slope the schedule anneals. The slope is a
+    number or a 0-dim tensor (which a captured CUDA graph reads on the device)."""
     return ((slope * x + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-def boundary(zhat: Tensor, slope: float, mode: str = "step", training: bool = False) -> Tensor:
+def boundary(zhat: Tensor, slope: float | Tensor, mode: str = "step", training: bool = False) -> Tensor:
     """Turn the boundary detector's pre-activation into z, with the straight-through estimator.
 
     step:   z = 1[zhat > 0] forward (whatever the slope); the gradient is that of the hard sigmoid.
@@ -82,7 +83,7 @@ def reference_step(
     c_prev: Tensor,  # (B, H)         c^l_{t-1}
     z_prev: Tensor,  # (B, 1)         z^l_{t-1} (zeros for the top layer)
     h_above: Tensor | None,  # (B, H_above) h^{l+1}_{t-1}, None for the top layer
-    slope: float,
+    slope: float | Tensor,
     mode: str = "step",
     training: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -115,7 +116,7 @@ def blend(
     ln_gates: tuple[Tensor, Tensor] | None,
     ln_cell: tuple[Tensor, Tensor] | None,
     has_boundary: bool,
-    slope: float,
+    slope: float | Tensor,
     mode: str = "step",
     training: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:

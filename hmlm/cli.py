@@ -301,7 +301,9 @@ def boundaries_command(
 def bench(
     json_: bool = typer.Option(False, "--json", help="Print the results as a JSON object."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    shape: str = typer.Option(None, "--shape", help="ptb, text8 or small (default: small on CPU, ptb on CUDA)."),
+    shape: str = typer.Option(
+        None, "--shape", help="ptb, text8, enwik8 or small (default: small on CPU, ptb on CUDA)."
+    ),
     steps: int = typer.Option(None, "--steps", help="Measured rounds (default: 10 on CPU, 20 on CUDA)."),
     warmup: int = typer.Option(2, "--warmup", help="Warm-up rounds, not measured."),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch; 0: torch's own choice."),
@@ -309,6 +311,13 @@ def bench(
     batch: int = typer.Option(None, "--batch", help="Override the shape's batch size."),
     seq_len: int = typer.Option(None, "--seq-len", help="Override the shape's sequence length (1: sampling)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak training memory."),
+    models: str = typer.Option(
+        "fast,reference,lstm", "--models", help="Comma-separated: fast, reference, lstm, graph (CUDA: fast + graph)."
+    ),
+    precision: str = typer.Option(
+        "fp32", "--precision", help="CUDA: fp32 (TF32 off), tf32 (on) or bf16 (autocast), for every model alike."
+    ),
+    launches: bool = typer.Option(False, "--launches", help="Count kernel launches per training step (profiler)."),
 ) -> None:
     """Training and inference throughput of HM-LSTM (fast and reference) against torch's nn.LSTM of the same size.
 
@@ -326,8 +335,9 @@ def bench(
     def progress(done: int, total: int) -> None:
         typer.echo(f"\rbench: round {done}/{total}", err=True, nl=done == total)
 
+    chosen = tuple(key.strip() for key in models.split(",") if key.strip())
     report = run_bench(shape, device, steps, warmup, layer_norm, memory=memory, batch=batch, seq_len=seq_len,
-                       progress=progress)  # fmt: skip
+                       progress=progress, models=chosen, precision=precision, launches=launches)  # fmt: skip
     typer.echo(to_json(report) if json_ else format_report(report))
 
 

@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     precision: str = "fp32"  # fp32; bf16 (autocast, CUDA only); fp64 (slow, for exact comparisons)
+    cuda_graph: str = "auto"  # auto, on, off: capture the training step on CUDA as one CUDA graph (hmlm/cuda_graph.py)
 
 
 @dataclass
@@ -83,6 +84,7 @@ CHOICES = {
     "model.kind": ("hmlstm", "lstm"),
     "model.boundary": ("step", "sample", "soft"),
     "train.precision": ("fp32", "bf16", "fp64"),
+    "train.cuda_graph": ("auto", "on", "off"),
     "slope.schedule": ("epoch", "step"),
 }
 POSITIVE = ("train.batch_size", "train.seq_len", "train.lr", "train.eval_every", "train.log_every")
@@ -156,6 +158,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**values)
 
 
+ON_OFF = ("train.cuda_graph",)  # string keys whose values include on and off
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -173,6 +176,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise UserError(f"config key {key} must be a list of {item.__name__}, not {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if key in ON_OFF and isinstance(value, bool):  # YAML 1.1 (PyYAML) reads on/off (and yes/no) as booleans
+        return "on" if value else "off"
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):

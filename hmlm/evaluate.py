@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from hmlm.boundaries import BoundaryStats, score
+from hmlm.cuda_graph import capture_eval, eval_forward
 from hmlm.data import StreamBatcher
 from hmlm.model import CharLM
 
@@ -52,13 +51,17 @@ def evaluate(
     progress: bool = False,
     references: Mapping[str, np.ndarray] | None = None,
     seed: int = 0,
+    cuda_graph: str = "auto",
 ) -> EvalResult:
     """BPC of `model` on `tokens`. With several processes, each takes its own streams and `reduce_sum` adds
     the sums over processes, so every token is counted exactly once.
 
     `references` ({name: (len(tokens),) bool gaps}, from hmlm.boundaries.split_references) asks for the boundary
     statistics too: every position's z is kept (L-1 floats per token) and scored at the end, stream by stream,
-    with the random baseline seeded by `seed`."""
+    with the random baseline seeded by `seed`.
+
+    On CUDA the forward of a full batch is captured once as a CUDA graph and replayed (`cuda_graph`: auto, on, off;
+    see hmlm/cuda_graph.py); a shorter last batch runs eagerly."""
     if max_tokens:
         tokens = tokens[: max_tokens + batch_size]  # + batch_size: every stream loses its first token as input
     batcher = StreamBatcher(tokens, batch_size, seq_len, rank, world_size)
@@ -66,22 +69,28 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    cast = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+    cast = torch.bfloat16 if autocast else None
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     boundary_sum = None
     state = None
+    graph = None
+    if device.type == "cuda" and len(batcher):
+        first = batcher.batch(0)
+        graph = capture_eval(model, tuple(first[0].shape), device, cast, cuda_graph, first)
     batches = device_batches(batcher, device)
     for x, y in tqdm(batches, total=len(batcher), desc="eval", leave=False, disable=not progress, unit="batch"):
-        with cast:
-            out = model(x, state)
-        state = out.state
-        loss_sum += F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+        if graph is not None and tuple(x.shape) == graph.batch_shape:
+            batch = graph.run(x, y, state)  # its outputs live in the graph's buffers until the next replay
+        else:
+            batch = eval_forward(model, x, y, state, cast)
+        state = batch.state
+        loss_sum += batch.nll
         count += y.numel()
-        rates = out.boundaries.double().sum(dim=(0, 1))  # (L-1,)
-        boundary_sum = rates if boundary_sum is None else boundary_sum + rates
+        rates = batch.boundary_sum  # (L-1,)
+        boundary_sum = rates.clone() if boundary_sum is None else boundary_sum + rates
         if references is not None:
-            kept.append(out.boundaries.float())
+            kept.append(batch.boundaries.to(torch.float32, copy=True))
     if boundary_sum is None:
         boundary_sum = torch.zeros(0, dtype=torch.float64, device=device)
     if reduce_sum is not None:

@@ -65,7 +65,7 @@ class Plan:
     layer_norm: bool
     mode: str  # "step", "sample" or "soft"
     training: bool
-    slope: float
+    slope: float | Tensor  # a number, or a 0-dim tensor on the device (CUDA graphs); a number for the C++ kernels
     mm_dtype: torch.dtype  # the matmuls' dtype: the autocast dtype under autocast, else the state's
     fused: bool = False  # the elementwise work of each step in the C++ extension of hmlm/fused.py (CPU only)
 
@@ -672,12 +672,16 @@ def run(
         out = HMLSTMSequence.apply(plan, x_proj, *flat)
     else:
         key = (plan, x_proj.shape[1], x_proj.device, h0[0].dtype)
-        tapes = TAPES.take(key)
+        # While a CUDA graph is being captured (hmlm/cuda_graph.py), the tapes are the graph's own, from its memory
+        # pool: a cached tape could be freed (and its memory reused) while the graph still writes into it.
+        capturing = x_proj.is_cuda and torch.cuda.is_current_stream_capturing()
+        tapes = None if capturing else TAPES.take(key)
         autocast = torch.is_autocast_enabled(x_proj.device.type)  # entering a context costs more than a small step
         with torch.autocast(x_proj.device.type, enabled=False) if autocast else contextlib.nullcontext():
             Z, tapes = forward_sequence(plan, x_proj, h0, c0, z0, weights, biases, ln, save=False, tapes=tapes)
             out = outputs(plan, Z, tapes)
-        TAPES.give(key, tapes)
+        if not capturing:
+            TAPES.give(key, tapes)
     L = plan.num_layers
     hidden, boundaries = list(out[:L]), out[L]
     h, c, z = list(out[L + 1 : 2 * L + 1]), list(out[2 * L + 1 : 3 * L + 1]), list(out[3 * L + 1 :])

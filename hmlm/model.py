@@ -150,8 +150,9 @@ class HMLSTM(nn.Module):
             z=[t for _ in self.hidden_sizes for t in zeros(1)],
         )
 
-    def forward(self, x: Tensor, state: HMLSTMState | None = None, slope: float = 1.0) -> HMLSTMOutput:
-        """x: (B, T, input_size). Returns every layer's h, the boundaries and the final state."""
+    def forward(self, x: Tensor, state: HMLSTMState | None = None, slope: float | Tensor = 1.0) -> HMLSTMOutput:
+        """x: (B, T, input_size). Returns every layer's h, the boundaries and the final state. `slope` is a number
+        or a 0-dim tensor (read on the device, without a host synchronization)."""
         if self.impl not in IMPLS:  # impl is a plain attribute: switching it is how tests compare the two
             raise ValueError(f"impl must be one of {IMPLS}, not {self.impl!r}")
         if state is None:
@@ -160,7 +161,7 @@ class HMLSTM(nn.Module):
             return self._forward_reference(x, state, slope)
         return self._forward_fast(x, state, slope)
 
-    def _forward_reference(self, x: Tensor, state: HMLSTMState, slope: float) -> HMLSTMOutput:
+    def _forward_reference(self, x: Tensor, state: HMLSTMState, slope: float | Tensor) -> HMLSTMOutput:
         n = self.num_layers
         weights = [self.layer_weights(layer) for layer in range(n)]
         h, c, z = list(state.h), list(state.c), list(state.z)
@@ -184,19 +185,24 @@ class HMLSTM(nn.Module):
             state=HMLSTMState(h, c, z),
         )
 
-    def _forward_fast(self, x: Tensor, state: HMLSTMState, slope: float) -> HMLSTMOutput:
+    def _forward_fast(self, x: Tensor, state: HMLSTMState, slope: float | Tensor) -> HMLSTMOutput:
         """The same function as the reference, arranged for speed: see hmlm/fast.py."""
         device = x.device.type
         autocast = torch.is_autocast_enabled(device)
+        use_fused = fused.usable(x.device, state.h[0].dtype)
+        # A tensor slope (the CUDA graph step's, hmlm/cuda_graph.py) stays a tensor: float() of a CUDA tensor would
+        # wait for the device. The C++ kernels take a number, and reading a CPU tensor costs nothing.
+        if use_fused or not isinstance(slope, Tensor):
+            slope = float(slope)
         plan = fast.Plan(
             hidden_sizes=tuple(self.hidden_sizes),
             below_sizes=(0, *self.below_sizes[1:]),  # layer 1's input is projected here, before the loop
             layer_norm=self.layer_norm,
             mode=self.boundary_mode,
             training=self.training,
-            slope=float(slope),
+            slope=slope,
             mm_dtype=torch.get_autocast_dtype(device) if autocast else state.h[0].dtype,
-            fused=fused.usable(x.device, state.h[0].dtype),
+            fused=use_fused,
         )
         weight, bias = params(self.weight), params(self.bias)
         E = self.input_size
@@ -267,7 +273,7 @@ class CharLM(nn.Module):
             return HMLSTMState(h=zeros, c=[t.clone() for t in zeros], z=[])
         return self.rnn.initial_state(batch_size, device)
 
-    def forward(self, tokens: Tensor, state: HMLSTMState | None = None, slope: float = 1.0) -> CharLMOutput:
+    def forward(self, tokens: Tensor, state: HMLSTMState | None = None, slope: float | Tensor = 1.0) -> CharLMOutput:
         """tokens: (B, T) long. `slope` changes only the gradients of the boundary detectors."""
         B, T = tokens.shape
         x = self.embedding(tokens)  # (B, T, E)

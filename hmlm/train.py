@@ -33,6 +33,7 @@ from hmlm.checkpoint import (
     state_to_lists,
 )
 from hmlm.config import Config, apply_override, from_dict, load_config
+from hmlm.cuda_graph import GraphTrainStep, resolve_mode, set_capturable
 from hmlm.data import Dataset, StreamBatcher, open_dataset
 from hmlm.devices import resolve_device, to_device
 from hmlm.distributed import Process, all_gather, all_reduce_sum, barrier, init_process, shutdown
@@ -123,6 +124,13 @@ class Trainer:
             tqdm.write("warning: train.precision bf16 autocasts on CUDA only; training in fp32 on the CPU")
         self.writer = None
         self.window = LogWindow(device)
+        # On CUDA the training step is captured once as a CUDA graph and replayed (train.cuda_graph, hmlm/cuda_graph.py)
+        self.graph_step: GraphTrainStep | None = None
+        if resolve_mode(cfg.cuda_graph, device, process.distributed, tqdm.write):
+            cast = torch.bfloat16 if self.autocast else None
+            full = (self.batcher.streams, cfg.seq_len)
+            self.graph_step = GraphTrainStep(self.model, self.optimizer, cfg.grad_clip, cast, device, cfg.cuda_graph,
+                                             tqdm.write, batch_shape=full)  # fmt: skip
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
@@ -161,6 +169,7 @@ class Trainer:
     def restore(self, payload: dict[str, Any]) -> None:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
+        set_capturable(self.optimizer, False)  # a CUDA-graph run's checkpoint holds capturable Adam: resume anywhere
         self.schedule = Schedule(**payload["schedule"])
         self.batcher.load_state_dict(payload["data"])
         saved = payload["recurrent_state"]
@@ -175,6 +184,10 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, slope: float) -> StepResult:
         """Forward, backward, clip, Adam, without reading anything back from the device."""
+        if self.graph_step is not None:  # the captured step; it declines a shorter batch, and after a fallback
+            result, self.state = self.graph_step.step(x, y, slope, self.state)
+            if result is not None:  # in the graph's output buffers: the next replay overwrites them (LogWindow.add)
+                return result
         x, y = to_device(x, self.device), to_device(y, self.device)  # (B, T)
         model = self.ddp or self.model
         cast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
@@ -188,11 +201,9 @@ class Trainer:
         # Not checked here (that would wait for the device): a non-finite step is counted in the log window and
         # stops the run at the next check, before any checkpoint is written. The norm is of the gradients DDP
         # averaged, so a NaN on any process shows on all of them and they all stop at the same check.
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
         self.optimizer.step()
         self.state = out.state.detach()  # truncated BPTT: carry the values, cut the graph
-        boundaries = out.boundaries.detach().sum(dim=(0, 1), dtype=torch.float64)  # (L-1,)
-        return StepResult(loss.detach(), grad_norm.detach(), finite, boundaries, y.numel())
+        return StepResult.of(loss, grad_norm, out.boundaries)
 
     def validate(self) -> EvalResult:
         cfg = self.config.train
@@ -210,6 +221,7 @@ class Trainer:
             progress=self.progress,
             references=split_references(self.dataset, "valid"),  # boundary F1 against word (and phrase) ends
             seed=cfg.seed,
+            cuda_graph=cfg.cuda_graph,
         )
 
     def after_evaluation(self, result: EvalResult) -> bool:
@@ -319,7 +331,9 @@ class Trainer:
 
     def check(self, stop: bool, time_up: bool) -> WindowTotals:
         """Read the log window (the one wait for the device in the steps since the last check) and empty it.
-        A non-finite step in it stops the run here, before anything is saved."""
+        A non-finite step in it stops the run here, before anything is saved. By then Adam has applied that step
+        and the ones after it (the eager step does not look before Adam, and the captured step, hmlm/cuda_graph.py,
+        cannot), so the weights in memory are spoiled; the last checkpoint, written before them, is untouched."""
         totals = self.window.read(stop, time_up, self.process.distributed)
         self.window.reset(after_step=self.schedule.step)
         if totals.bad_steps or not math.isfinite(totals.loss):

@@ -18,13 +18,23 @@ from hmlm.distributed import all_reduce_sum
 @dataclass
 class StepResult:
     """What one training step leaves for logging and checks, all on the device: nothing in a step waits for the
-    device to finish (see LogWindow), and a step captured as a CUDA graph can return the same tensors."""
+    device to finish (see LogWindow). The eager step and the step captured as a CUDA graph (hmlm/cuda_graph.py)
+    both return one."""
 
     loss: torch.Tensor  # () this process's mean loss in nats
     grad_norm: torch.Tensor  # () the gradient norm before clipping, of the gradients DDP averaged
     finite: torch.Tensor  # () bool: loss and gradient norm both finite
     boundaries: torch.Tensor  # (L-1,) float64: boundaries fired in this process's batch, over streams and steps
     positions: int  # streams x steps of this process's batch
+
+    @classmethod
+    def of(cls, loss: torch.Tensor, grad_norm: torch.Tensor, boundaries: torch.Tensor) -> StepResult:
+        """A step's result from its loss, its gradient norm before clipping and its boundaries (B, T, L-1): the
+        eager step and the captured one (hmlm/cuda_graph.py) build it alike, on the device."""
+        loss, grad_norm = loss.detach(), grad_norm.detach()
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        fired = boundaries.detach().sum(dim=(0, 1), dtype=torch.float64)  # (L-1,)
+        return cls(loss, grad_norm, finite, fired, boundaries.shape[0] * boundaries.shape[1])
 
 
 @dataclass
@@ -61,6 +71,8 @@ class LogWindow:
         self.steps, self.positions, self.after_step = 0, 0, after_step
 
     def add(self, result: StepResult) -> None:
+        # New tensors, queued before the next step: a captured step's result lives in the graph's output buffers,
+        # which its next replay overwrites, so adding it here is the copy it needs.
         scalars = torch.stack([result.loss.double(), result.grad_norm.double(), (~result.finite).double()])
         step = torch.cat([scalars, result.boundaries])
         self.sums = step if self.sums is None else self.sums + step

@@ -81,12 +81,17 @@ def test_cpu_memory_is_measured_in_bytes():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"shape_name": "enwik9"}, "--shape must be one of ptb, text8, small"),
+        ({"shape_name": "enwik9"}, "--shape must be one of ptb, text8, small, enwik8"),
         ({"device": "tpu"}, "--device must be auto, cpu, cuda or cuda:N"),
         ({"steps": 0}, "--steps must be at least 1"),
         ({"warmup": -1}, "--warmup must be 0 or more"),
         ({"seq_len": 0}, "--seq-len must be at least 1"),
         ({"batch": -2}, "--batch must be at least 1"),
+        ({"precision": "fp8"}, "--precision must be one of fp32, tf32, bf16"),
+        ({"precision": "bf16"}, "--precision bf16 is for CUDA; on the CPU use --precision fp32"),
+        ({"models": ("fast", "graph")}, r"--models graph \(a captured CUDA graph\) needs --device cuda"),
+        ({"models": ("fast", "gru")}, "--models: unknown gru; choose from fast, reference, lstm, graph"),
+        ({"models": ()}, "--models: none named"),
     ],
 )
 def test_bad_arguments_name_the_option(kwargs: dict, message: str):
@@ -97,4 +102,19 @@ def test_bad_arguments_name_the_option(kwargs: dict, message: str):
 def test_a_bad_argument_on_the_command_line_is_one_line_and_exit_status_2():
     result = hmlm_cli("bench", "--device", "cpu", "--shape", "enwik9")
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == ["error: --shape must be one of ptb, text8, small, not 'enwik9'"]
+    expected = "error: --shape must be one of ptb, text8, small, enwik8, not 'enwik9'"
+    assert result.stderr.strip().splitlines() == [expected]
+
+
+def test_launches_per_training_step_are_counted_and_shown():
+    """On the CPU only the aten operators count (no GPU kernels, no launch calls); make gpu-check counts on CUDA."""
+    report = run_bench("small", "cpu", steps=1, warmup=0, models=("fast", "lstm"), memory=False, batch=2, seq_len=3,
+                       launches=True)  # fmt: skip
+    for key in ("fast", "lstm"):
+        counts = report["results"][key]["launches_per_train_step"]
+        assert counts["aten_ops"] > 0 and counts["gpu_kernels"] == counts["launch_calls"] == 0
+    # The HM-LSTM's step dispatches more operators than nn.LSTM's, whose recurrence is one fused op.
+    fast, lstm = (report["results"][key]["launches_per_train_step"]["aten_ops"] for key in ("fast", "lstm"))
+    assert fast > lstm
+    assert "per training step" in format_report(report)
+    assert report["precision"] == "fp32" and report["tf32"] is False and report["lstm_autocast_dtype"] is None

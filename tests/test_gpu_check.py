@@ -1,0 +1,75 @@
+"""`make gpu-check`'s plumbing (hmlm/gpu_check.py), on the CPU: every section in its tiny form, one report file, and a
+failing section that does not lose the report. What the check measures needs a GPU (make gpu-check)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hmlm import gpu_check
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def report_json(path: Path) -> dict:
+    text = path.read_text()
+    return json.loads(text.split("```json\n", 1)[1].rsplit("\n```", 1)[0])
+
+
+@pytest.mark.slow
+def test_the_cpu_smoke_run_writes_one_report_with_every_section(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OUT": str(out)}
+    result = subprocess.run([sys.executable, "-m", "hmlm.gpu_check", "--cpu-smoke"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["gpu_check.md"]  # one report ($OUT)
+    report = report_json(out / "gpu_check.md")
+    sections = report["sections"]
+    assert list(sections) == ["env", "tests", "launches", "enwik8", "eval", "bench"]
+    assert {name: s["status"] for name, s in sections.items()} == dict.fromkeys(sections, "ok"), sections
+    assert sections["tests"]["result"]["counts"].get("skipped", 0) > 0  # the cuda tests, skipped without a GPU
+    launches = sections["launches"]["result"]["torch"]["per_train_step"]
+    assert launches["HM-LSTM fast"]["aten_ops"] > launches["nn.LSTM"]["aten_ops"] > 0
+    assert sections["eval"]["result"]["steps"] == 3 and sections["eval"]["result"]["eval_symbols"] == 2000
+    assert sections["bench"]["result"]["runs"][0]["results"]["fast"]["train_chars_per_s"] > 0
+    summary = (out / "gpu_check.md").read_text()
+    assert "| bench | ok |" in summary and "Kernel launches per training step" in summary
+
+
+def test_a_failing_or_skipped_section_is_reported_and_the_rest_still_written(tmp_path):
+    report = {
+        "mode": "gpu",
+        "budget_s": 470,
+        "sections": {
+            "env": {"status": "ok", "result": {"gpu": "NVIDIA H200", "torch": "2.11.0"}, "seconds": 3.0},
+            "tests": {"status": "error", "error": "TimeoutExpired: pytest", "seconds": 100.0},
+            "bench": {"status": "skipped", "error": "time budget spent"},
+        },
+    }
+    path = gpu_check.write_report(tmp_path, report)
+    text = path.read_text()
+    assert "GPU: NVIDIA H200" in text and "| tests | error: TimeoutExpired: pytest | 100.0 |" in text
+    assert "| bench | skipped: time budget spent | - |" in text
+    assert report_json(path) == report
+
+
+def test_failed_reads_every_kind_of_failure():
+    assert not gpu_check.failed({"rc": 0, "counts": {"passed": 3}})
+    assert gpu_check.failed({"rc": 1})
+    assert gpu_check.failed({"timed_out": True, "rc": -9})
+    assert gpu_check.failed({"counts": {"passed": 3, "failed": 1}})
+    assert gpu_check.failed({"runs": [{"results": {}}, {"error": {"rc": 2}}]})
+    assert gpu_check.failed({"torch": {"error": {"rc": 2}}, "triton": {"per_train_step": {}}})
+    assert not gpu_check.failed({"runs": [{"skipped": "time budget"}]})
+
+
+def test_a_hanging_command_is_killed_at_its_limit():
+    result = gpu_check.run_command([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+                                   timeout=2)  # fmt: skip
+    assert result["timed_out"] and result["seconds"] < 30 and "started" in result["stdout"]

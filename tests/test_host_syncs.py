@@ -18,6 +18,7 @@ import pytest
 import torch
 from helpers import small_config
 
+from hmlm.cuda_graph import EagerReplay, GraphTrainStep
 from hmlm.data import prepare_dataset
 from hmlm.errors import UserError
 from hmlm.train import Trainer, train
@@ -67,6 +68,29 @@ def count_reads_per_step(monkeypatch, config, run_dir: Path) -> dict[int, int]:
 
 def test_at_most_one_host_read_per_step_outside_checks(data_dir, tmp_path, monkeypatch):
     assert_quiet_between_checks(count_reads_per_step(monkeypatch, check_config(data_dir), tmp_path / "run"))
+
+
+def test_the_captured_step_reads_nothing_back_either(data_dir, tmp_path, monkeypatch):
+    """The same run through the Trainer's captured step (hmlm/cuda_graph.py; its 'replay' runs eagerly here, as
+    the CPU allows): no reads outside checks, apart from the check of the first replay against an eager step, once
+    per run. With the torch-op loop, as on CUDA: the fused CPU kernels read the slope tensor, which on the CPU waits
+    for nothing."""
+    monkeypatch.setenv("HMLM_FUSED", "0")
+    original_init = Trainer.__init__
+    graphs: list[GraphTrainStep] = []
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.graph_step = GraphTrainStep(self.model, self.optimizer, self.config.train.grad_clip, None, self.device,
+                                         "auto", pytest.fail, EagerReplay)  # fmt: skip
+        graphs.append(self.graph_step)
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+    per_step = count_reads_per_step(monkeypatch, check_config(data_dir), tmp_path / "run")
+    assert len(graphs) == 1 and graphs[0].verified and graphs[0].given_up is None and graphs[0].static is not None
+    assert per_step[1] >= 2  # the first replay's check reads the eager and the replayed loss (and norms)
+    assert_quiet_between_checks(per_step | {1: 0})
+    assert all(per_step[step] == 0 for step in (2, 3, 4, 6, 7, 8, 9, 11, 12, 14, 16, 21, 22, 23, 24)), per_step
 
 
 def check_config(data_dir: Path):

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from hmlm import fused
+from hmlm import kernels
 from hmlm.errors import UserError
 from hmlm.model import CharLM, ModelConfig
 
@@ -200,9 +200,9 @@ def run_bench(
         "warmup_rounds": warmup,
         "measured_rounds": steps,
         "torch": torch.__version__,
-        # what the fast path's elementwise work ran on: the C++ kernels of hmlm/fused.py, or torch ops
-        "fast_kernels": "fused" if fused.usable(dev, torch.float32) else "torch-ops",
-        "fast_kernels_detail": fused.describe(dev, torch.float32),
+        # what the fast path's elementwise work ran on: a backend of hmlm/kernels (triton, cpu or torch)
+        "fast_kernels": kernels.select(dev, torch.float32),
+        "fast_kernels_detail": kernels.describe(dev, torch.float32),
         "results": results,
         "ratios": ratios(results),
     }

@@ -303,7 +303,7 @@ def bench(
 ) -> None:
     """Training and inference throughput of HM-LSTM (fast and reference) against torch's nn.LSTM of the same size.
 
-    On the CPU the fast path uses its fused C++ kernels (make install builds them); HMLM_FUSED=0: torch ops.
+    The fast path's kernels: C++ on the CPU (make install builds them), Triton on CUDA; HMLM_KERNELS=torch: torch ops.
     """
     import torch
 

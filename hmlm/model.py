@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hmlm import fast, fused
+from hmlm import fast, kernels
 from hmlm.cell import BOUNDARY_MODES, LayerWeights, reference_step
 
 MODEL_KINDS = ("hmlstm", "lstm")
@@ -196,7 +196,7 @@ class HMLSTM(nn.Module):
             training=self.training,
             slope=float(slope),
             mm_dtype=torch.get_autocast_dtype(device) if autocast else state.h[0].dtype,
-            fused=fused.usable(x.device, state.h[0].dtype),
+            kernels=kernels.select(x.device, state.h[0].dtype),
         )
         weight, bias = params(self.weight), params(self.bias)
         E = self.input_size

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from hmlm import fused
+from hmlm import kernels
 from hmlm.bench import SHAPES, Shape, cpu_peak_memory, format_report, peak_rss_rise, resident_bytes, run_bench
 from hmlm.errors import UserError
 
@@ -34,9 +34,8 @@ def test_json_report_describes_the_run(report: dict):
     assert report["layer_norm"] is True
     assert report["warmup_rounds"] == 1 and report["measured_rounds"] == 2
     assert report["torch"] == torch.__version__
-    expected = "fused" if fused.usable(torch.device("cpu"), torch.float32) else "torch-ops"
-    assert report["fast_kernels"] == expected
-    assert report["fast_kernels_detail"] == fused.describe(torch.device("cpu"), torch.float32)
+    assert report["fast_kernels"] == kernels.select(torch.device("cpu"), torch.float32)
+    assert report["fast_kernels_detail"] == kernels.describe(torch.device("cpu"), torch.float32)
 
 
 def test_json_report_has_every_model_and_ratio(report: dict):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig, fused
+from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig, kernels
 from hmlm.cell import reference_step
+from hmlm.kernels import cpu
 
 F64 = torch.float64
 
@@ -17,14 +18,16 @@ IMPLS = ["fast", "reference"]
 
 @pytest.fixture(autouse=True, params=["fused", "torch-ops"])
 def fast_kernels(request, monkeypatch):
-    """Every test here runs twice: the fast path with the C++ CPU kernels of hmlm/fused.py, and with torch ops
-    only (as on CUDA, or where the kernels cannot be built)."""
+    """Every test here runs twice: the fast path with the C++ CPU kernels of hmlm/kernels/cpu.py, and with torch
+    ops only (where no fused backend can serve, or the kernels cannot be built). The Triton kernels run the same
+    comparisons in tests/test_kernels_triton.py."""
+    monkeypatch.delenv("HMLM_FUSED", raising=False)
     if request.param == "fused":
-        monkeypatch.setenv("HMLM_FUSED", "1")
-        if fused.load() is None:
-            pytest.skip(f"the fused CPU kernels could not be built here: {fused.failure()}")
+        monkeypatch.setenv("HMLM_KERNELS", "cpu")
+        if cpu.load() is None:
+            pytest.skip(f"the fused CPU kernels could not be built here: {cpu.failure()}")
     else:
-        monkeypatch.setenv("HMLM_FUSED", "0")
+        monkeypatch.setenv("HMLM_KERNELS", "torch")
     return request.param
 
 
@@ -40,8 +43,8 @@ class KernelSpy:
 
 
 def test_the_fast_path_uses_the_fused_kernels_where_it_can(fast_kernels: str, monkeypatch):
-    spy = KernelSpy(fused.load())
-    monkeypatch.setattr(fused, "load", lambda: spy)
+    spy = KernelSpy(cpu.load())
+    monkeypatch.setattr(kernels, "load", lambda backend: spy)
     rnn = make_rnn([6, 5, 4], layer_norm=True)
     rnn(torch.randn(2, 3, 6, dtype=F64)).hidden[-1].sum().backward()
     expected = {"cell_forward", "cell_backward", "route_backward"} if fast_kernels == "fused" else set()
@@ -191,11 +194,15 @@ def loss_of(out, weights: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def loss_weights(out, seed: int = 7) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    weights = {f"hidden{i}": torch.randn(h.shape, generator=gen, dtype=h.dtype) for i, h in enumerate(out.hidden)}
-    weights["boundaries"] = torch.randn(out.boundaries.shape, generator=gen, dtype=out.boundaries.dtype)
+
+    def like(t: torch.Tensor) -> torch.Tensor:  # drawn on the CPU, so the same on every device
+        return torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
+
+    weights = {f"hidden{i}": like(h) for i, h in enumerate(out.hidden)}
+    weights["boundaries"] = like(out.boundaries)
     for part in ("h", "c", "z"):
         for i, s in enumerate(getattr(out.state, part)):
-            weights[f"{part}{i}"] = torch.randn(s.shape, generator=gen, dtype=s.dtype)
+            weights[f"{part}{i}"] = like(s)
     return weights
 
 

@@ -1,0 +1,171 @@
+"""The Triton kernels (hmlm/kernels/triton.py) against the reference, through the public API (HMLSTM, CharLM).
+
+HMLM_KERNELS=triton selects them. Without CUDA they run on the CPU through Triton's interpreter, which is slow,
+hence the small shapes; on a machine with CUDA the same tests run them compiled, on the GPU. Every test checks
+that the Triton kernels did run (not the torch-op fallback). The comparisons are those of tests/test_model.py
+(`run_both`, `assert_same`): values and gradients of the parameters, the input and the initial state, in float64.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import pytest
+import torch
+from test_model import F64, assert_same, make_rnn, param_grads, random_state, run_both
+
+from hmlm import CharLM, HMLSTMState, ModelConfig, kernels
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (pip install -e .[dev] installs it)", allow_module_level=True)
+
+
+@pytest.fixture
+def device(monkeypatch) -> torch.device:
+    """HMLM_KERNELS=triton, and the device the Triton kernels run on in this process (the CPU when interpreted).
+    Every call of a fused backend is recorded; after the test, the Triton kernels must have been among them."""
+    monkeypatch.delenv("HMLM_FUSED", raising=False)
+    monkeypatch.setenv("HMLM_KERNELS", "triton")
+    module, why = kernels.load_triton()
+    if module is None:
+        pytest.skip(f"the Triton kernels cannot run here: {why}")
+    used = set()
+    load = kernels.load
+
+    def recording_load(backend: str):
+        used.add(backend)
+        return load(backend)
+
+    monkeypatch.setattr(kernels, "load", recording_load)
+    yield torch.device(module.DEVICE)
+    assert used == {"triton"}, f"the fast path ran on {used or 'torch ops'}, not on the Triton kernels"
+
+
+def on(device: torch.device, rnn, x: torch.Tensor, state: HMLSTMState):
+    return rnn.to(device), x.to(device), HMLSTMState(*([t.to(device) for t in part] for part in state))
+
+
+def names_of(rnn) -> list[str]:
+    layers = range(rnn.num_layers)
+    return [n for n, _ in rnn.named_parameters()] + ["x"] + [f"state.{p}{i}" for p in "hcz" for i in layers]
+
+
+# Hidden sizes that differ per layer and are no powers of two (the kernels' blocks are: masked lanes), with a
+# wider layer above a narrower one and the other way round; one layer alone (bottom and top at once).
+CASES = [
+    ([7, 5, 3], layer_norm, mode)
+    for layer_norm in (False, True)
+    for mode in ("step", "soft", "sample-eval", "sample-train")
+] + [([5], True, "step"), ([5, 9, 6], True, "soft"), ([5, 9, 6], False, "step")]
+CASE_IDS = ["x".join(map(str, sizes)) + ("-ln-" if ln else "-plain-") + mode for sizes, ln, mode in CASES]
+
+
+@pytest.mark.parametrize(("sizes", "layer_norm", "mode"), CASES, ids=CASE_IDS)
+def test_triton_kernels_equal_the_reference(device: torch.device, sizes: list[int], layer_norm: bool, mode: str):
+    B, T = 3, 5
+    boundary_mode, _, phase = mode.partition("-")
+    rnn = make_rnn(sizes, layer_norm, boundary_mode)
+    rnn.train(phase != "eval")
+    x = torch.randn(B, T, rnn.input_size, dtype=F64)
+    state = random_state(rnn, B)
+    if boundary_mode == "soft":  # soft boundaries carry fractions from step to step
+        state = HMLSTMState(state.h, state.c, [z * 0.6 for z in state.z])
+    results = run_both(*on(device, rnn, x, state), seed=123 if phase == "train" else None)
+    assert_same(results, names_of(rnn))
+    out = results["fast"][0]
+    if len(sizes) > 1 and boundary_mode != "soft":
+        assert 0 < out.boundaries.mean() < 1, "both kinds of step should happen"
+
+
+def test_without_gradients_equals_the_reference(device: torch.device):
+    """Evaluation and sampling keep one slot per layer and no statistics: the kernels' other variant."""
+    rnn = make_rnn([7, 5, 3], layer_norm=True).eval()
+    x = torch.randn(3, 5, rnn.input_size, dtype=F64)
+    rnn, x, state = on(device, rnn, x, random_state(rnn, 3))
+    outs = {}
+    with torch.no_grad():
+        for impl in ("fast", "reference"):
+            rnn.impl = impl
+            outs[impl] = rnn(x, state)
+    for mine, theirs in zip(outs["fast"].hidden, outs["reference"].hidden, strict=True):
+        torch.testing.assert_close(mine, theirs)
+    for part_f, part_r in zip(outs["fast"].state, outs["reference"].state, strict=True):
+        for mine, theirs in zip(part_f, part_r, strict=True):
+            torch.testing.assert_close(mine, theirs)
+
+
+def test_charlm_equals_the_reference(device: torch.device):
+    torch.manual_seed(0)
+    config = ModelConfig(embed_dim=6, hidden_sizes=[7, 5, 3], output_embed_dim=8, layer_norm=True)
+    model = CharLM(13, config).double().to(device)
+    tokens, targets = torch.randint(0, 13, (3, 6), device=device), torch.randint(0, 13, (3, 6), device=device)
+    results = {}
+    for impl in ("fast", "reference"):
+        model.rnn.impl = impl
+        out = model(tokens, slope=3.0)
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
+        results[impl] = (out, param_grads(loss, model))
+    (out_f, grads_f), (out_r, grads_r) = results["fast"], results["reference"]
+    torch.testing.assert_close(out_f.logits, out_r.logits)
+    assert torch.equal(out_f.boundaries, out_r.boundaries)
+    for (name, _), mine, theirs in zip(model.named_parameters(), grads_f, grads_r, strict=True):
+        torch.testing.assert_close(mine, theirs, msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+def test_float32_soft_boundaries_stay_close_to_the_reference(device: torch.device):
+    """float32, where the kernels sum in another order than torch: soft boundaries, so that no boundary flips
+    and the two runs stay comparable. Measured against the reference here: ~4e-7 on the values and ~4e-6 of
+    the largest gradient (the torch-op and C++ paths: the same order); the tolerances are ~7x that, far below
+    what a wrong term would give."""
+    rnn = make_rnn([7, 5, 3], layer_norm=True, mode="soft").float()
+    x = torch.randn(4, 6, rnn.input_size)
+    state = random_state(rnn, 4)
+    state = HMLSTMState(*([t.float() for t in part] for part in state))
+    state = HMLSTMState(state.h, state.c, [z * 0.6 for z in state.z])
+    results = run_both(*on(device, rnn, x, state))
+    (out_f, grads_f), (out_r, grads_r) = results["fast"], results["reference"]
+    for mine, theirs in zip(out_f.hidden, out_r.hidden, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=3e-6)
+    torch.testing.assert_close(out_f.boundaries, out_r.boundaries, rtol=1e-5, atol=3e-6)
+    for name, mine, theirs in zip(names_of(rnn), grads_f, grads_r, strict=True):
+        if theirs is None:
+            continue
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=3e-5 * max(scale, 1.0), msg=name)
+
+
+def test_bf16_autocast_runs_on_the_kernels_with_fp32_state(device: torch.device):
+    """Under autocast the matmuls run in bf16 and add into fp32 pre-activations: the kernels see fp32."""
+    torch.manual_seed(0)
+    model = CharLM(11, ModelConfig(embed_dim=8, hidden_sizes=[6, 5], output_embed_dim=8)).to(device)
+    tokens = torch.randint(0, 11, (2, 4), device=device)
+    reference = model(tokens)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = model(tokens)
+        loss = out.logits.float().logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    assert all(t.dtype == torch.float32 for part in out.state for t in part), "the carried state stays fp32"
+    torch.testing.assert_close(out.logits.float(), reference.logits, atol=0.1, rtol=0.1)
+
+
+def test_a_triton_that_cannot_compile_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.delenv("HMLM_FUSED", raising=False)
+    monkeypatch.setenv("HMLM_KERNELS", "triton")
+    from hmlm.kernels import triton as module
+
+    def failing_self_test():
+        raise RuntimeError("Internal Triton PTX codegen error\nptxas fatal   : Value 'sm_999' is not defined")
+
+    monkeypatch.setattr(module, "self_test", failing_self_test)
+    monkeypatch.setattr(kernels, "_triton", None)
+    monkeypatch.setattr(kernels, "_triton_failed", None)
+    dev = torch.device(module.DEVICE)
+    with pytest.warns(RuntimeWarning, match="the Triton kernels cannot run here .*Value 'sm_999' is not defined"):
+        assert kernels.select(dev, torch.float32) == "torch"
+    assert "sm_999" in kernels.describe(dev, torch.float32)
+    rnn = make_rnn([4, 3], layer_norm=True).to(dev)  # the model still runs, on torch ops, without warning again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rnn(torch.randn(2, 3, rnn.input_size, dtype=F64, device=dev)).hidden[-1].sum().backward()

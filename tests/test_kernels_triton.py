@@ -155,17 +155,18 @@ def test_a_triton_that_cannot_compile_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setenv("HMLM_KERNELS", "triton")
     from hmlm.kernels import triton as module
 
-    def failing_self_test():
+    def failing_self_test(dtype: torch.dtype):
         raise RuntimeError("Internal Triton PTX codegen error\nptxas fatal   : Value 'sm_999' is not defined")
 
     monkeypatch.setattr(module, "self_test", failing_self_test)
     monkeypatch.setattr(kernels, "_triton", None)
     monkeypatch.setattr(kernels, "_triton_failed", None)
+    monkeypatch.setattr(kernels, "_triton_dtypes", {})
     dev = torch.device(module.DEVICE)
     with pytest.warns(RuntimeWarning, match="the Triton kernels cannot run here .*Value 'sm_999' is not defined"):
         assert kernels.select(dev, torch.float32) == "torch"
     assert "sm_999" in kernels.describe(dev, torch.float32)
-    rnn = make_rnn([4, 3], layer_norm=True).to(dev)  # the model still runs, on torch ops, without warning again
+    rnn = make_rnn([4, 3], layer_norm=True).float().to(dev)  # still runs, on torch ops, without warning again
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        rnn(torch.randn(2, 3, rnn.input_size, dtype=F64, device=dev)).hidden[-1].sum().backward()
+        rnn(torch.randn(2, 3, rnn.input_size, device=dev)).hidden[-1].sum().backward()

@@ -118,7 +118,7 @@ def choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
         if cpu.load() is None:
             return "torch", f"the C++ kernels could not be built: {cpu.failure()}"
         return "cpu", ""
-    module, why = load_triton()
+    module, why = load_triton(dtype)
     if module is None:
         return "torch", f"the Triton kernels are not available: {why}"
     if device.type != module.DEVICE:
@@ -133,39 +133,53 @@ def load(backend: str) -> FusedKernels:
 
         module = cpu.load()
     else:
-        module = load_triton()[0]
+        module = _triton
     if module is None:
-        raise RuntimeError(f"the {backend} kernels were chosen but are not loaded")
+        raise RuntimeError(f"the {backend} kernels were chosen but are not loaded")  # select() said they were
     return module
 
 
 _triton: ModuleType | None = None
 _triton_failed: str | None = None
+_triton_dtypes: dict[torch.dtype, str] = {}  # per dtype tried: "" where the kernels ran, else why not
 
 
-def load_triton() -> tuple[ModuleType | None, str]:
-    """hmlm.kernels.triton, imported (and its kernels tried once) on first use; None and why where that fails,
-    said once in a warning."""
+def load_triton(dtype: torch.dtype = torch.float32) -> tuple[ModuleType | None, str]:
+    """hmlm.kernels.triton, imported on first use, its kernels tried once per dtype (they are compiled per
+    dtype: a GPU may run float32 and fail float64); None and why where that fails, said once in a warning."""
     global _triton, _triton_failed
     if _triton is None and _triton_failed is None:
-        import warnings
-
         try:
             from hmlm.kernels import triton as module  # sets TRITON_INTERPRET=1 first where there is no CUDA
 
-            module.self_test()
             _triton = module
-        except Exception as error:  # not installed, no C compiler for its launcher, a GPU it cannot compile for
-            from hmlm.kernels.cpu import summarize
+        except Exception as error:  # not installed, or an installation that does not import
+            _triton_failed = _warn_triton(error)
+    if _triton is None:
+        return None, _triton_failed or ""
+    if dtype not in _triton_dtypes:
+        try:
+            _triton.self_test(dtype)
+            _triton_dtypes[dtype] = ""
+        except Exception as error:  # no C compiler for its launcher, a GPU or dtype it cannot compile for
+            _triton_dtypes[dtype] = _warn_triton(error, f" in {str(dtype).removeprefix('torch.')}")
+    why = _triton_dtypes[dtype]
+    return (None, why) if why else (_triton, "")
 
-            _triton_failed = summarize(error)
-            warnings.warn(
-                f"hmlm: the Triton kernels cannot run here ({_triton_failed}); using the slower torch-op path. "
-                "Set HMLM_KERNELS=torch to skip the attempt.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return _triton, _triton_failed or ""
+
+def _warn_triton(error: Exception, where: str = "") -> str:
+    import warnings
+
+    from hmlm.kernels.cpu import summarize
+
+    why = summarize(error)
+    warnings.warn(
+        f"hmlm: the Triton kernels cannot run here{where} ({why}); using the slower torch-op path. "
+        "Set HMLM_KERNELS=torch to skip the attempt.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return why
 
 
 def describe(device: torch.device, dtype: torch.dtype) -> str:
@@ -174,5 +188,5 @@ def describe(device: torch.device, dtype: torch.dtype) -> str:
     if backend == "cpu":
         return "fused CPU kernels (C++)"
     if backend == "triton":
-        return f"Triton kernels ({load_triton()[0].MODE})"
+        return f"Triton kernels ({load_triton(dtype)[0].MODE})"
     return f"torch ops ({why})"

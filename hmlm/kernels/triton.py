@@ -14,8 +14,8 @@ interpreted, for CPU tensors (`DEVICE`).
 Differences from the C++ kernels, both for the sake of determinism on a GPU: the layer norm parameters'
 gradients are not summed here over rows (that would take atomic adds, whose order changes from run to run) but
 written per row for the sums after the loop (hmlm.kernels.ln_grad_rows); and the statistics of a row are summed
-in the order Triton's tree reduction takes. Compiled, `eps` reaches the kernels as a float32 scalar and `slope`
-as a float64 one.
+in the order Triton's tree reduction takes. Compiled, `slope` and `eps` reach the kernels as float32 scalars
+(Triton's type for a Python float): in float64 on CUDA the straight-through slope is its nearest float32.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _cell_forward(
     act, s_act, keep_f, s_keep_f, c, s_c, tc, s_tc, h, s_h,
     neg_dh, s_neg_dh, neg_dc, s_neg_dc, zraw, s_zraw, z, s_z,
     gates_mean, s_gates_mean, gates_rstd, s_gates_rstd, cell_mean, s_cell_mean, cell_rstd, s_cell_rstd,
-    H, slope: tl.float64, eps,
+    H, slope, eps,
     BLOCK: tl.constexpr, BOTTOM: tl.constexpr, TOP: tl.constexpr, LN: tl.constexpr, STATS: tl.constexpr,
     SAVE_COPY: tl.constexpr, ZRAW_MODE: tl.constexpr,
 ):  # fmt: skip
@@ -193,7 +193,7 @@ def _cell_backward(
     gates_mean, s_gates_mean, gates_rstd, s_gates_rstd, cell_mean, s_cell_mean, cell_rstd, s_cell_rstd,
     ln_gain, cell_gain, ln_rows, s_ln_rows, z_prev, s_z_prev, z_below, s_z_below,
     ds, s_ds, dc_prev, s_dc_prev, gz_prev, s_gz_prev, gz_below, s_gz_below,
-    H, slope: tl.float64,
+    H, slope,
     BLOCK: tl.constexpr, BOTTOM: tl.constexpr, TOP: tl.constexpr, LN: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
@@ -400,11 +400,11 @@ def route_backward(
     )  # fmt: skip
 
 
-def self_test() -> None:
-    """Run each kernel once on a tiny middle layer (layer norm, a layer above and below), in float32, so that a
-    Triton that cannot compile them fails here, where the caller can fall back, rather than inside a step."""
+def self_test(dtype: torch.dtype = torch.float32) -> None:
+    """Run each kernel once on a tiny middle layer (layer norm, a layer above and below), so that a Triton that
+    cannot compile them for this dtype fails here, where the caller can fall back, rather than inside a step."""
     B, H, D, A = 2, 3, 2, 2
-    like = {"device": DEVICE, "dtype": torch.float32}
+    like = {"device": DEVICE, "dtype": dtype}
     gates, h_prev, c_prev = torch.randn(B, 4 * H, **like), torch.randn(B, H, **like), torch.randn(B, H, **like)
     z_prev, z_below, zhat = torch.ones(B, 1, **like), torch.ones(B, 1, **like), torch.randn(B, 1, **like)
     gain, bias, cell_gain, cell_bias = torch.ones(4 * H, **like), torch.zeros(4 * H, **like), *torch.ones(2, H, **like)

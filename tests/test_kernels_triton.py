@@ -3,7 +3,8 @@
 HMLM_KERNELS=triton selects them. Without CUDA they run on the CPU through Triton's interpreter, which is slow,
 hence the small shapes; on a machine with CUDA the same tests run them compiled, on the GPU. Every test checks
 that the Triton kernels did run (not the torch-op fallback). The comparisons are those of tests/test_model.py
-(`run_both`, `assert_same`): values and gradients of the parameters, the input and the initial state, in float64.
+(`compare_with_reference`, `compare_charlm_with_reference`, `run_both`): values and gradients of the
+parameters, the input and the initial state, in float64.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import warnings
 
 import pytest
 import torch
-from test_model import F64, assert_same, make_rnn, param_grads, random_state, run_both
+from test_model import (
+    F64,
+    compare_charlm_with_reference,
+    compare_with_reference,
+    make_rnn,
+    random_state,
+    run_both,
+)
 
 from hmlm import CharLM, HMLSTMState, ModelConfig, kernels
 
@@ -63,19 +71,9 @@ CASE_IDS = ["x".join(map(str, sizes)) + ("-ln-" if ln else "-plain-") + mode for
 
 @pytest.mark.parametrize(("sizes", "layer_norm", "mode"), CASES, ids=CASE_IDS)
 def test_triton_kernels_equal_the_reference(device: torch.device, sizes: list[int], layer_norm: bool, mode: str):
-    B, T = 3, 5
-    boundary_mode, _, phase = mode.partition("-")
-    rnn = make_rnn(sizes, layer_norm, boundary_mode)
-    rnn.train(phase != "eval")
-    x = torch.randn(B, T, rnn.input_size, dtype=F64)
-    state = random_state(rnn, B)
-    if boundary_mode == "soft":  # soft boundaries carry fractions from step to step
-        state = HMLSTMState(state.h, state.c, [z * 0.6 for z in state.z])
-    results = run_both(*on(device, rnn, x, state), seed=123 if phase == "train" else None)
-    assert_same(results, names_of(rnn))
-    out = results["fast"][0]
-    if len(sizes) > 1 and boundary_mode != "soft":
-        assert 0 < out.boundaries.mean() < 1, "both kinds of step should happen"
+    results = compare_with_reference(sizes, layer_norm, mode, B=3, T=5, device=device)
+    if len(sizes) > 1 and not mode.startswith("soft"):
+        assert 0 < results["fast"][0].boundaries.mean() < 1, "both kinds of step should happen"
 
 
 def test_without_gradients_equals_the_reference(device: torch.device):
@@ -96,21 +94,7 @@ def test_without_gradients_equals_the_reference(device: torch.device):
 
 
 def test_charlm_equals_the_reference(device: torch.device):
-    torch.manual_seed(0)
-    config = ModelConfig(embed_dim=6, hidden_sizes=[7, 5, 3], output_embed_dim=8, layer_norm=True)
-    model = CharLM(13, config).double().to(device)
-    tokens, targets = torch.randint(0, 13, (3, 6), device=device), torch.randint(0, 13, (3, 6), device=device)
-    results = {}
-    for impl in ("fast", "reference"):
-        model.rnn.impl = impl
-        out = model(tokens, slope=3.0)
-        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
-        results[impl] = (out, param_grads(loss, model))
-    (out_f, grads_f), (out_r, grads_r) = results["fast"], results["reference"]
-    torch.testing.assert_close(out_f.logits, out_r.logits)
-    assert torch.equal(out_f.boundaries, out_r.boundaries)
-    for (name, _), mine, theirs in zip(model.named_parameters(), grads_f, grads_r, strict=True):
-        torch.testing.assert_close(mine, theirs, msg=lambda m, name=name: f"gradient of {name}: {m}")
+    compare_charlm_with_reference(layer_norm=True, B=3, T=6, device=device)
 
 
 def test_float32_soft_boundaries_stay_close_to_the_reference(device: torch.device):

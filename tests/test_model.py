@@ -324,7 +324,12 @@ SIZES = [[5], [7, 5], [7, 5, 3], [4, 4, 4]]
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "ln"])
 @pytest.mark.parametrize("mode", ["step", "soft", "sample-eval", "sample-train"])
 def test_fast_path_equals_reference(sizes: list[int], layer_norm: bool, mode: str):
-    B, T = 5, 13
+    compare_with_reference(sizes, layer_norm, mode, B=5, T=13)
+
+
+def compare_with_reference(sizes: list[int], layer_norm: bool, mode: str, B: int, T: int, device=None):
+    """The fast path against the reference from a random state, in float64 on `device` (default: the CPU).
+    mode: step, soft, sample-eval or sample-train. Returns run_both's results."""
     boundary_mode, _, phase = mode.partition("-")
     rnn = make_rnn(sizes, layer_norm, boundary_mode)
     rnn.train(phase != "eval")
@@ -333,11 +338,15 @@ def test_fast_path_equals_reference(sizes: list[int], layer_norm: bool, mode: st
     if boundary_mode == "soft":  # soft boundaries carry fractions from step to step
         state = HMLSTMState(state.h, state.c, [z * 0.6 for z in state.z])
     names = [n for n, _ in rnn.named_parameters()] + ["x"] + [f"state.{p}{i}" for p in "hcz" for i in range(len(sizes))]
+    if device is not None:
+        rnn, x = rnn.to(device), x.to(device)
+        state = HMLSTMState(*([t.to(device) for t in part] for part in state))
     results = run_both(rnn, x, state, seed=123 if phase == "train" else None)
     assert_same(results, names)
     if boundary_mode == "soft" and len(sizes) > 1:
         b = results["fast"][0].boundaries
         assert ((b > 0) & (b < 1)).any(), "soft boundaries should take fractional values"
+    return results
 
 
 def test_fast_path_equals_reference_on_two_threads():
@@ -359,11 +368,16 @@ def test_fast_path_equals_reference_on_two_threads():
 
 @pytest.mark.parametrize("layer_norm", [False, True])
 def test_charlm_fast_path_equals_reference(layer_norm: bool):
+    compare_charlm_with_reference(layer_norm, B=4, T=11)
+
+
+def compare_charlm_with_reference(layer_norm: bool, B: int, T: int, device=None) -> None:
+    """CharLM's logits, gates, boundaries and parameter gradients, fast path against reference, in float64."""
     torch.manual_seed(0)
     config = ModelConfig(embed_dim=6, hidden_sizes=[7, 5, 3], output_embed_dim=8, layer_norm=layer_norm)
-    model = CharLM(13, config).double()
-    tokens = torch.randint(0, 13, (4, 11))
-    targets = torch.randint(0, 13, (4, 11))
+    model = CharLM(13, config).double().to(device)
+    tokens = torch.randint(0, 13, (B, T)).to(device)
+    targets = torch.randint(0, 13, (B, T)).to(device)
     results = {}
     for impl in IMPLS:
         model.rnn.impl = impl

@@ -10,6 +10,9 @@ parameters, the input and the initial state, in float64.
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -103,8 +106,8 @@ def test_float32_soft_boundaries_stay_close_to_the_reference(device: torch.devic
     the largest gradient (the torch-op and C++ paths: the same order); the tolerances are ~7x that, far below
     what a wrong term would give."""
     rnn = make_rnn([7, 5, 3], layer_norm=True, mode="soft").float()
-    x = torch.randn(4, 6, rnn.input_size)
-    state = random_state(rnn, 4)
+    x = torch.randn(3, 5, rnn.input_size)
+    state = random_state(rnn, 3)
     state = HMLSTMState(*([t.float() for t in part] for part in state))
     state = HMLSTMState(state.h, state.c, [z * 0.6 for z in state.z])
     results = run_both(*on(device, rnn, x, state))
@@ -154,3 +157,35 @@ def test_a_triton_that_cannot_compile_falls_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rnn(torch.randn(2, 3, rnn.input_size, device=dev)).hidden[-1].sum().backward()
+
+
+def run_python(code: str, **env: str) -> str:
+    """Run code in a fresh interpreter whose environment has no TRITON_INTERPRET (the tests' conftest sets it)."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HMLM_KERNELS", "HMLM_FUSED")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**environ, **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is used only where there is no CUDA")
+def test_the_interpreter_is_on_before_torch_imports_triton():
+    """torch imports triton under its optimizers (torch._dynamo), and Triton decides on interpreting its own
+    library when it is imported: with HMLM_KERNELS=triton, importing hmlm's model first is enough (every command
+    does)."""
+    describe = "from hmlm import kernels; print(kernels.describe(torch.device('cpu'), torch.float32))"
+    code = f"import torch; from hmlm import HMLSTM; import torch._dynamo; {describe}"
+    assert run_python(code, HMLM_KERNELS="triton") == "Triton kernels (interpreted on the CPU: TRITON_INTERPRET=1)"
+
+
+def test_a_triton_imported_before_the_interpreter_was_on_is_caught(monkeypatch):
+    """Its library's functions are then compiled-mode ones, which the interpreter cannot call: say what to do."""
+    module, why = kernels.load_triton()
+    if module is None or not module.INTERPRETED:
+        pytest.skip(f"the Triton kernels are not interpreted here: {why or module.MODE}")
+    import triton.language
+
+    monkeypatch.setattr(triton.language, "sum", object())  # as a triton imported without TRITON_INTERPRET has it
+    spec = importlib.util.find_spec("hmlm.kernels.triton")
+    fresh = importlib.util.module_from_spec(spec)  # a copy, run anew; the loaded module stays as it is
+    with pytest.raises(ImportError, match="set TRITON_INTERPRET=1 \\(or HMLM_KERNELS=triton\\) in the environment"):
+        spec.loader.exec_module(fresh)

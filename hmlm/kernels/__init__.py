@@ -38,6 +38,11 @@ LN_EPS = 1e-5  # F.layer_norm's default, which the reference uses
 LayerNormParams = tuple[Tensor, Tensor, Tensor, Tensor]  # gate gain (4, H), gate bias (4, H), cell gain, cell bias
 ZRAW_MODES = {"step": 0, "soft": 1, "sample": 2}  # cell_forward's zraw_mode; sample: zraw drawn by the caller
 
+# HMLM_KERNELS=triton without CUDA: the kernels run through Triton's interpreter, which must be on before anyone
+# imports triton (torch may, for its optimizers), so before hmlm does anything else (see triton.py's docstring).
+if os.environ.get("HMLM_KERNELS", "").strip().lower() == "triton" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 class FusedKernels(Protocol):
     """What a fused backend implements. Every (B, width) tensor may be a row-strided view whose last dimension

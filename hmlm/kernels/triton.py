@@ -5,11 +5,14 @@ of width H) in registers: one launch per layer step forward (the four gate layer
 FLUSH/UPDATE/COPY blend, the cell layer norm, tanh, the boundary), two backward (`cell_backward` before the
 step's matmul, `route_backward` after). The matmuls stay in torch (cuBLAS).
 
-Where there is no CUDA, importing this module sets TRITON_INTERPRET=1 first (unless it is set already), since
-Triton reads it when the kernels are defined: the kernels then run on CPU tensors through Triton's interpreter,
-one program at a time in NumPy, which is slow but exact enough for the tests to hold them to the reference in
-float64 (HMLM_KERNELS=triton). In one process the kernels run either compiled, for CUDA tensors, or
-interpreted, for CPU tensors (`DEVICE`).
+Where there is no CUDA, the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1), one
+program at a time in NumPy: slow, but exact enough for the tests to hold them to the reference in float64. Triton
+decides whether it interprets when a function is defined with triton.jit, its own library's (tl.sum) when
+triton is imported, and torch may import triton first (torch._dynamo does, under the optimizers). So
+TRITON_INTERPRET=1 is set when hmlm.kernels is imported (by hmlm's model, so by every command) with
+HMLM_KERNELS=triton and no CUDA, again here before triton is imported (for a process that chose the backend
+later), and if triton was imported earlier without it, importing this module fails with a message that says so.
+In one process the kernels run either compiled, for CUDA tensors, or interpreted, for CPU tensors (`DEVICE`).
 
 Differences from the C++ kernels, both for the sake of determinism on a GPU: the layer norm parameters'
 gradients are not summed here over rows (that would take atomic adds, whose order changes from run to run) but
@@ -33,6 +36,14 @@ import triton.language as tl  # noqa: E402
 from hmlm.kernels import LN_EPS, ZRAW_MODES  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+if INTERPRETED:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.sum, InterpretedFunction):
+        raise ImportError(
+            "triton was imported before TRITON_INTERPRET=1 was set, so its interpreter cannot run the kernels: "
+            "set TRITON_INTERPRET=1 (or HMLM_KERNELS=triton) in the environment before Python starts"
+        )
 DEVICE = "cpu" if INTERPRETED else "cuda"  # the tensors the kernels run on in this process
 MODE = "interpreted on the CPU: TRITON_INTERPRET=1" if INTERPRETED else "compiled for CUDA"
 STEP, SOFT, GIVEN = ZRAW_MODES["step"], ZRAW_MODES["soft"], ZRAW_MODES["sample"]

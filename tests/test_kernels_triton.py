@@ -100,12 +100,20 @@ def test_charlm_equals_the_reference(device: torch.device):
     compare_charlm_with_reference(layer_norm=True, B=3, T=6, device=device)
 
 
-def test_float32_soft_boundaries_stay_close_to_the_reference(device: torch.device, monkeypatch):
+@pytest.fixture
+def no_tf32():
+    """Full float32 matmuls on CUDA (what precision fp32-strict sets), whatever an earlier test set."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_float32_soft_boundaries_stay_close_to_the_reference(device: torch.device, no_tf32):
     """float32, where the kernels sum in another order than torch: soft boundaries, so that no boundary flips
     and the two runs stay comparable. Measured against the reference at this shape: ~4e-7 on the values and
     ~5e-6 of the largest gradient (the C++ kernels: ~6e-7 and ~8e-6); the tolerances are ~6x that, far below
     what a wrong term would give."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # on CUDA: fp32-strict, whatever ran before
     rnn = make_rnn([7, 5, 3], layer_norm=True, mode="soft").float()
     x = torch.randn(3, 5, rnn.input_size)
     state = random_state(rnn, 3)

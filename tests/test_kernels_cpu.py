@@ -60,6 +60,8 @@ def test_hmlm_fused_0_turns_them_off(monkeypatch):
     monkeypatch.setenv("HMLM_FUSED", "0")
     assert kernels.select(torch.device("cpu"), torch.float32) == "torch"
     assert kernels.describe(torch.device("cpu"), torch.float32) == "torch ops (HMLM_FUSED=0)"
+    monkeypatch.setenv("HMLM_KERNELS", "auto")
+    assert kernels.describe(torch.device("cpu"), torch.float32) == "torch ops (HMLM_FUSED=0)"
     monkeypatch.setenv("HMLM_KERNELS", "cpu")  # the newer switch wins
     assert kernels.select(torch.device("cpu"), torch.float32) == ("cpu" if fused.load() else "torch")
 

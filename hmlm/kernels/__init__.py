@@ -24,6 +24,7 @@ once, in a warning, and the torch ops run instead. `describe` says in words what
 from __future__ import annotations
 
 import os
+import threading
 from types import ModuleType
 from typing import Protocol
 
@@ -110,7 +111,8 @@ def choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
     """The backend, and why the torch ops when it comes to that (else "")."""
     want = requested()
     if want == "torch":
-        return "torch", "HMLM_KERNELS=torch" if os.environ.get("HMLM_KERNELS") else "HMLM_FUSED=0"
+        explicit = os.environ.get("HMLM_KERNELS", "").strip().lower() == "torch"
+        return "torch", "HMLM_KERNELS=torch" if explicit else "HMLM_FUSED=0"
     if dtype not in DTYPES:
         return "torch", f"the fused kernels are for float32/float64, not {dtype}"
     if want == "auto":
@@ -147,27 +149,30 @@ def load(backend: str) -> FusedKernels:
 _triton: ModuleType | None = None
 _triton_failed: str | None = None
 _triton_dtypes: dict[torch.dtype, str] = {}  # per dtype tried: "" where the kernels ran, else why not
+_triton_lock = threading.Lock()
 
 
 def load_triton(dtype: torch.dtype = torch.float32) -> tuple[ModuleType | None, str]:
     """hmlm.kernels.triton, imported on first use, its kernels tried once per dtype (they are compiled per
     dtype: a GPU may run float32 and fail float64); None and why where that fails, said once in a warning."""
     global _triton, _triton_failed
-    if _triton is None and _triton_failed is None:
-        try:
-            from hmlm.kernels import triton as module  # sets TRITON_INTERPRET=1 first where there is no CUDA
+    if dtype not in _triton_dtypes and _triton_failed is None:
+        with _triton_lock:
+            if _triton is None and _triton_failed is None:
+                try:
+                    from hmlm.kernels import triton as module  # sets TRITON_INTERPRET=1 first without CUDA
 
-            _triton = module
-        except Exception as error:  # not installed, or an installation that does not import
-            _triton_failed = _warn_triton(error)
+                    _triton = module
+                except Exception as error:  # not installed, an installation that does not import, or too late
+                    _triton_failed = _warn_triton(error)
+            if _triton is not None and dtype not in _triton_dtypes:
+                try:
+                    _triton.self_test(dtype)
+                    _triton_dtypes[dtype] = ""
+                except Exception as error:  # no C compiler for its launcher, a GPU or dtype it cannot compile for
+                    _triton_dtypes[dtype] = _warn_triton(error, f" in {str(dtype).removeprefix('torch.')}")
     if _triton is None:
         return None, _triton_failed or ""
-    if dtype not in _triton_dtypes:
-        try:
-            _triton.self_test(dtype)
-            _triton_dtypes[dtype] = ""
-        except Exception as error:  # no C compiler for its launcher, a GPU or dtype it cannot compile for
-            _triton_dtypes[dtype] = _warn_triton(error, f" in {str(dtype).removeprefix('torch.')}")
     why = _triton_dtypes[dtype]
     return (None, why) if why else (_triton, "")
 
@@ -182,7 +187,7 @@ def _warn_triton(error: Exception, where: str = "") -> str:
         f"hmlm: the Triton kernels cannot run here{where} ({why}); using the slower torch-op path. "
         "Set HMLM_KERNELS=torch to skip the attempt.",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
     return why
 

@@ -46,7 +46,6 @@ if INTERPRETED:
         )
 DEVICE = "cpu" if INTERPRETED else "cuda"  # the tensors the kernels run on in this process
 MODE = "interpreted on the CPU: TRITON_INTERPRET=1" if INTERPRETED else "compiled for CUDA"
-STEP, SOFT, GIVEN = ZRAW_MODES["step"], ZRAW_MODES["soft"], ZRAW_MODES["sample"]
 
 
 # --- Helpers inside the kernels --------------------------------------------------------------------------------
@@ -183,7 +182,8 @@ def _cell_forward(
         hv = tl.where(copy < 0.5, otc + copy * (hp - otc), hp - (hp - otc) * (1.0 - copy))
     tl.store(h + b * s_h + k, hv, mask=mask)
 
-    # The boundary: z = keep*zraw, zraw = 1[zhat > 0] (whatever the slope), hard_sigmoid(zhat), or given.
+    # The boundary: z = keep*zraw, zraw = 1[zhat > 0] (whatever the slope), hard_sigmoid(zhat), or given: ZRAW_MODE
+    # 0, 1 or 2 (hmlm.kernels.ZRAW_MODES).
     if not TOP:
         zh = tl.load(zhat + b * s_zhat)
         if ZRAW_MODE == 0:
@@ -424,7 +424,7 @@ def self_test(dtype: torch.dtype = torch.float32) -> None:
     gates_mean, gates_rstd = torch.empty(B, 4, **like), torch.empty(B, 4, **like)
     cell_forward(
         gates, zhat, gain, bias, cell_gain, cell_bias, h_prev, c_prev, z_prev, z_below, act, keep_f, c, tc, h,
-        neg_dh, neg_dc, zraw, z, gates_mean, gates_rstd, cell_mean, cell_rstd, STEP, 1.0, LN_EPS,
+        neg_dh, neg_dc, zraw, z, gates_mean, gates_rstd, cell_mean, cell_rstd, ZRAW_MODES["step"], 1.0, LN_EPS,
     )  # fmt: skip
     pair, neg_d_copy = torch.randn(B, 2 * H, **like), torch.cat([neg_dh, neg_dc], 1)
     ds, ln_rows, dc_prev = torch.empty(B, 4 * H + 1, **like), torch.empty(B, 5 * H, **like), torch.empty(B, H, **like)

@@ -11,7 +11,7 @@ install:
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.13,<3"
 	$(BIN)/pip install -q -e ".[dev]"
 	# The fused CPU kernels, compiled once here (about a minute) rather than on first use.
-	$(BIN)/python -m hmlm.fused
+	$(BIN)/python -m hmlm.kernels.cpu
 
 test:
 	$(BIN)/python -m pytest -q

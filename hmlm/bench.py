@@ -14,11 +14,11 @@ step raises the resident set size of a fresh process at its highest (sampled fro
 there is none).
 
 On CUDA (`--precision`, `--models graph`, `--launches`):
-- Every model runs under the same numeric settings: `fp32` turns TF32 off for cuBLAS and cuDNN alike (torch's
-  default leaves it on for cuDNN only, which favours nn.LSTM), `tf32` turns it on for both, `bf16` autocasts both
-  (TF32 on for what stays fp32). Under bf16 autocast torch runs cuDNN's LSTM in float16, not bfloat16: the report
-  says which dtype it saw, and float16 training gets a GradScaler (as it needs, to be numerically safe), whose
-  scaling and inf check count in nn.LSTM's time.
+- Every model runs under the same numeric settings, train.precision's (hmlm/precision.py): `fp32` lets cuBLAS and
+  cuDNN alike use TF32 (torch's default leaves it on for cuDNN only, which favours nn.LSTM), `fp32-strict` turns
+  it off for both, `bf16` autocasts both (TF32 on for what stays fp32). Under bf16 autocast torch runs cuDNN's
+  LSTM in float16, not bfloat16: the report says which dtype it saw, and float16 training gets a GradScaler (as
+  it needs, to be numerically safe), whose scaling and inf check count in nn.LSTM's time.
 - `graph`: the HM-LSTM fast path with its training step captured as one CUDA graph (hmlm/cuda_graph.py: the
   Trainer's step, so it also computes the gradient norm, clips at train.grad_clip 1.0 and a finite flag, which the
   other training steps here do not) and its inference forward captured (which adds the cross entropy).
@@ -44,10 +44,11 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from hmlm import fused
+from hmlm import kernels
 from hmlm.devices import resolve_device
 from hmlm.errors import UserError
 from hmlm.model import CharLM, ModelConfig
+from hmlm.precision import apply_precision, uses_tf32
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ MODELS = {  # key: (label, model kind, HMLSTM implementation)
     "lstm": ("nn.LSTM", "lstm", None),
     "graph": ("HM-LSTM fast + graph", "hmlstm", "fast"),  # CUDA only: the step captured as one CUDA graph
 }
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "fp32-strict", "bf16")  # train.precision's (hmlm/precision.py), less fp64
 
 
 def build_model(key: str, shape: Shape, layer_norm: bool, device: torch.device) -> CharLM:
@@ -181,19 +182,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def set_tf32(device: torch.device, tf32: bool) -> Callable[[], None]:
-    """TF32 on or off for cuBLAS and cuDNN alike (CUDA; nothing on the CPU). Returns what puts it back."""
-    if device.type != "cuda":
-        return lambda: None
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-
-    def restore() -> None:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-    return restore
-
-
 LAUNCH_CALLS = (
     "cudaLaunchKernel",
     "cudaLaunchKernelExC",
@@ -246,7 +234,7 @@ def run_bench(
     dev = resolve_device(device)
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if dev.type != "cuda" and precision != "fp32":
+    if dev.type != "cuda" and precision == "bf16":
         raise UserError(f"--precision {precision} is for CUDA; on the CPU use --precision fp32")
     unknown = [key for key in models if key not in MODELS]
     if unknown or not models:
@@ -268,7 +256,7 @@ def run_bench(
             if value is not None and value < 1:
                 raise UserError(f"{name} must be at least 1, not {value}")
         shape = replace(shape, batch=batch or shape.batch, seq_len=seq_len or shape.seq_len)
-    restore_tf32 = set_tf32(dev, precision != "fp32")  # for every model alike; as it was again when done
+    restore_tf32 = apply_precision(precision, dev)  # for every model alike; as it was again when done
     runners = {key: Runner(key, shape, layer_norm, dev, seed, precision) for key in models}
     times: dict[str, dict[str, list[float]]] = {key: {"train": [], "infer": []} for key in models}
     peak: dict[str, int | None] = {key: None for key in models}
@@ -315,12 +303,12 @@ def run_bench(
         "warmup_rounds": warmup,
         "measured_rounds": steps,
         "torch": torch.__version__,
-        # what the fast path's elementwise work ran on: the C++ kernels of hmlm/fused.py, or torch ops
-        "fast_kernels": "fused" if fused.usable(dev, torch.float32) else "torch-ops",
-        "fast_kernels_detail": fused.describe(dev, torch.float32),
+        # what the fast path's elementwise work ran on: a backend of hmlm/kernels (triton, cpu or torch)
+        "fast_kernels": kernels.select(dev, torch.float32),
+        "fast_kernels_detail": kernels.describe(dev, torch.float32),
         "kernels_env": os.environ.get("HMLM_KERNELS"),  # the kernel backend asked for, if any
         "precision": precision,
-        "tf32": precision != "fp32" and dev.type == "cuda",
+        "tf32": uses_tf32(precision, dev),
         "lstm_autocast_dtype": lstm_dtype,  # under bf16: what cuDNN's LSTM ran in (float16 gets a GradScaler)
         "results": results,
         "ratios": ratios(results),

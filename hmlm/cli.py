@@ -315,13 +315,15 @@ def bench(
         "fast,reference,lstm", "--models", help="Comma-separated: fast, reference, lstm, graph (CUDA: fast + graph)."
     ),
     precision: str = typer.Option(
-        "fp32", "--precision", help="CUDA: fp32 (TF32 off), tf32 (on) or bf16 (autocast), for every model alike."
+        "fp32",
+        "--precision",
+        help="As train.precision, for every model alike: fp32 (TF32 on CUDA), fp32-strict (no TF32), bf16 (CUDA).",
     ),
     launches: bool = typer.Option(False, "--launches", help="Count kernel launches per training step (profiler)."),
 ) -> None:
     """Training and inference throughput of HM-LSTM (fast and reference) against torch's nn.LSTM of the same size.
 
-    On the CPU the fast path uses its fused C++ kernels (make install builds them); HMLM_FUSED=0: torch ops.
+    The fast path's kernels: C++ on the CPU (make install builds them), Triton on CUDA; HMLM_KERNELS=torch: torch ops.
     """
     import torch
 

@@ -20,6 +20,7 @@ import yaml
 
 from hmlm.errors import UserError
 from hmlm.model import ModelConfig
+from hmlm.precision import PRECISIONS
 
 
 @dataclass
@@ -46,7 +47,7 @@ class TrainConfig:
     sample_length: int = 200  # characters generated into TensorBoard at each evaluation; 0: none
     seed: int = 0
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
-    precision: str = "fp32"  # fp32; bf16 (autocast, CUDA only); fp64 (slow, for exact comparisons)
+    precision: str = "fp32"  # fp32 (TF32 matmuls on CUDA); fp32-strict; bf16 (autocast, CUDA only); fp64
     cuda_graph: str = "auto"  # auto, on, off: capture the training step on CUDA as one CUDA graph (hmlm/cuda_graph.py)
 
 
@@ -83,7 +84,7 @@ class Config:
 CHOICES = {
     "model.kind": ("hmlstm", "lstm"),
     "model.boundary": ("step", "sample", "soft"),
-    "train.precision": ("fp32", "bf16", "fp64"),
+    "train.precision": PRECISIONS,
     "train.cuda_graph": ("auto", "on", "off"),
     "slope.schedule": ("epoch", "step"),
 }

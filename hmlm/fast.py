@@ -4,13 +4,13 @@ hand-written backward through time. `tests/test_model.py` holds it to the refere
 Where the time goes, and what this file does about it (measure with `hmlm bench`):
 - Autograd. Stepping the reference cell makes ~30 autograd nodes per layer and step. Here the whole sequence is
   one node (`HMLSTMSequence`), and forward and backward are plain tensor ops.
-- Small ops. What is left of a step is elementwise work on (B, H) tensors. On the CPU it runs in the C++
-  kernels of hmlm/fused.py (csrc/cell_cpu.cpp): one call per layer and step forward (`fused_cell_step`), two
-  backward (`fused_layer_step_backward`). Elsewhere (CUDA, or no compiler) it is a few dozen torch ops, each
-  paying microseconds of dispatch, so each one counts: the blend is written in as few ops as fused kernels
-  allow (lerp, addcmul, sigmoid_backward) and results go with out= into buffers allocated once per call. Both
-  ways the per-step views of those buffers are made once per call, and h_t is written straight into the slot
-  of the next step's matmul input.
+- Small ops. What is left of a step is elementwise work on (B, H) tensors, done by one of the backends of
+  hmlm/kernels/ (`Plan.kernels`, chosen by hmlm.kernels.select): a fused one, C++ on the CPU or Triton on
+  CUDA, in one call per layer and step forward (`fused_cell_step`) and two backward
+  (`fused_layer_step_backward`); or a few dozen torch ops (hmlm/kernels/torch_ops.py: `cell_step`,
+  `layer_step_backward`), each paying microseconds of dispatch. Every way, results go into buffers allocated
+  once per call, the per-step views of those buffers are made once per call, and h_t is written straight into
+  the slot of the next step's matmul input.
 - Matmuls. One per layer and step, over the concatenated masked inputs [z^{l-1}_t h^{l-1}_t | h^l_{t-1} |
   z^l_{t-1} h^{l+1}_{t-1}] against the layer's weight [W_below | U_rec | U_above] (masking the inputs rather
   than the products gives the same numbers: z is one scalar per row). Layer 1's input projection is one matmul
@@ -34,8 +34,9 @@ In the backward everything that reaches z_prev and z_below goes through two per-
     d z_prev  = N_copy - z_below (G_upd + N_copy)          d z_below = (1 - z_prev)(G_upd + N_copy)
 Layer 1 (z_below = 1) never copies and skips the copy terms.
 
-Device-agnostic (CPU and CUDA): the torch-op path has no host synchronization inside the loops. Under autocast
-the matmuls run in the autocast dtype (bf16) and everything elementwise, and the carried state, in fp32.
+Device-agnostic (CPU and CUDA): no backend synchronizes with the host inside the loops. Under autocast the
+matmuls run in the autocast dtype (bf16) and add their products into fp32 pre-activation buffers: everything
+elementwise (so every backend's kernels), and the carried state, stay in fp32.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hmlm import fused
+from hmlm import kernels
 from hmlm.cell import hard_sigmoid
+from hmlm.kernels import LN_EPS, ZRAW_MODES, LayerNormParams, torch_ops
 
-LN_EPS = 1e-5  # F.layer_norm's default, which the reference uses
-aten = torch.ops.aten
-LayerNormParams = tuple[Tensor, Tensor, Tensor, Tensor]  # gate gain (4, H), gate bias (4, H), cell gain, cell bias
+# The torch-op backend's per-step functions, under the names the loops below call them by.
+cell_step = torch_ops.cell_step
+layer_step_backward = torch_ops.layer_step_backward
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,16 @@ class Plan:
     training: bool
     slope: float | Tensor  # a number, or a 0-dim tensor on the device (CUDA graphs); a number for the C++ kernels
     mm_dtype: torch.dtype  # the matmuls' dtype: the autocast dtype under autocast, else the state's
-    fused: bool = False  # the elementwise work of each step in the C++ extension of hmlm/fused.py (CPU only)
+    kernels: str = "torch"  # the backend of each step's elementwise work: "torch", "cpu" or "triton" (hmlm/kernels)
 
     @property
     def num_layers(self) -> int:
         return len(self.hidden_sizes)
+
+    @property
+    def fused(self) -> bool:
+        """Whether a fused backend (C++ or Triton) does the elementwise work, through the same three calls."""
+        return self.kernels != "torch"
 
 
 class LayerTape:
@@ -267,17 +274,14 @@ def layer_step(
         cell_step(plan, tape, below, above, t, k, ln, z_below, ones)
 
 
-FUSED_ZRAW = {"step": 0, "soft": 1, "sample": 2}  # cell_cpu.cpp's ZrawMode; sample: drawn by layer_step
-
-
 def fused_cell_step(
     plan: Plan, tape: LayerTape, below: LayerTape | None, above: LayerTape | None, t: int, k: int,
     ln: LayerNormParams | None, z_below: Tensor,
 ) -> None:  # fmt: skip
-    """The elementwise part of layer_step in one call of the C++ extension (the same arithmetic as cell_step)."""
+    """The elementwise part of layer_step in one call of a fused backend (the same arithmetic as cell_step)."""
     top, bottom, save_copy = above is None, below is None, tape.save and below is not None
-    zraw_mode = FUSED_ZRAW["step" if plan.mode == "sample" and not plan.training else plan.mode]
-    fused.load().cell_forward(
+    zraw_mode = ZRAW_MODES["step" if plan.mode == "sample" and not plan.training else plan.mode]
+    kernels.load(plan.kernels).cell_forward(
         tape.gates_t[k], None if top else tape.zhat_t[k], *(ln or (None,) * 4),
         tape.h_t[t], tape.c_t[t], tape.z_t[t], None if bottom else z_below,
         tape.act_t[k], tape.keep_f_t[k], tape.c_t[t + 1], tape.tc_t[k], tape.h_t[t + 1],
@@ -285,73 +289,6 @@ def fused_cell_step(
         None if top else tape.zraw_t[k], None if top else tape.z_t[t + 1],
         *tape.ln_stats_t[k], zraw_mode, plan.slope, LN_EPS,
     )  # fmt: skip
-
-
-def cell_step(
-    plan: Plan, tape: LayerTape, below: LayerTape | None, above: LayerTape | None, t: int, k: int,
-    ln: LayerNormParams | None, z_below: Tensor, ones: Tensor,
-) -> None:  # fmt: skip
-    """The elementwise part of layer_step in torch ops, from the gates' pre-activations to h_t, c_t and z_t."""
-    H = tape.H
-    h_prev, c_prev, z_prev = tape.h_t[t], tape.c_t[t], tape.z_t[t]  # (B, H), (B, H), (B, 1)
-    gates = tape.gates_t[k]  # (B, 4H)
-
-    # Gates: sigm(f), sigm(i), sigm(o), tanh(g); with layer norm on each of the four blocks on its own.
-    if ln is not None:
-        normed, mean, rstd = torch.native_layer_norm(gates.view(-1, 4, H), (H,), None, None, LN_EPS)
-        if tape.save:
-            tape.gates_mean_t[k].copy_(mean)
-            tape.gates_rstd_t[k].copy_(rstd)
-        gates = torch.addcmul(ln[1], normed, ln[0]).view(-1, 4 * H)
-    torch.sigmoid(gates[:, : 3 * H], out=tape.fio_t[k])
-    torch.tanh(gates[:, 3 * H :], out=tape.g_t[k])
-    f, i, o, g = tape.f_t[k], tape.i_t[k], tape.o_t[k], tape.g_t[k]
-
-    # c = keep*i*g + (copy + update*f)*c_prev
-    ig = i * g
-    keep_f, c = tape.keep_f_t[k], tape.c_t[t + 1]
-    if below is None:  # layer 1: z_below = 1, so update = 1 - z_prev, copy = 0, keep = 1
-        torch.addcmul(f, f, z_prev, value=-1, out=keep_f)
-        torch.addcmul(ig, keep_f, c_prev, out=c)
-    else:
-        update = torch.addcmul(z_below, z_prev, z_below, value=-1)  # (1 - z_prev) z_below   (B, 1)
-        keep = z_prev + update
-        copy = torch.sub(ones, keep)
-        torch.addcmul(copy, f, update, out=keep_f)
-        torch.mul(ig, keep, out=c)
-        c.addcmul_(keep_f, c_prev)
-
-    # h = lerp(o*tanh(c), h_prev, copy)
-    tc = tape.tc_t[k]
-    if ln is not None:
-        normed_c, mean_c, rstd_c = torch.native_layer_norm(c, (H,), ln[2], ln[3], LN_EPS)
-        if tape.save:
-            tape.cell_mean_t[k].copy_(mean_c)
-            tape.cell_rstd_t[k].copy_(rstd_c)
-        torch.tanh(normed_c, out=tc)
-    else:
-        torch.tanh(c, out=tc)
-    h = tape.h_t[t + 1]
-    if below is None:
-        torch.mul(o, tc, out=h)
-    else:
-        otc = o * tc
-        torch.lerp(otc, h_prev, copy, out=h)
-        if tape.save:
-            torch.sub(otc, h_prev, out=tape.neg_d_h_t[k])
-            torch.sub(ig, c_prev, out=tape.neg_d_c_t[k])
-
-    # The boundary: z = keep*zraw. It can only open on a step that computed something.
-    if above is not None:
-        zhat, zraw = tape.zhat_t[k], tape.zraw_t[k]  # (B, 1)
-        if plan.mode == "soft":
-            zraw.copy_(hard_sigmoid(zhat, plan.slope))
-        elif not (plan.mode == "sample" and plan.training):  # (a sample was drawn by layer_step)
-            torch.gt(zhat, 0, out=zraw)  # whatever the slope
-        if below is None:
-            tape.z_t[t + 1].copy_(zraw)
-        else:
-            torch.mul(keep, zraw, out=tape.z_t[t + 1])
 
 
 # --- Backward --------------------------------------------------------------------------------------------------
@@ -386,15 +323,22 @@ class LayerGrads:
         z_prev = Z[:-1, :, layer : layer + 1]  # (T, B, 1)
         z_below = Z[1:, :, layer - 1 : layer] if layer > 0 else torch.ones_like(z_prev)
         self.z_prev_t, self.z_below_t = z_prev.unbind(0), z_below.unbind(0)
-        if plan.fused:  # the extension takes it from here
+        self.ln_grad = None
+        if plan.fused:  # the kernels take it from here
             self.dz_below = torch.empty(B, 1, device=Z.device, dtype=Z.dtype)
-            self.ln_grad = Z.new_zeros(10 * H) if plan.layer_norm else None
+            # Where cell_backward puts the layer norm parameters' gradients (see kernels.ln_grad_rows): each
+            # step's rows, for the sums after the loop, or one accumulator for all steps.
+            self.ln_out_t = [None] * T
+            if plan.layer_norm and kernels.ln_grad_rows(plan.kernels):
+                rows = torch.empty(T, B, 5 * H, device=Z.device, dtype=Z.dtype)
+                self.dact, self.d_cn, self.ln_out_t = rows[..., : 4 * H], rows[..., 4 * H :], rows.unbind(0)
+            elif plan.layer_norm:
+                self.ln_grad = Z.new_zeros(10 * H)
+                self.ln_out_t = [self.ln_grad] * T
             return
 
         # Gradients of the gates after their layer norm and of the normalized c: the layer norm gains' inputs.
-        # (The fused path needs neither: it sums the layer norm parameters' gradients as it goes, into ln_grad,
-        # [gates gain 4H | gates bias 4H | cell gain H | cell bias H].)
-        self.ln_grad = None
+        # (The fused kernels make them too, or sum the layer norm parameters' gradients as they go.)
         self.dzhat_t, self.dgates_t = self.ds[..., 4 * H :].unbind(0), self.ds[..., : 4 * H].unbind(0)
         self.dact = torch.empty_like(tape.act) if plan.layer_norm else self.ds[..., : 4 * H]
         self.d_cn = torch.empty_like(tape.tc) if plan.layer_norm else None
@@ -454,106 +398,27 @@ def backward_sequence(
     return grads[0].ds, dh, dc, [g.dz for g in grads], *parameter_gradients(plan, tapes, grads, weights, ln)
 
 
-def layer_step_backward(
-    plan: Plan, tape: LayerTape, grad: LayerGrads, below: tuple | None, above: tuple | None, t: int,
-    w: Tensor, ln: LayerNormParams | None,
-) -> None:  # fmt: skip
-    """Step t of one layer, backwards: from the gradients w.r.t. h_t, c_t, z_t (grad's current pair and dz)
-    to those of the step's inputs, and ds[t]."""
-    H, D = tape.H, tape.D
-    cur, nxt = grad.cur, 1 - grad.cur
-    g_h, g_c, g_z = grad.pair_h[cur], grad.pair_c[cur], grad.dz  # (B, H), (B, H), (B, 1)
-    f, i, o, g = tape.f_t[t], tape.i_t[t], tape.o_t[t], tape.g_t[t]
-    tc, c_prev = tape.tc_t[t], tape.c_t[t]
-    keep, update, copy = grad.keep_t[t], grad.update_t[t], grad.copy_t[t]
-
-    # h = lerp(o*tanh(cn), h_prev, copy)
-    g_otc = g_h if below is None else g_h * keep
-    torch.mul(g_otc, tc, out=grad.do_t[t])
-    d_tc = aten.tanh_backward(g_otc * o, tc)
-    if ln is not None:
-        grad.d_cn_t[t].copy_(d_tc)
-        mean_c, rstd_c = tape.cell_mean_t[t], tape.cell_rstd_t[t]
-        mask = (True, False, False)
-        g_c += aten.native_layer_norm_backward(d_tc, tape.c_t[t + 1], (H,), mean_c, rstd_c, ln[2], ln[3], mask)[0]
-    else:
-        g_c += d_tc
-    # c = keep*i*g + (copy + update*f)*c_prev; g_c is now the whole d loss / d c_t.
-    g_ig = g_c if below is None else g_c * keep
-    torch.mul(g_ig, g, out=grad.di_t[t])
-    torch.mul(g_ig, i, out=grad.dg_t[t])
-    g_c_c_prev = g_c * c_prev
-    torch.mul(g_c_c_prev, update, out=grad.df_t[t])
-    g_update = (g_c_c_prev * f).sum(1, keepdim=True)  # (B, 1)
-    torch.mul(g_c, tape.keep_f_t[t], out=grad.pair_c[nxt])  # d c_{t-1}
-
-    # Through the nonlinearities (and the layer norm) into the gate pre-activations.
-    aten.sigmoid_backward.grad_input(grad.dfio_t[t], tape.fio_t[t], grad_input=grad.dfio_t[t])
-    aten.tanh_backward.grad_input(grad.dg_t[t], g, grad_input=grad.dg_t[t])
-    if ln is not None:
-        mean, rstd = tape.gates_mean_t[t], tape.gates_rstd_t[t]  # (B, 4, 1)
-        d_normed = grad.dact[t].view(-1, 4, H) * ln[0]
-        mask = (True, False, False)
-        gates = tape.gates_t[t].view(-1, 4, H)
-        d_gates = aten.native_layer_norm_backward(d_normed, gates, (H,), mean, rstd, None, None, mask)[0]
-        grad.dgates_t[t].copy_(d_gates.view(-1, 4 * H))
-
-    # Into the choice of operation (z_prev, z_below), and through z = keep*zraw into zhat (straight-through).
-    if below is None:  # z_below = 1: d z_prev = -G_upd
-        g_z_prev = -g_update
-    else:
-        neg_g_copy = (grad.pair_flat[cur] * tape.neg_d_copy_t[t]).sum(1, keepdim=True)  # <[dh|dc], -d[h|c]/d copy>
-        if above is not None:
-            neg_g_copy.addcmul_(g_z, tape.zraw_t[t])
-        diff = g_update + neg_g_copy
-        g_z_prev = torch.addcmul(neg_g_copy, grad.z_below_t[t], diff, value=-1)
-        g_z_below = grad.not_flush_t[t] * diff
-    if above is not None:
-        torch.mul(g_z, grad.keep_st_t[t], out=grad.dzhat_t[t])
-
-    # Through the matmul into the step's inputs [z_below h_below | h_prev | z_prev h_above].
-    ds = grad.ds_t[t]
-    dx = torch.mm(ds, w) if ds.dtype == w.dtype else torch.mm(ds.to(w.dtype), w).to(ds.dtype)  # (B, K)
-    dh_prev = dx[:, D : D + H]
-    if below is None:
-        grad.pair_h[nxt].copy_(dh_prev)
-    else:
-        torch.addcmul(dh_prev, g_h, copy, out=grad.pair_h[nxt])  # recurrent, and COPY's pass-through
-    if above is not None:
-        tape_above, grad_above = above
-        dx_above = dx[:, D + H :]
-        grad_above.pair_h[grad_above.cur].addcmul_(dx_above, grad.z_prev_t[t])  # layer l+1 is at step t-1 already
-        g_z_prev += (dx_above * tape_above.h_t[t]).sum(1, keepdim=True)
-    grad.dz = g_z_prev
-    if below is not None:
-        tape_below, grad_below = below
-        dx_below = dx[:, :D]
-        grad_below.pair_h[grad_below.cur].addcmul_(dx_below, grad.z_below_t[t])
-        grad_below.dz += g_z_below + (dx_below * tape_below.h_t[t + 1]).sum(1, keepdim=True)
-    grad.swap()
-
-
 def fused_layer_step_backward(
     plan: Plan, tape: LayerTape, grad: LayerGrads, below: tuple | None, above: tuple | None, t: int,
     w: Tensor, ln: LayerNormParams | None,
 ) -> None:  # fmt: skip
-    """layer_step_backward with its elementwise parts in the C++ extension: the cell's backward up to ds[t], the
+    """layer_step_backward with its elementwise parts in a fused backend: the cell's backward up to ds[t], the
     matmul, then dx routed to h_{t-1}, the layers around and the boundaries."""
     cur, nxt = grad.cur, 1 - grad.cur
     top, bottom = above is None, below is None
-    kernels = fused.load()
-    kernels.cell_backward(
+    fused = kernels.load(plan.kernels)
+    fused.cell_backward(
         grad.pair_flat[cur], grad.dz, tape.act_t[t], tape.tc_t[t], tape.c_t[t], tape.c_t[t + 1], tape.keep_f_t[t],
         None if bottom else tape.neg_d_copy_t[t], None if top else tape.zraw_t[t], None if top else tape.zhat_t[t],
         tape.gates_t[t] if ln else None, *tape.ln_stats_t[t], ln[0] if ln else None, ln[2] if ln else None,
-        grad.ln_grad, grad.z_prev_t[t], None if bottom else grad.z_below_t[t],
+        grad.ln_out_t[t], grad.z_prev_t[t], None if bottom else grad.z_below_t[t],
         grad.ds_t[t], grad.pair_c[nxt], grad.dz_pair[nxt], None if bottom else grad.dz_below, plan.slope,
     )  # fmt: skip
     ds = grad.ds_t[t]
     dx = torch.mm(ds, w) if ds.dtype == w.dtype else torch.mm(ds.to(w.dtype), w).to(ds.dtype)  # (B, K)
     tape_above, grad_above = above or (None, None)
     tape_below, grad_below = below or (None, None)
-    kernels.route_backward(
+    fused.route_backward(
         dx, tape.D, grad.pair_flat[cur], grad.z_prev_t[t], None if bottom else grad.z_below_t[t], grad.pair_flat[nxt],
         None if top else grad_above.pair_flat[grad_above.cur], None if top else tape_above.h_t[t],
         None if bottom else grad_below.pair_flat[grad_below.cur], None if bottom else tape_below.h_t[t + 1],

@@ -7,13 +7,14 @@ prefix prepared by `make gpu-data` (an ignored folder, carried to the GPU machin
 own process with a time limit, so that one failing or hanging section costs only itself:
 
   env        torch, CUDA, the GPU, triton, and which of hmlm's dependencies import here
-  tests      pytest -m cuda: the tests that need a GPU (graph replay == eager step, bf16 step, Triton kernels, ...)
+  tests      pytest -m "cuda or triton": the tests that need a GPU (graph replay == eager step, bf16 step, ...) and
+             tests/test_kernels_triton.py, the Triton kernels compiled, against the reference in float64 and float32
   launches   kernel launches per training step at the enwik8 shape, HMLM_KERNELS=torch and =triton, eager and graph
   enwik8     two minutes of `hmlm train --config configs/enwik8.yaml` on the real prefix (evaluation and sample at
              the end)
   eval       that run's test bpc, the time to evaluate 5M symbols, and a generated sample, on the GPU
   bench      hmlm bench --device cuda at the ptb and text8 shapes: the torch-op loop (HMLM_KERNELS=torch), the
-             Triton kernels, Triton + CUDA graph, and nn.LSTM, under bf16, then TF32 (as many as the time left allows)
+             Triton kernels, Triton + CUDA graph, and nn.LSTM, under bf16, then fp32 (TF32; as many as time allows)
 
 The report (`gpu_check.md` in --out) is rewritten after every section: a summary, then every figure as JSON.
 `--cpu-smoke` runs tiny versions of every section on the CPU (the tests' check of this plumbing).
@@ -67,17 +68,17 @@ def gpu_plan(budget: float) -> Plan:
     return Plan(
         device="cuda",
         budget=budget,
-        tests=["-m", "cuda", "tests"],
+        tests=["-m", "cuda or triton", "tests"],  # the Triton kernels' tests run compiled on the GPU
         launch_shape="enwik8",
         bench_shapes=("ptb", "text8"),
-        precisions=("bf16", "tf32"),
+        precisions=("bf16", "fp32"),  # fp32: TF32 on, as train.precision fp32
         bench_args=["--steps", "5", "--warmup", "2"],
         kernel_sets=("torch", "triton"),
         train_args=overrides("train.eval_tokens=200000", "train.eval_every=100000000", "train.sample_length=200"),
         train_seconds=120,
         eval_symbols=5_000_000,
         sample_length=200,
-        limits={"env": 30, "tests": 100, "launches": 60, "enwik8": 180, "eval": 50, "bench": 240},
+        limits={"env": 30, "tests": 150, "launches": 60, "enwik8": 180, "eval": 50, "bench": 240},
     )
 
 

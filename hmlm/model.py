@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hmlm import fast, fused
+from hmlm import fast, kernels
 from hmlm.cell import BOUNDARY_MODES, LayerWeights, reference_step
 
 MODEL_KINDS = ("hmlstm", "lstm")
@@ -189,10 +189,11 @@ class HMLSTM(nn.Module):
         """The same function as the reference, arranged for speed: see hmlm/fast.py."""
         device = x.device.type
         autocast = torch.is_autocast_enabled(device)
-        use_fused = fused.usable(x.device, state.h[0].dtype)
+        backend = kernels.select(x.device, state.h[0].dtype)
         # A tensor slope (the CUDA graph step's, hmlm/cuda_graph.py) stays a tensor: float() of a CUDA tensor would
-        # wait for the device. The C++ kernels take a number, and reading a CPU tensor costs nothing.
-        if use_fused or not isinstance(slope, Tensor):
+        # wait for the device, and the Triton kernels read it through a pointer. The C++ kernels take a number, and
+        # reading a CPU tensor costs nothing.
+        if backend == "cpu" or not isinstance(slope, Tensor):
             slope = float(slope)
         plan = fast.Plan(
             hidden_sizes=tuple(self.hidden_sizes),
@@ -202,7 +203,7 @@ class HMLSTM(nn.Module):
             training=self.training,
             slope=slope,
             mm_dtype=torch.get_autocast_dtype(device) if autocast else state.h[0].dtype,
-            fused=use_fused,
+            kernels=backend,
         )
         weight, bias = params(self.weight), params(self.bias)
         E = self.input_size

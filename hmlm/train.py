@@ -40,6 +40,7 @@ from hmlm.distributed import Process, all_gather, all_reduce_sum, barrier, init_
 from hmlm.errors import UserError
 from hmlm.evaluate import EvalResult, evaluate
 from hmlm.model import CharLM, HMLSTMState
+from hmlm.precision import apply_precision
 from hmlm.sample import generate_ids
 from hmlm.window import LogWindow, StepResult, WindowTotals
 
@@ -119,6 +120,7 @@ class Trainer:
         )
         self.schedule = Schedule(lr=cfg.lr)
         self.state: HMLSTMState | None = None  # this process's streams; None = zeros
+        apply_precision(cfg.precision, device)  # TF32 matmuls on CUDA under fp32 and bf16, not fp32-strict
         self.autocast = cfg.precision == "bf16" and device.type == "cuda"
         if cfg.precision == "bf16" and device.type != "cuda":
             tqdm.write("warning: train.precision bf16 autocasts on CUDA only; training in fp32 on the CPU")

@@ -17,6 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HMLM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# Without CUDA the Triton kernels' tests run them through Triton's interpreter, which must be on before triton is
+# imported, and torch imports it under its optimizers (so an earlier test that trains would): on from the start.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

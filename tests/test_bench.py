@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from hmlm import fused
+from hmlm import kernels
 from hmlm.bench import SHAPES, Shape, cpu_peak_memory, format_report, peak_rss_rise, resident_bytes, run_bench
 from hmlm.errors import UserError
 
@@ -34,9 +34,8 @@ def test_json_report_describes_the_run(report: dict):
     assert report["layer_norm"] is True
     assert report["warmup_rounds"] == 1 and report["measured_rounds"] == 2
     assert report["torch"] == torch.__version__
-    expected = "fused" if fused.usable(torch.device("cpu"), torch.float32) else "torch-ops"
-    assert report["fast_kernels"] == expected
-    assert report["fast_kernels_detail"] == fused.describe(torch.device("cpu"), torch.float32)
+    assert report["fast_kernels"] == kernels.select(torch.device("cpu"), torch.float32)
+    assert report["fast_kernels_detail"] == kernels.describe(torch.device("cpu"), torch.float32)
 
 
 def test_json_report_has_every_model_and_ratio(report: dict):
@@ -87,7 +86,7 @@ def test_cpu_memory_is_measured_in_bytes():
         ({"warmup": -1}, "--warmup must be 0 or more"),
         ({"seq_len": 0}, "--seq-len must be at least 1"),
         ({"batch": -2}, "--batch must be at least 1"),
-        ({"precision": "fp8"}, "--precision must be one of fp32, tf32, bf16"),
+        ({"precision": "fp8"}, "--precision must be one of fp32, fp32-strict, bf16"),
         ({"precision": "bf16"}, "--precision bf16 is for CUDA; on the CPU use --precision fp32"),
         ({"models": ("fast", "graph")}, r"--models graph \(a captured CUDA graph\) needs --device cuda"),
         ({"models": ("fast", "gru")}, "--models: unknown gru; choose from fast, reference, lstm, graph"),

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from helpers import run_hmlm, small_config, write_config
 from test_model import loss_of, loss_weights, make_rnn, random_state
 
-from hmlm import CharLM, ModelConfig, fused
+from hmlm import CharLM, ModelConfig
+from hmlm import kernels as backends
 from hmlm.config import from_dict, load_config
 from hmlm.cuda_graph import (
     CudaGraphReplay,
@@ -28,6 +29,7 @@ from hmlm.data import StreamBatcher, prepare_dataset
 from hmlm.distributed import Process
 from hmlm.errors import UserError
 from hmlm.evaluate import evaluate
+from hmlm.kernels import cpu
 from hmlm.train import Trainer
 from hmlm.window import StepResult
 
@@ -36,13 +38,21 @@ CPU = torch.device("cpu")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check runs it)")
 
 
-@pytest.fixture(params=["fused", "torch-ops"])
+@pytest.fixture(params=["cpu", "torch", "triton"])
 def kernels(request, monkeypatch):
     """The fused C++ kernels take the slope as a number (model.py reads the tensor for them), the torch ops as a
-    tensor: both ways are checked."""
-    monkeypatch.setenv("HMLM_FUSED", "1" if request.param == "fused" else "0")
-    if request.param == "fused" and fused.load() is None:
-        pytest.skip(f"the fused CPU kernels could not be built here: {fused.failure()}")
+    tensor, the Triton kernels (interpreted on the CPU) through its pointer, in the compute dtype: each is checked."""
+    monkeypatch.delenv("HMLM_FUSED", raising=False)
+    monkeypatch.setenv("HMLM_KERNELS", request.param)
+    if request.param == "cpu" and cpu.load() is None:
+        pytest.skip(f"the fused CPU kernels could not be built here: {cpu.failure()}")
+    if request.param == "triton":
+        module, why = backends.load_triton(F64)
+        if module is None:
+            pytest.skip(f"the Triton kernels cannot run here: {why}")
+        if module.DEVICE != "cpu":
+            pytest.skip("the Triton kernels are compiled for CUDA in this process; this test's tensors are on the CPU")
+    assert backends.select(CPU, F64) == request.param
     return request.param
 
 

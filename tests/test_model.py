@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig, fused
+from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig, kernels
 from hmlm.cell import reference_step
+from hmlm.kernels import cpu
 
 F64 = torch.float64
 
@@ -17,14 +18,16 @@ IMPLS = ["fast", "reference"]
 
 @pytest.fixture(autouse=True, params=["fused", "torch-ops"])
 def fast_kernels(request, monkeypatch):
-    """Every test here runs twice: the fast path with the C++ CPU kernels of hmlm/fused.py, and with torch ops
-    only (as on CUDA, or where the kernels cannot be built)."""
+    """Every test here runs twice: the fast path with the C++ CPU kernels of hmlm/kernels/cpu.py, and with torch
+    ops only (where no fused backend can serve, or the kernels cannot be built). The Triton kernels run the same
+    comparisons in tests/test_kernels_triton.py."""
+    monkeypatch.delenv("HMLM_FUSED", raising=False)
     if request.param == "fused":
-        monkeypatch.setenv("HMLM_FUSED", "1")
-        if fused.load() is None:
-            pytest.skip(f"the fused CPU kernels could not be built here: {fused.failure()}")
+        monkeypatch.setenv("HMLM_KERNELS", "cpu")
+        if cpu.load() is None:
+            pytest.skip(f"the fused CPU kernels could not be built here: {cpu.failure()}")
     else:
-        monkeypatch.setenv("HMLM_FUSED", "0")
+        monkeypatch.setenv("HMLM_KERNELS", "torch")
     return request.param
 
 
@@ -40,8 +43,8 @@ class KernelSpy:
 
 
 def test_the_fast_path_uses_the_fused_kernels_where_it_can(fast_kernels: str, monkeypatch):
-    spy = KernelSpy(fused.load())
-    monkeypatch.setattr(fused, "load", lambda: spy)
+    spy = KernelSpy(cpu.load())
+    monkeypatch.setattr(kernels, "load", lambda backend: spy)
     rnn = make_rnn([6, 5, 4], layer_norm=True)
     rnn(torch.randn(2, 3, 6, dtype=F64)).hidden[-1].sum().backward()
     expected = {"cell_forward", "cell_backward", "route_backward"} if fast_kernels == "fused" else set()
@@ -191,11 +194,15 @@ def loss_of(out, weights: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def loss_weights(out, seed: int = 7) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    weights = {f"hidden{i}": torch.randn(h.shape, generator=gen, dtype=h.dtype) for i, h in enumerate(out.hidden)}
-    weights["boundaries"] = torch.randn(out.boundaries.shape, generator=gen, dtype=out.boundaries.dtype)
+
+    def like(t: torch.Tensor) -> torch.Tensor:  # drawn on the CPU, so the same on every device
+        return torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
+
+    weights = {f"hidden{i}": like(h) for i, h in enumerate(out.hidden)}
+    weights["boundaries"] = like(out.boundaries)
     for part in ("h", "c", "z"):
         for i, s in enumerate(getattr(out.state, part)):
-            weights[f"{part}{i}"] = torch.randn(s.shape, generator=gen, dtype=s.dtype)
+            weights[f"{part}{i}"] = like(s)
     return weights
 
 
@@ -277,8 +284,12 @@ def test_charlm_forward_does_not_depend_on_the_slope(impl: str):
 # --- The fast path is the reference, in float64 ------------------------------------------------------------
 
 
-def run_both(rnn: HMLSTM, x: torch.Tensor, state: HMLSTMState, seed: int | None = None):
-    """Outputs and gradients (parameters, input, initial state) of both implementations on the same module."""
+def run_both(
+    rnn: HMLSTM, x: torch.Tensor, state: HMLSTMState, seed: int | None = None, slope: float | torch.Tensor = 2.0
+):
+    """Outputs and gradients (parameters, input, initial state) of both implementations on the same module. The
+    fast path gets `slope` as given (a number, or a 0-dim tensor as the CUDA graph step passes it), the reference
+    the same value as a number."""
     results = {}
     for impl in IMPLS:
         rnn.impl = impl
@@ -286,7 +297,7 @@ def run_both(rnn: HMLSTM, x: torch.Tensor, state: HMLSTMState, seed: int | None 
         state_ = HMLSTMState(*([t.clone().requires_grad_() for t in part] for part in state))
         if seed is not None:
             torch.manual_seed(seed)  # sample mode: both implementations draw the same Bernoulli numbers
-        out = rnn(x_, state_, slope=2.0)
+        out = rnn(x_, state_, slope=slope if impl == "fast" else float(slope))
         loss = loss_of(out, loss_weights(out))
         leaves = list(rnn.parameters()) + [x_] + [t for part in state_ for t in part]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
@@ -294,20 +305,21 @@ def run_both(rnn: HMLSTM, x: torch.Tensor, state: HMLSTMState, seed: int | None 
     return results
 
 
-def assert_same(results, names: list[str]) -> None:
+def assert_same(results, names: list[str], **tolerance: float) -> None:
+    """assert_close on every output and gradient (its float64 tolerances, or rtol and atol as given)."""
     (out_f, grads_f), (out_r, grads_r) = results["fast"], results["reference"]
     for mine, theirs in zip(out_f.hidden, out_r.hidden, strict=True):
-        torch.testing.assert_close(mine, theirs)
-    torch.testing.assert_close(out_f.boundaries, out_r.boundaries)
+        torch.testing.assert_close(mine, theirs, **tolerance)
+    torch.testing.assert_close(out_f.boundaries, out_r.boundaries, **tolerance)
     for part_f, part_r in zip(out_f.state, out_r.state, strict=True):
         for mine, theirs in zip(part_f, part_r, strict=True):
-            torch.testing.assert_close(mine, theirs)
+            torch.testing.assert_close(mine, theirs, **tolerance)
     for name, mine, theirs in zip(names, grads_f, grads_r, strict=True):
         if theirs is None:  # e.g. the top layer's initial z, which nothing reads
             assert mine is None or not mine.any(), name
             continue
         assert mine is not None, name
-        torch.testing.assert_close(mine, theirs, msg=lambda m, name=name: f"gradient of {name}: {m}")
+        torch.testing.assert_close(mine, theirs, msg=lambda m, name=name: f"gradient of {name}: {m}", **tolerance)
 
 
 SIZES = [[5], [7, 5], [7, 5, 3], [4, 4, 4]]
@@ -317,7 +329,12 @@ SIZES = [[5], [7, 5], [7, 5, 3], [4, 4, 4]]
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "ln"])
 @pytest.mark.parametrize("mode", ["step", "soft", "sample-eval", "sample-train"])
 def test_fast_path_equals_reference(sizes: list[int], layer_norm: bool, mode: str):
-    B, T = 5, 13
+    compare_with_reference(sizes, layer_norm, mode, B=5, T=13)
+
+
+def compare_with_reference(sizes: list[int], layer_norm: bool, mode: str, B: int, T: int, device=None):
+    """The fast path against the reference from a random state, in float64 on `device` (default: the CPU).
+    mode: step, soft, sample-eval or sample-train. Returns run_both's results."""
     boundary_mode, _, phase = mode.partition("-")
     rnn = make_rnn(sizes, layer_norm, boundary_mode)
     rnn.train(phase != "eval")
@@ -326,11 +343,15 @@ def test_fast_path_equals_reference(sizes: list[int], layer_norm: bool, mode: st
     if boundary_mode == "soft":  # soft boundaries carry fractions from step to step
         state = HMLSTMState(state.h, state.c, [z * 0.6 for z in state.z])
     names = [n for n, _ in rnn.named_parameters()] + ["x"] + [f"state.{p}{i}" for p in "hcz" for i in range(len(sizes))]
+    if device is not None:
+        rnn, x = rnn.to(device), x.to(device)
+        state = HMLSTMState(*([t.to(device) for t in part] for part in state))
     results = run_both(rnn, x, state, seed=123 if phase == "train" else None)
     assert_same(results, names)
     if boundary_mode == "soft" and len(sizes) > 1:
         b = results["fast"][0].boundaries
         assert ((b > 0) & (b < 1)).any(), "soft boundaries should take fractional values"
+    return results
 
 
 def test_fast_path_equals_reference_on_two_threads():
@@ -352,11 +373,16 @@ def test_fast_path_equals_reference_on_two_threads():
 
 @pytest.mark.parametrize("layer_norm", [False, True])
 def test_charlm_fast_path_equals_reference(layer_norm: bool):
+    compare_charlm_with_reference(layer_norm, B=4, T=11)
+
+
+def compare_charlm_with_reference(layer_norm: bool, B: int, T: int, device=None) -> None:
+    """CharLM's logits, gates, boundaries and parameter gradients, fast path against reference, in float64."""
     torch.manual_seed(0)
     config = ModelConfig(embed_dim=6, hidden_sizes=[7, 5, 3], output_embed_dim=8, layer_norm=layer_norm)
-    model = CharLM(13, config).double()
-    tokens = torch.randint(0, 13, (4, 11))
-    targets = torch.randint(0, 13, (4, 11))
+    model = CharLM(13, config).double().to(device)
+    tokens = torch.randint(0, 13, (B, T)).to(device)
+    targets = torch.randint(0, 13, (B, T)).to(device)
     results = {}
     for impl in IMPLS:
         model.rnn.impl = impl

@@ -1,8 +1,9 @@
 // The elementwise part of one HM-LSTM layer step on the CPU, forward and backward, fused into one pass over
-// the batch: what hmlm/fast.py does with a few dozen torch ops per step (each paying microseconds of dispatch),
-// done here in one call. The matmuls stay in Python (torch's BLAS); the arithmetic is that of fast.py's
-// `layer_step` and `layer_step_backward`, whose docstrings explain it, and tests/test_model.py holds both
-// to the reference cell in float64. Built on first use by hmlm/fused.py.
+// the batch: what the torch-op backend (hmlm/kernels/torch_ops.py) does with a few dozen torch ops per step
+// (each paying microseconds of dispatch), done here in one call. The matmuls stay in Python (torch's BLAS); the
+// arithmetic is that of torch_ops.py's `cell_step` and `layer_step_backward`, explained in hmlm/fast.py's
+// docstring, and tests/test_model.py holds both to the reference cell in float64. hmlm/kernels/triton.py is
+// the same for CUDA. Built on first use by hmlm/kernels/cpu.py.
 //
 // Every (B, width) argument may be a row-strided view (the last dimension contiguous); an absent optional
 // argument means "this layer has none": no layer below (layer 1, z_below = 1), no layer above (the top layer:

@@ -1,14 +1,15 @@
-"""The fused CPU step: hmlm/csrc/cell_cpu.cpp, compiled with torch's C++ extension builder on first use.
+"""The "cpu" backend: csrc/cell_cpu.cpp, compiled with torch's C++ extension builder on first use.
 
 On the CPU, without it, most of a small HM-LSTM's step is dispatch: a few dozen elementwise torch ops per
 layer, each a few microseconds. The extension does a layer step's elementwise work, forward or backward, in one
-call; hmlm/fast.py uses it wherever it can (CPU tensors, float32 or float64) and its own torch ops everywhere
-else (CUDA, other dtypes, or when the extension cannot be built here). tests/test_model.py holds both to the
-reference in float64.
+call (the three functions of hmlm.kernels.FusedKernels); hmlm/kernels/__init__.py chooses it for float32 and
+float64 CPU tensors unless told otherwise, and the torch-op backend wherever it cannot be built.
+tests/test_model.py holds both to the reference in float64.
 
 Building needs a C++ compiler (g++) and ninja, and takes about a minute, once per source, torch and Python
 version: the build lives under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). `make install`
-builds it (`python -m hmlm.fused`). Set HMLM_FUSED=0 to use the torch-op path on the CPU too.
+builds it (`python -m hmlm.kernels.cpu`). HMLM_KERNELS=torch (or the older HMLM_FUSED=0) uses the torch-op
+path on the CPU instead.
 """
 
 from __future__ import annotations
@@ -25,20 +26,10 @@ from types import ModuleType
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "cell_cpu.cpp"
-DTYPES = (torch.float32, torch.float64)
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _failed: str | None = None  # why the build failed, once it has
-
-
-def wanted() -> bool:
-    return os.environ.get("HMLM_FUSED", "1") != "0"
-
-
-def usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the fast path should call the extension for tensors of this device and dtype (builds it if needed)."""
-    return device.type == "cpu" and dtype in DTYPES and wanted() and load() is not None
 
 
 def load(verbose: bool = False) -> ModuleType | None:
@@ -54,7 +45,7 @@ def load(verbose: bool = False) -> ModuleType | None:
                 _failed = summarize(error)
                 warnings.warn(
                     f"hmlm: could not build the fused CPU kernels ({_failed}); using the slower torch-op path. "
-                    "Set HMLM_FUSED=0 to skip the attempt.",
+                    "Set HMLM_KERNELS=torch to skip the attempt.",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -112,22 +103,11 @@ def import_library(name: str, library: Path) -> ModuleType:
     return module
 
 
-def describe(device: torch.device, dtype: torch.dtype) -> str:
-    """What the fast path runs its elementwise work on for this device and dtype, and why, in words."""
-    if usable(device, dtype):
-        return "fused CPU kernels"
-    if device.type != "cpu" or dtype not in DTYPES:
-        return f"torch ops (the fused kernels are for float32/float64 on the CPU, not {dtype} on {device.type})"
-    if not wanted():
-        return "torch ops (HMLM_FUSED=0)"
-    return f"torch ops (the fused CPU kernels could not be built: {failure()})"
-
-
 def failure() -> str | None:
     """Why the extension could not be built, or None."""
     return _failed
 
 
-if __name__ == "__main__":  # `python -m hmlm.fused`: build now (make install does), rather than on first use
+if __name__ == "__main__":  # `python -m hmlm.kernels.cpu`: build now (make install does), rather than on first use
     module = load(verbose="-v" in sys.argv)
     print(f"hmlm: fused CPU kernels {'ready: ' + str(module.__file__) if module else 'not built: ' + str(failure())}")

@@ -1,4 +1,4 @@
-"""The fused CPU kernels (hmlm/fused.py): built where a compiler is, imported without the builder once built, a
+"""The fused CPU kernels (hmlm/kernels/cpu.py): built where a compiler is, imported without the builder once built, a
 clear fallback where they cannot be built, and the float32 build (AVX2/FMA where the CPU has it) against the
 reference. tests/test_model.py runs every model test with and without them, in float64."""
 
@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from hmlm import HMLSTM, fused
+from hmlm import HMLSTM, kernels
+from hmlm.errors import UserError
+from hmlm.kernels import cpu as fused
 
 
 @pytest.fixture
@@ -47,16 +49,37 @@ def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(fresh_state, mo
     monkeypatch.setattr(fused, "build", failing_build)
     with pytest.warns(RuntimeWarning, match="could not build the fused CPU kernels .*c\\+\\+: not found"):
         assert fused.load() is None
-    assert not fused.usable(torch.device("cpu"), torch.float32)
+    assert kernels.select(torch.device("cpu"), torch.float32) == "torch"
     assert "c++: not found" in fused.failure()
     rnn = HMLSTM(4, [5, 3], layer_norm=True)  # and the model still runs, on torch ops, without warning again
     rnn(torch.randn(2, 3, 4)).hidden[-1].sum().backward()
 
 
 def test_hmlm_fused_0_turns_them_off(monkeypatch):
+    monkeypatch.delenv("HMLM_KERNELS", raising=False)
     monkeypatch.setenv("HMLM_FUSED", "0")
-    assert not fused.usable(torch.device("cpu"), torch.float32)
-    assert not fused.usable(torch.device("cpu"), torch.bfloat16)
+    assert kernels.select(torch.device("cpu"), torch.float32) == "torch"
+    assert kernels.describe(torch.device("cpu"), torch.float32) == "torch ops (HMLM_FUSED=0)"
+    monkeypatch.setenv("HMLM_KERNELS", "auto")
+    assert kernels.describe(torch.device("cpu"), torch.float32) == "torch ops (HMLM_FUSED=0)"
+    monkeypatch.setenv("HMLM_KERNELS", "cpu")  # the newer switch wins
+    assert kernels.select(torch.device("cpu"), torch.float32) == ("cpu" if fused.load() else "torch")
+
+
+def test_hmlm_kernels_chooses_the_backend(monkeypatch):
+    cpu_, f32 = torch.device("cpu"), torch.float32
+    monkeypatch.delenv("HMLM_FUSED", raising=False)
+    monkeypatch.setenv("HMLM_KERNELS", "torch")
+    assert kernels.select(cpu_, f32) == "torch"
+    assert kernels.describe(cpu_, f32) == "torch ops (HMLM_KERNELS=torch)"
+    for setting in ("auto", "cpu", "", "CPU"):
+        monkeypatch.setenv("HMLM_KERNELS", setting)
+        assert kernels.select(cpu_, f32) == ("cpu" if fused.load() else "torch"), setting
+        assert kernels.select(cpu_, torch.bfloat16) == "torch"  # the fused kernels take float32/float64 only
+    assert "not torch.bfloat16" in kernels.describe(cpu_, torch.bfloat16)
+    monkeypatch.setenv("HMLM_KERNELS", "cuda")
+    with pytest.raises(UserError, match="HMLM_KERNELS='cuda' is not a kernel backend: use auto, triton, cpu or torch"):
+        kernels.select(cpu_, f32)
 
 
 @pytest.mark.parametrize("layer_norm", [False, True])
@@ -65,7 +88,7 @@ def test_float32_kernels_match_the_reference(layer_norm: bool, monkeypatch):
     differently (FMA, sums in a different order), at a size where the vector loops have full lanes and tails."""
     if fused.load() is None:
         pytest.skip(f"the fused CPU kernels could not be built here: {fused.failure()}")
-    monkeypatch.setenv("HMLM_FUSED", "1")
+    monkeypatch.setenv("HMLM_KERNELS", "cpu")
     torch.manual_seed(0)
     rnn = HMLSTM(24, [67, 40, 33], layer_norm=layer_norm)
     x = torch.randn(9, 20, 24)

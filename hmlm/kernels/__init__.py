@@ -1,0 +1,203 @@
+"""The elementwise work of one HM-LSTM layer step, forward and backward, per backend, behind one interface.
+
+hmlm/fast.py runs the matmuls (torch: the CPU's BLAS or cuBLAS) and hands everything between them to one of
+three backends, side by side (the arithmetic is explained once, in fast.py's docstring):
+
+    torch    torch_ops.py      plain torch ops on the fast path's tapes; any device and dtype. The fallback,
+                               and the readable one: a few dozen ops per layer step, each paying dispatch.
+    cpu      cpu.py            csrc/cell_cpu.cpp, a C++ extension built on first use: float32/float64 on the CPU.
+    triton   triton.py         Triton kernels: float32/float64 on CUDA. Without CUDA they run on the CPU
+                               through Triton's interpreter (TRITON_INTERPRET=1), slowly: that is for tests.
+
+The two fused backends implement the three functions of `FusedKernels`, with the same arguments: one call per
+layer step forward, two backward (around the matmul that takes the step's gradient back to its inputs).
+
+Which one runs, per call, from the tensors' device and dtype (`select`), is set by HMLM_KERNELS:
+    auto (default)   Triton for CUDA tensors, C++ for CPU tensors, torch ops where those cannot serve
+    triton | cpu     that backend where it can serve these tensors, else torch ops
+    torch            torch ops everywhere
+HMLM_FUSED=0, the older switch, means HMLM_KERNELS=torch when HMLM_KERNELS is unset. A fused backend that
+cannot be built or loaded here (no compiler, no triton, a Triton that cannot compile the kernels) says why
+once, in a warning, and the torch ops run instead. `describe` says in words what runs and why.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import ModuleType
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from hmlm.errors import UserError
+
+BACKENDS = ("triton", "cpu", "torch")
+DTYPES = (torch.float32, torch.float64)  # the fused backends' (the state's dtype: fp32 under autocast too)
+LN_EPS = 1e-5  # F.layer_norm's default, which the reference uses
+LayerNormParams = tuple[Tensor, Tensor, Tensor, Tensor]  # gate gain (4, H), gate bias (4, H), cell gain, cell bias
+ZRAW_MODES = {"step": 0, "soft": 1, "sample": 2}  # cell_forward's zraw_mode; sample: zraw drawn by the caller
+
+# HMLM_KERNELS=triton without CUDA: the kernels run through Triton's interpreter, which must be on before anyone
+# imports triton (torch may, for its optimizers), so before hmlm does anything else (see triton.py's docstring).
+if os.environ.get("HMLM_KERNELS", "").strip().lower() == "triton" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+class FusedKernels(Protocol):
+    """What a fused backend implements. Every (B, width) tensor may be a row-strided view whose last dimension
+    is contiguous; an absent optional tensor (None) means "this layer has none": no layer below (layer 1:
+    z_below = 1), no layer above (the top layer: no boundary), no layer norm, or nothing saved for the backward.
+    Shapes: H this layer's width, D the one below's, A the one above's; z's and zhat are (B, 1)."""
+
+    def cell_forward(
+        self, gates: Tensor, zhat: Tensor | None, ln_gain: Tensor | None, ln_bias: Tensor | None,
+        cell_gain: Tensor | None, cell_bias: Tensor | None, h_prev: Tensor, c_prev: Tensor, z_prev: Tensor,
+        z_below: Tensor | None, act: Tensor, keep_f: Tensor, c: Tensor, tc: Tensor, h: Tensor,
+        neg_dh: Tensor | None, neg_dc: Tensor | None, zraw: Tensor | None, z: Tensor | None,
+        gates_mean: Tensor | None, gates_rstd: Tensor | None, cell_mean: Tensor | None, cell_rstd: Tensor | None,
+        zraw_mode: int, slope: float | Tensor, eps: float,
+    ) -> None:  # fmt: skip
+        """From the pre-activations gates (B, 4H) and zhat to act (B, 4H: sigm f, i, o, tanh g), keep_f, c, tc
+        (tanh of the normalized c), h, and z = keep*zraw; the saved -d/d copy terms and layer norm statistics
+        ((B, 4) and (B, 1)) where given. `slope`: a number, or for Triton a 0-dim tensor read on the device."""
+
+    def cell_backward(
+        self, pair: Tensor, g_z: Tensor, act: Tensor, tc: Tensor, c_prev: Tensor, c: Tensor, keep_f: Tensor,
+        neg_d_copy: Tensor | None, zraw: Tensor | None, zhat: Tensor | None, gates: Tensor | None,
+        gates_mean: Tensor | None, gates_rstd: Tensor | None, cell_mean: Tensor | None, cell_rstd: Tensor | None,
+        ln_gain: Tensor | None, cell_gain: Tensor | None, ln_grad: Tensor | None, z_prev: Tensor,
+        z_below: Tensor | None, ds: Tensor, dc_prev: Tensor, gz_prev: Tensor, gz_below: Tensor | None,
+        slope: float | Tensor,
+    ) -> None:  # fmt: skip
+        """From the gradients [dh | dc] (pair, (B, 2H)) and dz of the step's outputs to ds (B, 4H + 1) of its
+        pre-activations, dc_prev, and the gradients of z_prev and z_below. ln_grad: see `ln_grad_rows`."""
+
+    def route_backward(
+        self, dx: Tensor, D: int, pair: Tensor, z_prev: Tensor, z_below: Tensor | None, pair_next: Tensor,
+        above_pair: Tensor | None, h_above: Tensor | None, below_pair: Tensor | None, h_below: Tensor | None,
+        gz_prev: Tensor, gz_below: Tensor | None, below_dz: Tensor | None,
+    ) -> None:  # fmt: skip
+        """The gradient dx (B, D + H + A) of the step's matmul input, routed: into dh_{t-1} (pair_next's first
+        H columns, with COPY's pass-through), the layer above's dh and this layer's dz_prev, the layer below's dh
+        and dz."""
+
+
+def ln_grad_rows(backend: str) -> bool:
+    """How a fused backend returns the layer norm parameters' gradients through cell_backward's `ln_grad`.
+    C++ adds each step's to one (10H,) accumulator [gates gain 4H | gates bias 4H | cell gain H | cell bias H]
+    as it goes (one thread per chunk of rows, under a lock). Triton, where rows run in parallel and atomic adds
+    would make the sums' order (so their last bits) change from run to run, writes the step's rows
+    [d gates after their layer norm 4H | d normalized c H] (B, 5H), and the sums are made after the loop."""
+    return backend == "triton"
+
+
+def requested() -> str:
+    """HMLM_KERNELS, checked: auto, triton, cpu or torch (HMLM_FUSED=0 alone means torch)."""
+    value = os.environ.get("HMLM_KERNELS", "").strip().lower() or "auto"
+    if value not in ("auto", *BACKENDS):
+        raise UserError(f"HMLM_KERNELS={value!r} is not a kernel backend: use auto, triton, cpu or torch")
+    if value == "auto" and os.environ.get("HMLM_FUSED", "1") == "0":
+        return "torch"
+    return value
+
+
+def select(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend the fast path runs on for tensors of this device and dtype: triton, cpu or torch."""
+    return choose(device, dtype)[0]
+
+
+def choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """The backend, and why the torch ops when it comes to that (else "")."""
+    want = requested()
+    if want == "torch":
+        explicit = os.environ.get("HMLM_KERNELS", "").strip().lower() == "torch"
+        return "torch", "HMLM_KERNELS=torch" if explicit else "HMLM_FUSED=0"
+    if dtype not in DTYPES:
+        return "torch", f"the fused kernels are for float32/float64, not {dtype}"
+    if want == "auto":
+        want = "triton" if device.type == "cuda" else "cpu"
+    if want == "cpu":
+        from hmlm.kernels import cpu
+
+        if device.type != "cpu":
+            return "torch", f"the C++ kernels are for the CPU, not {device.type}"
+        if cpu.load() is None:
+            return "torch", f"the C++ kernels could not be built: {cpu.failure()}"
+        return "cpu", ""
+    module, why = load_triton(dtype)
+    if module is None:
+        return "torch", f"the Triton kernels are not available: {why}"
+    if device.type != module.DEVICE:
+        return "torch", f"the Triton kernels run on {module.DEVICE} in this process ({module.MODE}), not {device.type}"
+    return "triton", ""
+
+
+def load(backend: str) -> FusedKernels:
+    """The kernels of a fused backend that `select` chose (so known to load)."""
+    if backend == "cpu":
+        from hmlm.kernels import cpu
+
+        module = cpu.load()
+    else:
+        module = _triton
+    if module is None:
+        raise RuntimeError(f"the {backend} kernels were chosen but are not loaded")  # select() said they were
+    return module
+
+
+_triton: ModuleType | None = None
+_triton_failed: str | None = None
+_triton_dtypes: dict[torch.dtype, str] = {}  # per dtype tried: "" where the kernels ran, else why not
+_triton_lock = threading.Lock()
+
+
+def load_triton(dtype: torch.dtype = torch.float32) -> tuple[ModuleType | None, str]:
+    """hmlm.kernels.triton, imported on first use, its kernels tried once per dtype (they are compiled per
+    dtype: a GPU may run float32 and fail float64); None and why where that fails, said once in a warning."""
+    global _triton, _triton_failed
+    if dtype not in _triton_dtypes and _triton_failed is None:
+        with _triton_lock:
+            if _triton is None and _triton_failed is None:
+                try:
+                    from hmlm.kernels import triton as module  # sets TRITON_INTERPRET=1 first without CUDA
+
+                    _triton = module
+                except Exception as error:  # not installed, an installation that does not import, or too late
+                    _triton_failed = _warn_triton(error)
+            if _triton is not None and dtype not in _triton_dtypes:
+                try:
+                    _triton.self_test(dtype)
+                    _triton_dtypes[dtype] = ""
+                except Exception as error:  # no C compiler for its launcher, a GPU or dtype it cannot compile for
+                    _triton_dtypes[dtype] = _warn_triton(error, f" in {str(dtype).removeprefix('torch.')}")
+    if _triton is None:
+        return None, _triton_failed or ""
+    why = _triton_dtypes[dtype]
+    return (None, why) if why else (_triton, "")
+
+
+def _warn_triton(error: Exception, where: str = "") -> str:
+    import warnings
+
+    from hmlm.kernels.cpu import summarize
+
+    why = summarize(error)
+    warnings.warn(
+        f"hmlm: the Triton kernels cannot run here{where} ({why}); using the slower torch-op path. "
+        "Set HMLM_KERNELS=torch to skip the attempt.",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+    return why
+
+
+def describe(device: torch.device, dtype: torch.dtype) -> str:
+    """What the fast path runs its elementwise work on for this device and dtype, and why, in words."""
+    backend, why = choose(device, dtype)
+    if backend == "cpu":
+        return "fused CPU kernels (C++)"
+    if backend == "triton":
+        return f"Triton kernels ({load_triton(dtype)[0].MODE})"
+    return f"torch ops ({why})"

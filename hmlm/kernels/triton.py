@@ -1,0 +1,484 @@
+"""The "triton" backend: a layer step's elementwise work in Triton kernels, the CUDA counterpart of
+csrc/cell_cpu.cpp, with the same three functions and arguments (hmlm.kernels.FusedKernels) and the same
+arithmetic (explained in hmlm/fast.py's docstring). One program per batch row, the whole row (every gate block
+of width H) in registers: one launch per layer step forward (the four gate layer norms, the activations, the
+FLUSH/UPDATE/COPY blend, the cell layer norm, tanh, the boundary), two backward (`cell_backward` before the
+step's matmul, `route_backward` after). The matmuls stay in torch (cuBLAS).
+
+Where there is no CUDA, the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1), one
+program at a time in NumPy: slow, but exact enough for the tests to hold them to the reference in float64. Triton
+decides whether it interprets when a function is defined with triton.jit, its own library's (tl.sum) when
+triton is imported, and torch may import triton first (torch._dynamo does, under the optimizers). So
+TRITON_INTERPRET=1 is set when hmlm.kernels is imported (by hmlm's model, so by every command) with
+HMLM_KERNELS=triton and no CUDA, again here before triton is imported (for a process that chose the backend
+later), and if triton was imported earlier without it, importing this module fails with a message that says so.
+In one process the kernels run either compiled, for CUDA tensors, or interpreted, for CPU tensors (`DEVICE`).
+
+Differences from the C++ kernels, both for the sake of determinism on a GPU: the layer norm parameters'
+gradients are not summed here over rows (that would take atomic adds, whose order changes from run to run) but
+written per row for the sums after the loop (hmlm.kernels.ln_grad_rows); and the statistics of a row are summed
+in the order Triton's tree reduction takes. The slope comes either as a 0-dim tensor on the device (the CUDA graph
+step's, hmlm/cuda_graph.py), read by the kernels through its pointer in the compute dtype, so a captured graph sees
+each new slope and nothing waits for the host; or as a number. A Python float reaches a Triton kernel as a float32
+scalar (compiled and interpreted alike), which is exact for float32 work (and is how `eps` goes); in float64 work
+a numeric slope goes by pointer too (`_slope_arg`), so float64 results do not depend on how the slope was given.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: see the docstring
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from hmlm.kernels import LN_EPS, ZRAW_MODES  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+if INTERPRETED:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.sum, InterpretedFunction):
+        raise ImportError(
+            "triton was imported before TRITON_INTERPRET=1 was set, so its interpreter cannot run the kernels: "
+            "set TRITON_INTERPRET=1 (or HMLM_KERNELS=triton) in the environment before Python starts"
+        )
+DEVICE = "cpu" if INTERPRETED else "cuda"  # the tensors the kernels run on in this process
+MODE = "interpreted on the CPU: TRITON_INTERPRET=1" if INTERPRETED else "compiled for CUDA"
+
+
+# --- Helpers inside the kernels --------------------------------------------------------------------------------
+
+
+def device_function(fn):
+    """triton.jit, for a function the kernels call. Interpreted, the function is left plain: the interpreter
+    would patch triton.language anew at every call of a jit function (milliseconds each, most of the tests'
+    time), and a plain call inside a kernel runs under the kernel's own patching, with the same result."""
+    return fn if INTERPRETED else triton.jit(fn)
+
+
+@device_function
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@device_function
+def _tanh(x):
+    return 2.0 * _sigmoid(2.0 * x) - 1.0  # as the C++ kernels compute it
+
+
+@device_function
+def _slope(slope, like, SLOPE_PTR: tl.constexpr):
+    """The slope in the dtype of `like`: read from the device (a 1-element tensor: a captured CUDA graph's, which
+    a new slope updates without a new graph), or the number Triton passed."""
+    if SLOPE_PTR:
+        return tl.load(slope).to(like.dtype)
+    return slope
+
+
+@device_function
+def _normalize(x, mask, n, eps):
+    """(x - mean) * rstd over the n unmasked lanes (zero on the others), the mean, and rstd (biased variance)."""
+    mean = tl.sum(tl.where(mask, x, 0.0), axis=0) / n
+    centered = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / n + eps)
+    return centered * rstd, mean, rstd
+
+
+@device_function
+def _normalize_backward(dy, x, gain, mask, n, mean, rstd):
+    """Layer norm's backward for one row: d x from dy, the gradient of gain * xhat + bias."""
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    dn = tl.where(mask, dy * gain, 0.0)
+    a = tl.sum(dn, axis=0) / n
+    b = tl.sum(dn * xhat, axis=0) / n
+    return tl.where(mask, rstd * (dn - a - xhat * b), 0.0)
+
+
+# --- The kernels -----------------------------------------------------------------------------------------------
+# Each takes every tensor as a pointer and its row stride (s_*); an absent one comes as some other tensor and is
+# never touched (the flags BOTTOM, TOP, LN, ... say which are there).
+
+
+@triton.jit
+def _cell_forward(
+    gates, s_gates, zhat, s_zhat, ln_gain, ln_bias, cell_gain, cell_bias,
+    h_prev, s_h_prev, c_prev, s_c_prev, z_prev, s_z_prev, z_below, s_z_below,
+    act, s_act, keep_f, s_keep_f, c, s_c, tc, s_tc, h, s_h,
+    neg_dh, s_neg_dh, neg_dc, s_neg_dc, zraw, s_zraw, z, s_z,
+    gates_mean, s_gates_mean, gates_rstd, s_gates_rstd, cell_mean, s_cell_mean, cell_rstd, s_cell_rstd,
+    H, slope, eps,
+    BLOCK: tl.constexpr, BOTTOM: tl.constexpr, TOP: tl.constexpr, LN: tl.constexpr, STATS: tl.constexpr,
+    SAVE_COPY: tl.constexpr, ZRAW_MODE: tl.constexpr, SLOPE_PTR: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)  # 64-bit row offsets: B * stride can pass 2**31
+    k = tl.arange(0, BLOCK)
+    mask = k < H
+
+    # Gates: sigm(f), sigm(i), sigm(o), tanh(g), each block layer-normalized on its own first.
+    row = gates + b * s_gates
+    xf = tl.load(row + k, mask=mask, other=0.0)
+    xi = tl.load(row + H + k, mask=mask, other=0.0)
+    xo = tl.load(row + 2 * H + k, mask=mask, other=0.0)
+    xg = tl.load(row + 3 * H + k, mask=mask, other=0.0)
+    if LN:
+        nf, mean_f, rstd_f = _normalize(xf, mask, H, eps)
+        ni, mean_i, rstd_i = _normalize(xi, mask, H, eps)
+        no, mean_o, rstd_o = _normalize(xo, mask, H, eps)
+        ng, mean_g, rstd_g = _normalize(xg, mask, H, eps)
+        xf = nf * tl.load(ln_gain + k, mask=mask, other=0.0) + tl.load(ln_bias + k, mask=mask, other=0.0)
+        xi = ni * tl.load(ln_gain + H + k, mask=mask, other=0.0) + tl.load(ln_bias + H + k, mask=mask, other=0.0)
+        xo = no * tl.load(ln_gain + 2 * H + k, mask=mask, other=0.0) + tl.load(ln_bias + 2 * H + k, mask=mask)
+        xg = ng * tl.load(ln_gain + 3 * H + k, mask=mask, other=0.0) + tl.load(ln_bias + 3 * H + k, mask=mask)
+        if STATS:
+            mean_row, rstd_row = gates_mean + b * s_gates_mean, gates_rstd + b * s_gates_rstd
+            tl.store(mean_row, mean_f)
+            tl.store(mean_row + 1, mean_i)
+            tl.store(mean_row + 2, mean_o)
+            tl.store(mean_row + 3, mean_g)
+            tl.store(rstd_row, rstd_f)
+            tl.store(rstd_row + 1, rstd_i)
+            tl.store(rstd_row + 2, rstd_o)
+            tl.store(rstd_row + 3, rstd_g)
+    f = _sigmoid(xf)
+    i = _sigmoid(xi)
+    o = _sigmoid(xo)
+    g = _tanh(xg)
+    row = act + b * s_act
+    tl.store(row + k, f, mask=mask)
+    tl.store(row + H + k, i, mask=mask)
+    tl.store(row + 2 * H + k, o, mask=mask)
+    tl.store(row + 3 * H + k, g, mask=mask)
+
+    # c = keep*i*g + (copy + update*f)*c_prev: exactly c_prev on a COPY (keep = 0, copy = 1)
+    zp = tl.load(z_prev + b * s_z_prev)
+    cp = tl.load(c_prev + b * s_c_prev + k, mask=mask, other=0.0)
+    ig = i * g
+    if BOTTOM:  # z_below = 1: no COPY, keep = 1
+        kf = f - f * zp
+        cn = ig + kf * cp
+        copy = 0.0
+        keep = 1.0
+    else:
+        zb = tl.load(z_below + b * s_z_below)
+        update = zb - zp * zb
+        keep = zp + update
+        copy = 1.0 - keep
+        kf = copy + f * update
+        cn = ig * keep + kf * cp
+        if SAVE_COPY:
+            tl.store(neg_dc + b * s_neg_dc + k, ig - cp, mask=mask)
+    tl.store(keep_f + b * s_keep_f + k, kf, mask=mask)
+    tl.store(c + b * s_c + k, cn, mask=mask)
+
+    # h = lerp(o*tanh(c), h_prev, copy), lerp written as torch writes it, so that it is exact at 0 and 1.
+    if LN:
+        nc, mean_c, rstd_c = _normalize(cn, mask, H, eps)
+        cn = nc * tl.load(cell_gain + k, mask=mask, other=0.0) + tl.load(cell_bias + k, mask=mask, other=0.0)
+        if STATS:
+            tl.store(cell_mean + b * s_cell_mean, mean_c)
+            tl.store(cell_rstd + b * s_cell_rstd, rstd_c)
+    t = _tanh(cn)
+    tl.store(tc + b * s_tc + k, t, mask=mask)
+    otc = o * t
+    hp = tl.load(h_prev + b * s_h_prev + k, mask=mask, other=0.0)
+    if SAVE_COPY:
+        tl.store(neg_dh + b * s_neg_dh + k, otc - hp, mask=mask)
+    if BOTTOM:
+        hv = otc
+    else:
+        hv = tl.where(copy < 0.5, otc + copy * (hp - otc), hp - (hp - otc) * (1.0 - copy))
+    tl.store(h + b * s_h + k, hv, mask=mask)
+
+    # The boundary: z = keep*zraw, zraw = 1[zhat > 0] (whatever the slope), hard_sigmoid(zhat), or given: ZRAW_MODE
+    # 0, 1 or 2 (hmlm.kernels.ZRAW_MODES).
+    if not TOP:
+        zh = tl.load(zhat + b * s_zhat)
+        if ZRAW_MODE == 0:
+            zr = tl.where(zh > 0.0, 1.0, 0.0)
+        elif ZRAW_MODE == 1:
+            a = _slope(slope, zh, SLOPE_PTR)
+            zr = tl.minimum(tl.maximum((a * zh + 1.0) / 2.0, 0.0), 1.0)
+        else:
+            zr = tl.load(zraw + b * s_zraw)
+        if ZRAW_MODE != 2:
+            tl.store(zraw + b * s_zraw, zr)
+        tl.store(z + b * s_z, keep * zr)
+
+
+@triton.jit
+def _cell_backward(
+    pair, s_pair, g_z, s_g_z, act, s_act, tc, s_tc, c_prev, s_c_prev, c, s_c, keep_f, s_keep_f,
+    neg_d_copy, s_neg_d_copy, zraw, s_zraw, zhat, s_zhat, gates, s_gates,
+    gates_mean, s_gates_mean, gates_rstd, s_gates_rstd, cell_mean, s_cell_mean, cell_rstd, s_cell_rstd,
+    ln_gain, cell_gain, ln_rows, s_ln_rows, z_prev, s_z_prev, z_below, s_z_below,
+    ds, s_ds, dc_prev, s_dc_prev, gz_prev, s_gz_prev, gz_below, s_gz_below,
+    H, slope,
+    BLOCK: tl.constexpr, BOTTOM: tl.constexpr, TOP: tl.constexpr, LN: tl.constexpr, SLOPE_PTR: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, BLOCK)
+    mask = k < H
+
+    zp = tl.load(z_prev + b * s_z_prev)
+    if BOTTOM:
+        zb = 1.0
+        update = 1.0 - zp
+        keep = 1.0
+    else:
+        zb = tl.load(z_below + b * s_z_below)
+        update = zb - zp * zb
+        keep = zp + update
+    g_h = tl.load(pair + b * s_pair + k, mask=mask, other=0.0)
+    g_c = tl.load(pair + b * s_pair + H + k, mask=mask, other=0.0)
+    row = act + b * s_act
+    f = tl.load(row + k, mask=mask, other=0.0)
+    i = tl.load(row + H + k, mask=mask, other=0.0)
+    o = tl.load(row + 2 * H + k, mask=mask, other=0.0)
+    g = tl.load(row + 3 * H + k, mask=mask, other=0.0)
+    t = tl.load(tc + b * s_tc + k, mask=mask, other=0.0)
+    cp = tl.load(c_prev + b * s_c_prev + k, mask=mask, other=0.0)
+
+    # h = lerp(o*tanh(cn), h_prev, copy): into o, and into c through tanh (and the cell's layer norm).
+    g_otc = g_h * keep
+    d_o = g_otc * t
+    d_cn = g_otc * o * (1.0 - t * t)
+    if LN:
+        tl.store(ln_rows + b * s_ln_rows + 4 * H + k, d_cn, mask=mask)
+        cv = tl.load(c + b * s_c + k, mask=mask, other=0.0)
+        gain = tl.load(cell_gain + k, mask=mask, other=0.0)
+        mean_c, rstd_c = tl.load(cell_mean + b * s_cell_mean), tl.load(cell_rstd + b * s_cell_rstd)
+        g_c += _normalize_backward(d_cn, cv, gain, mask, H, mean_c, rstd_c)
+    else:
+        g_c += d_cn
+    # c = keep*i*g + (copy + update*f)*c_prev; g_c is now the whole d loss / d c_t.
+    g_ig = g_c * keep
+    di = g_ig * g
+    dg = g_ig * i
+    df = g_c * cp * update
+    tl.store(dc_prev + b * s_dc_prev + k, g_c * tl.load(keep_f + b * s_keep_f + k, mask=mask), mask=mask)
+    g_update = tl.sum(g_c * cp * f, axis=0)  # masked lanes are 0
+    # Through the nonlinearities (and the gates' layer norm) into the pre-activations.
+    df = df * f * (1.0 - f)
+    di = di * i * (1.0 - i)
+    d_o = d_o * o * (1.0 - o)
+    dg = dg * (1.0 - g * g)
+    out = ds + b * s_ds
+    if LN:
+        rows = ln_rows + b * s_ln_rows
+        tl.store(rows + k, df, mask=mask)
+        tl.store(rows + H + k, di, mask=mask)
+        tl.store(rows + 2 * H + k, d_o, mask=mask)
+        tl.store(rows + 3 * H + k, dg, mask=mask)
+        grow, mean_row, rstd_row = gates + b * s_gates, gates_mean + b * s_gates_mean, gates_rstd + b * s_gates_rstd
+        xs = tl.load(grow + k, mask=mask, other=0.0)
+        gain = tl.load(ln_gain + k, mask=mask, other=0.0)
+        df = _normalize_backward(df, xs, gain, mask, H, tl.load(mean_row), tl.load(rstd_row))
+        xs = tl.load(grow + H + k, mask=mask, other=0.0)
+        gain = tl.load(ln_gain + H + k, mask=mask, other=0.0)
+        di = _normalize_backward(di, xs, gain, mask, H, tl.load(mean_row + 1), tl.load(rstd_row + 1))
+        xs = tl.load(grow + 2 * H + k, mask=mask, other=0.0)
+        gain = tl.load(ln_gain + 2 * H + k, mask=mask, other=0.0)
+        d_o = _normalize_backward(d_o, xs, gain, mask, H, tl.load(mean_row + 2), tl.load(rstd_row + 2))
+        xs = tl.load(grow + 3 * H + k, mask=mask, other=0.0)
+        gain = tl.load(ln_gain + 3 * H + k, mask=mask, other=0.0)
+        dg = _normalize_backward(dg, xs, gain, mask, H, tl.load(mean_row + 3), tl.load(rstd_row + 3))
+    tl.store(out + k, df, mask=mask)
+    tl.store(out + H + k, di, mask=mask)
+    tl.store(out + 2 * H + k, d_o, mask=mask)
+    tl.store(out + 3 * H + k, dg, mask=mask)
+
+    # Into the choice of operation (z_prev, z_below), and through z = keep*zraw into zhat (straight-through: the
+    # hard sigmoid's derivative as torch.clamp defines it, the bounds counting as inside).
+    if BOTTOM:
+        tl.store(gz_prev + b * s_gz_prev, -g_update)
+    else:
+        ndh = tl.load(neg_d_copy + b * s_neg_d_copy + k, mask=mask, other=0.0)
+        ndc = tl.load(neg_d_copy + b * s_neg_d_copy + H + k, mask=mask, other=0.0)
+        neg_g_copy = tl.sum(g_h * ndh + g_c * ndc, axis=0)
+        if not TOP:
+            neg_g_copy += tl.load(g_z + b * s_g_z) * tl.load(zraw + b * s_zraw)
+        diff = g_update + neg_g_copy
+        tl.store(gz_prev + b * s_gz_prev, neg_g_copy - zb * diff)
+        tl.store(gz_below + b * s_gz_below, (1.0 - zp) * diff)
+    if not TOP:
+        zh = tl.load(zhat + b * s_zhat)
+        a = _slope(slope, zh, SLOPE_PTR)
+        y = (a * zh + 1.0) / 2.0
+        st = tl.where((y >= 0.0) & (y <= 1.0), a / 2.0, 0.0)
+        tl.store(out + 4 * H, tl.load(g_z + b * s_g_z) * keep * st)
+
+
+@triton.jit
+def _route_backward(
+    dx, s_dx, D, pair, s_pair, z_prev, s_z_prev, z_below, s_z_below, pair_next, s_pair_next,
+    above_pair, s_above_pair, h_above, s_h_above, below_pair, s_below_pair, h_below, s_h_below,
+    gz_prev, s_gz_prev, gz_below, s_gz_below, below_dz, s_below_dz, H, A,
+    BLOCK: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr, BOTTOM: tl.constexpr, TOP: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, BLOCK)
+    mask = k < H
+    zp = tl.load(z_prev + b * s_z_prev)
+    row = dx + b * s_dx
+    # d h_{t-1}: the recurrent matmul, and COPY's pass-through.
+    d_rec = tl.load(row + D + k, mask=mask, other=0.0)
+    if BOTTOM:
+        tl.store(pair_next + b * s_pair_next + k, d_rec, mask=mask)
+    else:
+        zb = tl.load(z_below + b * s_z_below)
+        copy = 1.0 - (zp + (zb - zp * zb))
+        g_h = tl.load(pair + b * s_pair + k, mask=mask, other=0.0)
+        tl.store(pair_next + b * s_pair_next + k, d_rec + g_h * copy, mask=mask)
+    if not TOP:  # into layer l+1's h_{t-1} (masked by z_prev) and into z_prev
+        ka = tl.arange(0, BLOCK_A)
+        mask_a = ka < A
+        d_above = tl.load(row + D + H + ka, mask=mask_a, other=0.0)
+        target = above_pair + b * s_above_pair + ka
+        tl.store(target, tl.load(target, mask=mask_a) + d_above * zp, mask=mask_a)
+        h_a = tl.load(h_above + b * s_h_above + ka, mask=mask_a, other=0.0)
+        target = gz_prev + b * s_gz_prev
+        tl.store(target, tl.load(target) + tl.sum(d_above * h_a, axis=0))
+    if not BOTTOM:  # into layer l-1's h_t (masked by z_below) and its z_t
+        kd = tl.arange(0, BLOCK_D)
+        mask_d = kd < D
+        d_below = tl.load(row + kd, mask=mask_d, other=0.0)
+        target = below_pair + b * s_below_pair + kd
+        tl.store(target, tl.load(target, mask=mask_d) + d_below * zb, mask=mask_d)
+        h_b = tl.load(h_below + b * s_h_below + kd, mask=mask_d, other=0.0)
+        target = below_dz + b * s_below_dz
+        tl.store(target, tl.load(target) + tl.load(gz_below + b * s_gz_below) + tl.sum(d_below * h_b, axis=0))
+
+
+# --- The interface (hmlm.kernels.FusedKernels) -----------------------------------------------------------------
+
+
+def _rows(t: torch.Tensor | None, stand_in: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A tensor and its row stride, or a stand-in the kernel never touches."""
+    return (stand_in, 0) if t is None else (t, t.stride(0))
+
+
+def _block(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
+def _warps(block: int) -> int:
+    return max(1, min(8, block // 128))
+
+
+_slope_tensors: dict[tuple[float, torch.device], torch.Tensor] = {}  # float64 slopes given as numbers, on the device
+
+
+def _slope_arg(slope: float | torch.Tensor, like: torch.Tensor) -> tuple[float | torch.Tensor, bool]:
+    """The kernels' slope and SLOPE_PTR. A tensor goes by pointer (read on the device, no host synchronization,
+    and graph-capturable). A number goes as Triton's float scalar, which is float32 (compiled and interpreted):
+    exact for float32 work; for float64 work the number goes by pointer too, from a 0-dim float64 tensor made once
+    per value and device (a fill, no host read), so that an eager step with a number and a captured step with a
+    tensor compute the same. Under capture (where the slope comes as a tensor) no tensor is made for a number."""
+    if isinstance(slope, torch.Tensor):
+        return slope, True
+    slope = float(slope)
+    if like.dtype != torch.float64 or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return slope, False
+    key = (slope, like.device)
+    tensor = _slope_tensors.get(key)
+    if tensor is None:
+        if len(_slope_tensors) >= 64:  # a slope schedule makes a new value every epoch or step
+            _slope_tensors.clear()
+        tensor = _slope_tensors[key] = torch.full((), slope, dtype=torch.float64, device=like.device)
+    return tensor, True
+
+
+def cell_forward(
+    gates, zhat, ln_gain, ln_bias, cell_gain, cell_bias, h_prev, c_prev, z_prev, z_below, act, keep_f, c, tc, h,
+    neg_dh, neg_dc, zraw, z, gates_mean, gates_rstd, cell_mean, cell_rstd, zraw_mode, slope, eps,
+) -> None:  # fmt: skip
+    B, H = c.shape
+    block = _block(H)
+    slope, slope_ptr = _slope_arg(slope, gates)
+    _cell_forward[(B,)](
+        *_rows(gates, gates), *_rows(zhat, gates),
+        ln_gain if ln_gain is not None else gates, ln_bias if ln_bias is not None else gates,
+        cell_gain if cell_gain is not None else gates, cell_bias if cell_bias is not None else gates,
+        *_rows(h_prev, gates), *_rows(c_prev, gates), *_rows(z_prev, gates), *_rows(z_below, gates),
+        *_rows(act, gates), *_rows(keep_f, gates), *_rows(c, gates), *_rows(tc, gates), *_rows(h, gates),
+        *_rows(neg_dh, gates), *_rows(neg_dc, gates), *_rows(zraw, gates), *_rows(z, gates),
+        *_rows(gates_mean, gates), *_rows(gates_rstd, gates), *_rows(cell_mean, gates), *_rows(cell_rstd, gates),
+        H, slope, float(eps),
+        BLOCK=block, BOTTOM=z_below is None, TOP=zhat is None, LN=ln_gain is not None,
+        STATS=gates_mean is not None, SAVE_COPY=neg_dh is not None, ZRAW_MODE=int(zraw_mode), SLOPE_PTR=slope_ptr,
+        num_warps=_warps(block),
+    )  # fmt: skip
+
+
+def cell_backward(
+    pair, g_z, act, tc, c_prev, c, keep_f, neg_d_copy, zraw, zhat, gates, gates_mean, gates_rstd, cell_mean,
+    cell_rstd, ln_gain, cell_gain, ln_grad, z_prev, z_below, ds, dc_prev, gz_prev, gz_below, slope,
+) -> None:  # fmt: skip
+    """`ln_grad`, with layer norm: this step's (B, 5H) rows [d gates after their layer norm | d normalized c]
+    (see hmlm.kernels.ln_grad_rows)."""
+    B, H = tc.shape
+    block = _block(H)
+    slope, slope_ptr = _slope_arg(slope, pair)
+    _cell_backward[(B,)](
+        *_rows(pair, pair), *_rows(g_z, pair), *_rows(act, pair), *_rows(tc, pair), *_rows(c_prev, pair),
+        *_rows(c, pair), *_rows(keep_f, pair), *_rows(neg_d_copy, pair), *_rows(zraw, pair), *_rows(zhat, pair),
+        *_rows(gates, pair), *_rows(gates_mean, pair), *_rows(gates_rstd, pair), *_rows(cell_mean, pair),
+        *_rows(cell_rstd, pair), ln_gain if ln_gain is not None else pair, cell_gain if cell_gain is not None else pair,
+        *_rows(ln_grad, pair), *_rows(z_prev, pair), *_rows(z_below, pair), *_rows(ds, pair),
+        *_rows(dc_prev, pair), *_rows(gz_prev, pair), *_rows(gz_below, pair),
+        H, slope,
+        BLOCK=block, BOTTOM=z_below is None, TOP=zraw is None, LN=ln_gain is not None, SLOPE_PTR=slope_ptr,
+        num_warps=_warps(block),
+    )  # fmt: skip
+
+
+def route_backward(
+    dx, D, pair, z_prev, z_below, pair_next, above_pair, h_above, below_pair, h_below, gz_prev, gz_below, below_dz,
+) -> None:  # fmt: skip
+    B, H = pair_next.shape[0], pair_next.shape[1] // 2
+    A = above_pair.shape[1] // 2 if above_pair is not None else 0
+    block = _block(H)
+    _route_backward[(B,)](
+        *_rows(dx, dx), D, *_rows(pair, dx), *_rows(z_prev, dx), *_rows(z_below, dx), *_rows(pair_next, dx),
+        *_rows(above_pair, dx), *_rows(h_above, dx), *_rows(below_pair, dx), *_rows(h_below, dx),
+        *_rows(gz_prev, dx), *_rows(gz_below, dx), *_rows(below_dz, dx), H, A,
+        BLOCK=block, BLOCK_A=_block(A), BLOCK_D=_block(D), BOTTOM=z_below is None, TOP=above_pair is None,
+        num_warps=_warps(max(block, _block(A), _block(D))),
+    )  # fmt: skip
+
+
+def self_test(dtype: torch.dtype = torch.float32) -> None:
+    """Run each kernel once on a tiny middle layer (layer norm, a layer above and below), so that a Triton that
+    cannot compile them for this dtype fails here, where the caller can fall back, rather than inside a step."""
+    B, H, D, A = 2, 3, 2, 2
+    like = {"device": DEVICE, "dtype": dtype}
+    gates, h_prev, c_prev = torch.randn(B, 4 * H, **like), torch.randn(B, H, **like), torch.randn(B, H, **like)
+    z_prev, z_below, zhat = torch.ones(B, 1, **like), torch.ones(B, 1, **like), torch.randn(B, 1, **like)
+    gain, bias, cell_gain, cell_bias = torch.ones(4 * H, **like), torch.zeros(4 * H, **like), *torch.ones(2, H, **like)
+    act, keep_f, c, tc, h, neg_dh, neg_dc = (torch.empty(B, n, **like) for n in (4 * H, H, H, H, H, H, H))
+    zraw, z, cell_mean, cell_rstd = (torch.empty(B, 1, **like) for _ in range(4))
+    gates_mean, gates_rstd = torch.empty(B, 4, **like), torch.empty(B, 4, **like)
+    cell_forward(
+        gates, zhat, gain, bias, cell_gain, cell_bias, h_prev, c_prev, z_prev, z_below, act, keep_f, c, tc, h,
+        neg_dh, neg_dc, zraw, z, gates_mean, gates_rstd, cell_mean, cell_rstd, ZRAW_MODES["step"], 1.0, LN_EPS,
+    )  # fmt: skip
+    pair, neg_d_copy = torch.randn(B, 2 * H, **like), torch.cat([neg_dh, neg_dc], 1)
+    ds, ln_rows, dc_prev = torch.empty(B, 4 * H + 1, **like), torch.empty(B, 5 * H, **like), torch.empty(B, H, **like)
+    gz_prev, gz_below, g_z = torch.empty(B, 1, **like), torch.empty(B, 1, **like), torch.randn(B, 1, **like)
+    cell_backward(
+        pair, g_z, act, tc, c_prev, c, keep_f, neg_d_copy, zraw, zhat, gates, gates_mean, gates_rstd, cell_mean,
+        cell_rstd, gain, cell_gain, ln_rows, z_prev, z_below, ds, dc_prev, gz_prev, gz_below, 1.0,
+    )  # fmt: skip
+    dx, pair_next = torch.randn(B, D + H + A, **like), torch.empty(B, 2 * H, **like)
+    above_pair, below_pair = torch.zeros(B, 2 * A, **like), torch.zeros(B, 2 * D, **like)
+    h_above, h_below, below_dz = torch.randn(B, A, **like), torch.randn(B, D, **like), torch.zeros(B, 1, **like)
+    route_backward(
+        dx, D, pair, z_prev, z_below, pair_next, above_pair, h_above, below_pair, h_below, gz_prev, gz_below, below_dz
+    )
+    if not bool(torch.isfinite(h).all() and torch.isfinite(ds).all() and torch.isfinite(pair_next[:, :H]).all()):
+        raise RuntimeError("the Triton kernels ran but gave non-finite values on a finite input")

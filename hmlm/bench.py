@@ -11,7 +11,7 @@ the same run, which is what makes figures from different machines comparable.
 
 Peak memory of a training step: torch.cuda.max_memory_allocated on CUDA; on the CPU, how far the first training
 step raises the resident set size of a fresh process at its highest (sampled from /proc/self/statm; 'n/a' where
-there is none).
+there is none). Beside it, for the fast path, the estimate of hmlm/memory.py of the same figure.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from hmlm import fused
 from hmlm.errors import UserError
+from hmlm.memory import MemoryShape, estimate
 from hmlm.model import CharLM, ModelConfig
 
 
@@ -77,16 +78,19 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def build_model(key: str, shape: Shape, layer_norm: bool, device: torch.device) -> CharLM:
-    _, kind, impl = MODELS[key]
-    config = ModelConfig(
-        kind=kind,
+def build_config(key: str, shape: Shape, layer_norm: bool) -> ModelConfig:
+    return ModelConfig(
+        kind=MODELS[key][1],
         embed_dim=shape.embed,
         hidden_sizes=[shape.hidden] * shape.layers,
         output_embed_dim=shape.out_embed,
         layer_norm=layer_norm,
     )
-    model = CharLM(shape.vocab, config).to(device)
+
+
+def build_model(key: str, shape: Shape, layer_norm: bool, device: torch.device) -> CharLM:
+    impl = MODELS[key][2]
+    model = CharLM(shape.vocab, build_config(key, shape, layer_norm)).to(device)
     if impl is not None:
         model.rnn.impl = impl
     return model
@@ -192,6 +196,7 @@ def run_bench(
             "train_step_s": times[key]["train"],
             "infer_step_s": times[key]["infer"],
             "peak_memory_bytes": peak[key],
+            "estimated_memory_bytes": estimated_memory(key, shape, layer_norm, dev),
         }
     return {
         "shape": {"name": shape_name, **asdict(shape)},
@@ -206,6 +211,18 @@ def run_bench(
         "results": results,
         "ratios": ratios(results),
     }
+
+
+def estimated_memory(key: str, shape: Shape, layer_norm: bool, dev: torch.device) -> int | None:
+    """hmlm/memory.py's estimate of what `peak_memory_bytes` measures, for the fast path (None for the others):
+    on the CPU the first step's rise, on CUDA the peak of a step with the model and Adam's state allocated."""
+    if MODELS[key][2] != "fast":
+        return None
+    config = build_config(key, shape, layer_norm)
+    est = estimate(MemoryShape(config, shape.vocab, shape.batch, shape.seq_len, fused=fused.usable(dev, torch.float32)))
+    if dev.type == "cuda":
+        return est.parameters + est.gradients + est.optimizer + est.activations
+    return est.first_step
 
 
 def ratios(results: dict) -> dict:
@@ -301,7 +318,8 @@ def format_report(report: dict) -> str:
         f"median of {report['measured_rounds']} interleaved rounds after {report['warmup_rounds']} warm-up",
         f"fast path: {report['fast_kernels_detail']}",
         "",
-        f"{'':20s} {'train chars/s':>14s} {'vs LSTM':>8s} {'infer chars/s':>14s} {'vs LSTM':>8s} {'train memory':>13s}",
+        f"{'':20s} {'train chars/s':>14s} {'vs LSTM':>8s} {'infer chars/s':>14s} {'vs LSTM':>8s} {'train memory':>13s}"
+        f" {'estimate':>10s}",
     ]
     lstm = results.get("lstm")
     for r in results.values():
@@ -311,6 +329,7 @@ def format_report(report: dict) -> str:
         lines.append(
             f"{r['label']:20s} {r['train_chars_per_s']:14,.0f} {vs[0]:>8s} {r['infer_chars_per_s']:14,.0f} "
             f"{vs[1]:>8s} {format_bytes(r['peak_memory_bytes']):>13s}"
+            f" {format_bytes(r.get('estimated_memory_bytes')):>10s}"
         )
     if "fast/reference" in report["ratios"]:
         ratio = report["ratios"]["fast/reference"]

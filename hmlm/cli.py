@@ -126,6 +126,7 @@ def train(
 ) -> None:
     """Train a model; curves go to TensorBoard in the run directory, checkpoints to RUN/checkpoints/."""
     from hmlm.config import load_config
+    from hmlm.limits import AlreadyFinished
     from hmlm.train import train as run_training
 
     if run_dir is None:
@@ -133,7 +134,11 @@ def train(
             raise UserError("pass --config FILE for a new run, or --run-dir DIR --resume to continue one")
         run_dir = Path("runs") / config.stem
     loaded = load_config(config, set_) if config is not None and not resume else None
-    summary = run_training(loaded, run_dir, resume=resume, overrides=set_ if resume else [], progress=not quiet)
+    try:
+        summary = run_training(loaded, run_dir, resume=resume, overrides=set_ if resume else [], progress=not quiet)
+    except AlreadyFinished as finished:  # not an error: what was asked for is already done
+        typer.echo(str(finished))
+        return
     if summary.main_process:
         typer.echo(
             f"{summary.stopped} at step {summary.step} (epoch {summary.epoch}); "
@@ -157,14 +162,17 @@ def evaluate_command(
     from hmlm.checkpoint import load_trained
     from hmlm.data import open_dataset
     from hmlm.evaluate import evaluate
+    from hmlm.limits import check_evaluation, evaluation_out_of_memory
 
     if split not in ("valid", "test"):
         raise UserError(f"--split must be valid or test, not {split!r}")
     trained = load_trained(run, checkpoint)
     config, path = trained.config, trained.path
     dataset = open_dataset(config.data.name, data_dir or config.data.dir)
-    result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, progress=not json_,
-                      references=split_references(dataset, split))  # fmt: skip
+    check_evaluation(trained, dataset, split, batch_size)
+    with evaluation_out_of_memory(trained, batch_size):
+        result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, progress=not json_,
+                          references=split_references(dataset, split))  # fmt: skip
     report = {"bpc": result.bpc, "split": split, "tokens": result.tokens, "loss": result.loss,
               "checkpoint": str(path), "dataset": config.data.name}  # fmt: skip
     report |= {f"boundary_rate_layer{i + 1}": rate for i, rate in enumerate(result.boundary_rate)}
@@ -192,10 +200,12 @@ def sample(
     import torch
 
     from hmlm.checkpoint import load_model as load
+    from hmlm.memory import out_of_memory_in
     from hmlm.sample import generate
 
     model, vocab = load(run, checkpoint)
     pieces = generate(model, vocab, prompt, length, temperature, top_k, torch.Generator().manual_seed(seed))
+    pieces = out_of_memory_in(pieces, f"sampling after a prompt of {len(prompt):,} characters", "--prompt's length")
     first = next(pieces, "")  # encode the prompt (and fail on unknown characters) before printing anything
     sys.stdout.write(prompt + first)
     for piece in pieces:
@@ -308,6 +318,7 @@ def bench(
     import torch
 
     from hmlm.bench import format_report, run_bench, to_json
+    from hmlm.memory import out_of_memory_as_user_error
 
     if threads < 0:
         raise UserError(f"--threads must be positive (or 0 for torch's choice), not {threads}")
@@ -317,8 +328,10 @@ def bench(
     def progress(done: int, total: int) -> None:
         typer.echo(f"\rbench: round {done}/{total}", err=True, nl=done == total)
 
-    report = run_bench(shape, device, steps, warmup, layer_norm, memory=memory, batch=batch, seq_len=seq_len,
-                       progress=progress)  # fmt: skip
+    what = f"benchmarking shape {shape or 'default'} (batch {batch or 'default'}, seq_len {seq_len or 'default'})"
+    with out_of_memory_as_user_error(what, "--batch or --seq-len, or pick a smaller --shape"):
+        report = run_bench(shape, device, steps, warmup, layer_norm, memory=memory, batch=batch, seq_len=seq_len,
+                           progress=progress)  # fmt: skip
     typer.echo(to_json(report) if json_ else format_report(report))
 
 

@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     precision: str = "fp32"  # fp32; bf16 (autocast, CUDA only); fp64 (slow, for exact comparisons)
+    memory_check: bool = True  # stop before training when the memory estimate is above what is free
 
 
 @dataclass

@@ -36,6 +36,7 @@ from hmlm.data import Dataset, StreamBatcher, open_dataset
 from hmlm.distributed import Process, all_reduce_sum, barrier, broadcast_flag, init_process, shutdown
 from hmlm.errors import UserError
 from hmlm.evaluate import EvalResult, evaluate
+from hmlm.limits import check_not_finished, check_training, out_of_memory_in_training
 from hmlm.model import CharLM, HMLSTMState
 from hmlm.sample import generate_ids
 
@@ -390,19 +391,28 @@ def train(
 ) -> TrainSummary:
     """Train a model as `config` says, in `run_dir`; with `resume`, continue the run saved there."""
     config, payload = resolve_run(config, run_dir, resume, overrides or [])
+    if payload is not None:  # before anything is written: a finished run stays as it is
+        check_not_finished(config, payload["schedule"], run_dir)
+    existed = run_dir.exists()
     device = pick_device(config.train.device)
     process = init_process(device.type)
     try:
         if process.distributed and device.type == "cuda":
             device = torch.device("cuda", process.local_rank)
             torch.cuda.set_device(device)
-        trainer = Trainer(config, run_dir, process, device, progress)
-        if payload is not None:
-            trainer.restore(payload)
+        # Split lengths and the memory estimate, before anything is allocated
+        dataset = open_dataset(config.data.name, config.data.dir)
+        plan = check_training(config, dataset, device, process.world_size)
         if process.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(config.to_yaml())
-        with StopFlag() as stop:
-            return trainer.run(stop)
+            tqdm.write(plan)
+        with out_of_memory_in_training(config, run_dir, existed):
+            trainer = Trainer(config, run_dir, process, device, progress)
+            if payload is not None:
+                trainer.restore(payload)
+            if process.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "config.yaml").write_text(config.to_yaml())
+            with StopFlag() as stop:
+                return trainer.run(stop)
     finally:
         shutdown()

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from hmlm import fused
 from hmlm.errors import UserError
-from hmlm.memory import MemoryShape, estimate
+from hmlm.memory import MemoryShape, estimate, format_bytes
 from hmlm.model import CharLM, ModelConfig
 
 
@@ -335,14 +335,6 @@ def format_report(report: dict) -> str:
         ratio = report["ratios"]["fast/reference"]
         lines += ["", f"fast path vs reference: train {ratio['train']:.2f}x, inference {ratio['infer']:.2f}x"]
     return "\n".join(lines)
-
-
-def format_bytes(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    if n <= 0:
-        return "0 MiB"
-    return f"{n / 2**20:,.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 def to_json(report: dict) -> str:

@@ -109,15 +109,18 @@ def estimate(shape: MemoryShape) -> MemoryEstimate:
             grad_buffers += 5 * T * B * s  # the per-step (B, 1) coefficients
     hmlstm_weights = sum(_layer_weight_numel(cfg, layer) for layer in range(L))
 
-    # End of the forward, beside the tape: the embedding and layer 1's projection (alive during the loop), the
-    # contiguous transposed weights (forward_sequence), the output module's saved tensors, logits, log-softmax.
-    rows_1 = 4 * sizes[0] + (0 if L == 1 else 1)
-    output_saved = B * T * (total_h + total_h + out_e + L) * s  # h_all, gated, ReLU's output, the gates
-    logits = 2 * B * T * V * s  # logits and cross-entropy's log-softmax
+    # The forward, beside the tape and the embedding: during the loop, layer 1's projected input and the
+    # contiguous transposed weights (forward_sequence); after it (those are gone), the output module's saved
+    # tensors, the logits and cross-entropy's log-softmax.
     embedded = 2 * B * T * E * s  # the embedding, and the contiguous copy layer 1's projection saves
-    forward_extra = embedded + logits + output_saved + max(T * B * rows_1 * s, hmlstm_weights * mm)
+    rows_1 = 4 * sizes[0] + (0 if L == 1 else 1)
+    loop = T * B * rows_1 * s + hmlstm_weights * mm
+    output_saved = B * T * (total_h + total_h + out_e + L) * s  # h_all, gated, ReLU's output, the gates
+    logits = 2 * B * T * V * s
+    forward_extra = embedded + max(loop, output_saved + logits)
     # The backward's highest point: the output module's nodes have run (their saved tensors are freed), the
-    # gradients of every layer's h are summed, and the stack's weight gradients are made before its tape goes.
+    # gradients of every layer's h are summed, every layer's LayerGrads is allocated, and the stack's weight
+    # gradients (counted with the gradients) are made before its tape goes. The logits stay (the caller holds them).
     grad_hidden = B * T * total_h * s
     backward_extra = embedded + B * T * V * s + grad_hidden + grad_buffers + (0 if shape.fused else _ln_scratch(shape))
 

@@ -288,3 +288,34 @@ def test_bench_prints_the_estimate_beside_the_measured_memory():
     assert report["results"]["lstm"]["estimated_memory_bytes"] is None
     assert "estimate" in format_report(report).splitlines()[4]
     json.dumps(report)
+
+
+def test_bench_out_of_memory_is_one_line(tmp_path):
+    """A batch whose token tensor alone (~700 TiB) is more than a process's address space: refused at once."""
+    result = run_hmlm("bench", "--batch", "100000000", "--seq-len", "1000000", "--steps", "1", "--warmup", "0",
+                      "--no-memory", "--device", "cpu", cwd=tmp_path, check=False)  # fmt: skip
+    line = one_line(result)
+    assert line.startswith("error: out of memory (one allocation of ") and "--batch or --seq-len" in line
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_estimate_of_a_step_on_cuda_matches_the_caching_allocator():
+    """On CUDA (the torch-op path), the peak of a step with Adam's state allocated, as `hmlm bench` measures it."""
+    device = torch.device("cuda")
+    config = ModelConfig(embed_dim=64, hidden_sizes=[256, 256, 256], output_embed_dim=256, layer_norm=True)
+    B, T, V = 32, 50, 50
+    torch.manual_seed(0)
+    model = CharLM(V, config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, V, (B, T + 1), device=device)
+    for _ in range(2):  # the second step has Adam's state and the previous gradients, as every later one
+        torch.cuda.reset_peak_memory_stats(device)
+        loss = F.cross_entropy(model(tokens[:, :-1]).logits.flatten(0, 1), tokens[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    measured = torch.cuda.max_memory_allocated(device)
+    est = estimate(MemoryShape(config, V, B, T))
+    estimated = est.parameters + est.gradients + est.optimizer + est.activations
+    assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)

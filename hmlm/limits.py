@@ -27,6 +27,7 @@ from hmlm.memory import (
     check_fits,
     estimate,
     format_bytes,
+    largest_fitting,
     out_of_memory_as_user_error,
 )
 
@@ -138,14 +139,8 @@ def check_evaluation(trained: Trained, dataset: Dataset, split: str, batch_size:
     )
     need, free = estimate(shape).evaluation, available_bytes(device)
     if free is not None and need > free:
-        fits = [
-            b
-            for b in (2**k for k in range(20))
-            if b < batch_size and estimate(replace(shape, batch_size=b)).evaluation <= free
-        ]
-        hint = (
-            f"use --batch-size {fits[-1]} or less" if fits else "this model's evaluation does not fit at any batch size"
-        )
+        best = largest_fitting(lambda b: estimate(replace(shape, batch_size=b)).evaluation <= free, batch_size - 1)
+        hint = f"use --batch-size={best} or less" if best else "this model's evaluation does not fit at any batch size"
         raise UserError(
             f"evaluating with --batch-size {batch_size} needs about {format_bytes(need)} and "
             f"{format_bytes(free)} is free: {hint}"
@@ -185,9 +180,10 @@ def check_not_finished(config: Config, schedule: dict[str, Any], run_dir: Path) 
 
 
 @contextmanager
-def out_of_memory_in_training(config: Config, run_dir: Path, existed: bool) -> Iterator[None]:
-    """An out-of-memory error becomes one line. Before the first checkpoint, the run directory this call made
-    goes (nothing to resume from); after it, the last checkpoint stays as it was."""
+def out_of_memory_in_training(config: Config, run_dir: Path, existed: bool, resuming: bool) -> Iterator[None]:
+    """An out-of-memory error becomes one line. After a checkpoint, the last one stays as it was. Before any, a new
+    run leaves nothing (the directory goes if this run made it, else what it wrote there); a resumed one keeps
+    its config, to be resumed again with a smaller setting."""
     cfg = config.train
     what = (
         f"training {config.model.kind} {config.model.hidden_sizes} with batch {cfg.batch_size} x seq_len {cfg.seq_len}"
@@ -200,7 +196,8 @@ def out_of_memory_in_training(config: Config, run_dir: Path, existed: bool) -> I
     except OutOfMemory as error:
         if last.exists():
             raise OutOfMemory(f"{error}; the last checkpoint {last} is kept") from None
-        remove_unfinished(run_dir, existed)
+        if not resuming:
+            remove_unfinished(run_dir, existed)
         raise
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -283,17 +283,23 @@ def check_fits(shape: MemoryShape, device: torch.device) -> tuple[MemoryEstimate
 
 def what_to_lower(shape: MemoryShape, free: int) -> str:
     """The largest batch size that fits, if one does; else the model's width."""
-    best = 0
-    low, high = 1, shape.batch_size - 1
-    while low <= high:  # the estimate grows with the batch
-        mid = (low + high) // 2
-        if estimate(_with_batch(shape, mid)).total <= free:
-            best, low = mid, mid + 1
-        else:
-            high = mid - 1
+    best = largest_fitting(lambda batch: estimate(_with_batch(shape, batch)).total <= free, shape.batch_size - 1)
     if best:
         return f"lower train.batch_size to {best} or less (or train.seq_len, or model.hidden_sizes)"
     return "lower model.hidden_sizes or model.output_embed_dim (even train.batch_size=1 does not fit)"
+
+
+def largest_fitting(fits: Callable[[int], bool], upper: int) -> int:
+    """The largest n in 1..upper for which fits(n), 0 if none; fits must hold for all n below one that fits (as
+    an estimate that grows with the batch does)."""
+    best, low, high = 0, 1, upper
+    while low <= high:
+        mid = (low + high) // 2
+        if fits(mid):
+            best, low = mid, mid + 1
+        else:
+            high = mid - 1
+    return best
 
 
 def _with_batch(shape: MemoryShape, batch: int) -> MemoryShape:

@@ -405,7 +405,7 @@ def train(
         plan = check_training(config, dataset, device, process.world_size)
         if process.is_main:
             tqdm.write(plan)
-        with out_of_memory_in_training(config, run_dir, existed):
+        with out_of_memory_in_training(config, run_dir, existed, resume):
             trainer = Trainer(config, run_dir, process, device, progress)
             if payload is not None:
                 trainer.restore(payload)

@@ -319,3 +319,30 @@ def test_estimate_of_a_step_on_cuda_matches_the_caching_allocator():
     est = estimate(MemoryShape(config, V, B, T))
     estimated = est.parameters + est.gradients + est.optimizer + est.activations
     assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)
+
+
+def test_out_of_memory_resuming_a_run_without_checkpoint_keeps_its_config(data_dir, tmp_path, monkeypatch):
+    """A run stopped before its first checkpoint resumes from its config.yaml; running out of memory there
+    leaves that config for the next try."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text(small_config(data_dir, max_steps=8, eval_every=4).to_yaml())
+    fail_at_step(monkeypatch, 1)
+    with pytest.raises(OutOfMemory):
+        train(None, run, resume=True, progress=False)
+    assert (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+
+
+def test_eval_names_the_largest_batch_whose_memory_fits(data_dir, tmp_path, monkeypatch):
+    from hmlm.checkpoint import load_trained
+    from hmlm.data import open_dataset
+    from hmlm.limits import check_evaluation
+
+    train(small_config(data_dir, max_steps=2, eval_every=2), tmp_path / "r", progress=False)
+    trained = load_trained(tmp_path / "r")
+    dataset = open_dataset("synthetic", data_dir)
+    check_evaluation(trained, dataset, "valid", 64)  # fits: nothing said
+    shape = MemoryShape(trained.config.model, len(trained.vocab), 40, 20, eval_tokens=dataset.tokens("valid"))
+    monkeypatch.setattr("hmlm.limits.available_bytes", lambda device: estimate(shape).evaluation)
+    with pytest.raises(UserError, match=r"evaluating with --batch-size 64 needs .*: use --batch-size=40 or less$"):
+        check_evaluation(trained, dataset, "valid", 64)

@@ -11,7 +11,7 @@ the same run, which is what makes figures from different machines comparable.
 
 Peak memory of a training step: torch.cuda.max_memory_allocated on CUDA; on the CPU, how far the first training
 step raises the resident set size of a fresh process at its highest (sampled from /proc/self/statm; 'n/a' where
-there is none).
+there is none). Beside it, for the fast path, the estimate of hmlm/memory.py of the same figure.
 
 On CUDA (`--precision`, `--models graph`, `--launches`):
 - Every model runs under the same numeric settings, train.precision's (hmlm/precision.py): `fp32` lets cuBLAS and
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from hmlm import kernels
 from hmlm.devices import resolve_device
 from hmlm.errors import UserError
+from hmlm.memory import MemoryShape, estimate, format_bytes
 from hmlm.model import CharLM, ModelConfig
 from hmlm.precision import apply_precision, uses_tf32
 
@@ -87,16 +88,19 @@ MODELS = {  # key: (label, model kind, HMLSTM implementation)
 PRECISIONS = ("fp32", "fp32-strict", "bf16")  # train.precision's (hmlm/precision.py), less fp64
 
 
-def build_model(key: str, shape: Shape, layer_norm: bool, device: torch.device) -> CharLM:
-    _, kind, impl = MODELS[key]
-    config = ModelConfig(
-        kind=kind,
+def build_config(key: str, shape: Shape, layer_norm: bool) -> ModelConfig:
+    return ModelConfig(
+        kind=MODELS[key][1],
         embed_dim=shape.embed,
         hidden_sizes=[shape.hidden] * shape.layers,
         output_embed_dim=shape.out_embed,
         layer_norm=layer_norm,
     )
-    model = CharLM(shape.vocab, config).to(device)
+
+
+def build_model(key: str, shape: Shape, layer_norm: bool, device: torch.device) -> CharLM:
+    impl = MODELS[key][2]
+    model = CharLM(shape.vocab, build_config(key, shape, layer_norm)).to(device)
     if impl is not None:
         model.rnn.impl = impl
     return model
@@ -291,6 +295,7 @@ def run_bench(
             "train_step_s": times[key]["train"],
             "infer_step_s": times[key]["infer"],
             "peak_memory_bytes": peak[key],
+            "estimated_memory_bytes": estimated_memory(key, shape, layer_norm, dev, precision),
         }
         if key in counts:
             results[key]["launches_per_train_step"] = counts[key]
@@ -313,6 +318,19 @@ def run_bench(
         "results": results,
         "ratios": ratios(results),
     }
+
+
+def estimated_memory(key: str, shape: Shape, layer_norm: bool, dev: torch.device, precision: str) -> int | None:
+    """hmlm/memory.py's estimate of what `peak_memory_bytes` measures, for the fast path (None for the others):
+    on the CPU the first step's rise, on CUDA the peak of a step with the model and Adam's state allocated."""
+    if MODELS[key][2] != "fast":
+        return None
+    config = build_config(key, shape, layer_norm)
+    backend = kernels.select(dev, torch.float32)
+    est = estimate(MemoryShape(config, shape.vocab, shape.batch, shape.seq_len, precision, kernels=backend))
+    if dev.type == "cuda":
+        return est.parameters + est.gradients + est.optimizer + est.activations
+    return est.first_step
 
 
 def ratios(results: dict) -> dict:
@@ -409,7 +427,8 @@ def format_report(report: dict) -> str:
         f"fast path: {report['fast_kernels_detail']}",
         *precision_lines(report),
         "",
-        f"{'':20s} {'train chars/s':>14s} {'vs LSTM':>8s} {'infer chars/s':>14s} {'vs LSTM':>8s} {'train memory':>13s}",
+        f"{'':20s} {'train chars/s':>14s} {'vs LSTM':>8s} {'infer chars/s':>14s} {'vs LSTM':>8s} {'train memory':>13s}"
+        f" {'estimate':>10s}",
     ]
     lstm = results.get("lstm")
     for r in results.values():
@@ -419,6 +438,7 @@ def format_report(report: dict) -> str:
         lines.append(
             f"{r['label']:20s} {r['train_chars_per_s']:14,.0f} {vs[0]:>8s} {r['infer_chars_per_s']:14,.0f} "
             f"{vs[1]:>8s} {format_bytes(r['peak_memory_bytes']):>13s}"
+            f" {format_bytes(r.get('estimated_memory_bytes')):>10s}"
         )
     lines += launch_lines(results)
     if "fast/reference" in report["ratios"]:
@@ -449,14 +469,6 @@ def launch_lines(results: dict) -> list[str]:
             f" {c['aten_ops']:9,d}"
         )
     return lines
-
-
-def format_bytes(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    if n <= 0:
-        return "0 MiB"
-    return f"{n / 2**20:,.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 def to_json(report: dict) -> str:

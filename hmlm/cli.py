@@ -134,6 +134,7 @@ def train(
             raise UserError("pass --config FILE for a new run, or --run-dir DIR --resume to continue one")
         run_dir = Path("runs") / config.stem
     loaded = load_config(config, set_) if config is not None and not resume else None
+    # A finished run resumed is refused like every limit (hmlm.limits.AlreadyFinished: one line, exit status 2).
     summary = run_training(loaded, run_dir, resume=resume, overrides=set_ if resume else [], progress=not quiet)
     if summary.main_process:
         typer.echo(
@@ -160,6 +161,7 @@ def evaluate_command(
     from hmlm.data import open_dataset
     from hmlm.devices import resolve_device
     from hmlm.evaluate import evaluate
+    from hmlm.limits import check_evaluation, evaluation_out_of_memory
 
     if split not in ("valid", "test"):
         raise UserError(f"--split must be valid or test, not {split!r}")
@@ -167,8 +169,10 @@ def evaluate_command(
     trained = load_trained(run, checkpoint, target)
     config, path = trained.config, trained.path
     dataset = open_dataset(config.data.name, data_dir or config.data.dir)
-    result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, device=target,
-                      progress=not json_, references=split_references(dataset, split))  # fmt: skip
+    check_evaluation(trained, dataset, split, batch_size)
+    with evaluation_out_of_memory(trained, batch_size):
+        result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, device=target,
+                          progress=not json_, references=split_references(dataset, split))  # fmt: skip
     report = {"bpc": result.bpc, "split": split, "tokens": result.tokens, "loss": result.loss,
               "checkpoint": str(path), "dataset": config.data.name}  # fmt: skip
     report |= {f"boundary_rate_layer{i + 1}": rate for i, rate in enumerate(result.boundary_rate)}
@@ -198,10 +202,12 @@ def sample(
 
     from hmlm.checkpoint import load_model as load
     from hmlm.devices import resolve_device
+    from hmlm.memory import out_of_memory_in
     from hmlm.sample import generate
 
     model, vocab = load(run, checkpoint, resolve_device(device))
     pieces = generate(model, vocab, prompt, length, temperature, top_k, torch.Generator().manual_seed(seed))
+    pieces = out_of_memory_in(pieces, f"sampling after a prompt of {len(prompt):,} characters", "--prompt's length")
     first = next(pieces, "")  # encode the prompt (and fail on unknown characters) before printing anything
     sys.stdout.write(prompt + first)
     for piece in pieces:
@@ -328,6 +334,7 @@ def bench(
     import torch
 
     from hmlm.bench import format_report, run_bench, to_json
+    from hmlm.memory import out_of_memory_as_user_error
 
     if threads < 0:
         raise UserError(f"--threads must be positive (or 0 for torch's choice), not {threads}")
@@ -338,8 +345,10 @@ def bench(
         typer.echo(f"\rbench: round {done}/{total}", err=True, nl=done == total)
 
     chosen = tuple(key.strip() for key in models.split(",") if key.strip())
-    report = run_bench(shape, device, steps, warmup, layer_norm, memory=memory, batch=batch, seq_len=seq_len,
-                       progress=progress, models=chosen, precision=precision, launches=launches)  # fmt: skip
+    what = f"benchmarking shape {shape or 'default'} (batch {batch or 'default'}, seq_len {seq_len or 'default'})"
+    with out_of_memory_as_user_error(what, "--batch or --seq-len, or pick a smaller --shape"):
+        report = run_bench(shape, device, steps, warmup, layer_norm, memory=memory, batch=batch, seq_len=seq_len,
+                           progress=progress, models=chosen, precision=precision, launches=launches)  # fmt: skip
     typer.echo(to_json(report) if json_ else format_report(report))
 
 

@@ -49,6 +49,7 @@ class TrainConfig:
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     precision: str = "fp32"  # fp32 (TF32 matmuls on CUDA); fp32-strict; bf16 (autocast, CUDA only); fp64
     cuda_graph: str = "auto"  # auto, on, off: capture the training step on CUDA as one CUDA graph (hmlm/cuda_graph.py)
+    memory_check: bool = True  # stop before training when the memory estimate is above what is free
 
 
 @dataclass

@@ -39,6 +39,7 @@ from hmlm.devices import resolve_device, to_device
 from hmlm.distributed import Process, all_gather, all_reduce_sum, barrier, init_process, shutdown
 from hmlm.errors import UserError
 from hmlm.evaluate import EvalResult, evaluate
+from hmlm.limits import check_not_finished, check_training, out_of_memory_in_training
 from hmlm.model import CharLM, HMLSTMState
 from hmlm.precision import apply_precision
 from hmlm.sample import generate_ids
@@ -418,15 +419,24 @@ def train(
 ) -> TrainSummary:
     """Train a model as `config` says, in `run_dir`; with `resume`, continue the run saved there."""
     config, payload = resolve_run(config, run_dir, resume, overrides or [])
+    if payload is not None:  # before anything is written: a finished run stays as it is
+        check_not_finished(config, payload["schedule"], run_dir)
+    existed = run_dir.exists()
     process, device = init_process(resolve_device(config.train.device, "train.device"))
     try:
-        trainer = Trainer(config, run_dir, process, device, progress)
-        if payload is not None:
-            trainer.restore(payload)
+        # Split lengths and the memory estimate, before anything is allocated
+        dataset = open_dataset(config.data.name, config.data.dir)
+        plan = check_training(config, dataset, device, process.world_size)
         if process.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(config.to_yaml())
-        with StopFlag() as stop:
-            return trainer.run(stop)
+            tqdm.write(plan)
+        with out_of_memory_in_training(config, run_dir, existed, resume):
+            trainer = Trainer(config, run_dir, process, device, progress)
+            if payload is not None:
+                trainer.restore(payload)
+            if process.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "config.yaml").write_text(config.to_yaml())
+            with StopFlag() as stop:
+                return trainer.run(stop)
     finally:
         shutdown()

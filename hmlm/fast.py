@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,7 @@ from hmlm.cell import hard_sigmoid
 LN_EPS = 1e-5  # F.layer_norm's default, which the reference uses
 aten = torch.ops.aten
 LayerNormParams = tuple[Tensor, Tensor, Tensor, Tensor]  # gate gain (4, H), gate bias (4, H), cell gain, cell bias
+LayerStep = Callable[..., None]  # layer_step's signature
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,7 @@ def forward_sequence(
     ln: list[LayerNormParams] | None,
     save: bool,
     tapes: list[LayerTape] | None = None,  # from an earlier call without save, or None for new ones
+    step: LayerStep | None = None,  # what runs one layer step: layer_step, or one that skips (hmlm/inference.py)
 ) -> tuple[Tensor, list[LayerTape]]:
     """Run the stack over the sequence. Returns Z (T+1, B, L), every layer's z (row 0: the initial state), and
     the layers' tapes."""
@@ -216,13 +219,14 @@ def forward_sequence(
         step_bases = [list(zip(bases[0].unbind(0), bases_z[0].unbind(0), strict=True))]  # layer 1: per step
         step_bases += [[(base, base_z)] * T for base, base_z in zip(bases[1:], bases_z[1:], strict=True)]
     ones = Z.new_ones(B, 1)  # z^0 = 1, and 1 - z without a slow scalar op
+    step = step or layer_step
     for t in range(T):
         k = t if save else 0
         for layer, tape in enumerate(tapes):
             below = tapes[layer - 1] if layer > 0 else None
             above = tapes[layer + 1] if layer < L - 1 else None
             base = step_bases[layer][t]
-            layer_step(plan, tape, below, above, t, k, base, w_t[layer], ln[layer] if ln else None, ones)
+            step(plan, tape, below, above, t, k, base, w_t[layer], ln[layer] if ln else None, ones)
     return Z, tapes
 
 
@@ -665,6 +669,7 @@ def run(
     weights: list[Tensor],
     biases: list[Tensor],
     ln: list[LayerNormParams] | None,
+    step: LayerStep | None = None,  # without gradient: what runs a layer step (see forward_sequence)
 ) -> tuple[list[Tensor], Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """hidden, boundaries, and the final h, c, z. Keeps a tape only when some gradient is needed."""
     flat = flatten_inputs(h0, c0, z0, weights, biases, ln)
@@ -675,7 +680,7 @@ def run(
         tapes = TAPES.take(key)
         autocast = torch.is_autocast_enabled(x_proj.device.type)  # entering a context costs more than a small step
         with torch.autocast(x_proj.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            Z, tapes = forward_sequence(plan, x_proj, h0, c0, z0, weights, biases, ln, save=False, tapes=tapes)
+            Z, tapes = forward_sequence(plan, x_proj, h0, c0, z0, weights, biases, ln, save=False, tapes=tapes, step=step)
             out = outputs(plan, Z, tapes)
         TAPES.give(key, tapes)
     L = plan.num_layers

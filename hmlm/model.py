@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hmlm import fast, fused
+from hmlm import fast, fused, inference
 from hmlm.cell import BOUNDARY_MODES, LayerWeights, reference_step
 
 MODEL_KINDS = ("hmlstm", "lstm")
@@ -185,29 +185,40 @@ class HMLSTM(nn.Module):
         )
 
     def _forward_fast(self, x: Tensor, state: HMLSTMState, slope: float) -> HMLSTMOutput:
-        """The same function as the reference, arranged for speed: see hmlm/fast.py."""
-        device = x.device.type
-        autocast = torch.is_autocast_enabled(device)
-        plan = fast.Plan(
+        """The same function as the reference, arranged for speed: see hmlm/fast.py. Without gradients a layer
+        that copies skips its work where that pays (hmlm/inference.py)."""
+        plan = self.fast_plan(x.device, state.h[0].dtype, slope)
+        w_in, b_in, weights, bias, ln = self.fast_parameters()
+        x_proj = F.linear(x.transpose(0, 1), w_in, b_in)  # (T, B, R_1): every step's input at once
+        with inference.skipping(plan, x.device, x.shape[0]) as step:
+            hidden, boundaries, h, c, z = fast.run(plan, x_proj, state.h, state.c, state.z, weights, bias, ln, step)
+        return HMLSTMOutput(hidden, boundaries, HMLSTMState(h, c, z))
+
+    def fast_plan(self, device: torch.device, dtype: torch.dtype, slope: float = 1.0) -> fast.Plan:
+        """What a call of the fast path on this device, with a state of this dtype, computes (hmlm/fast.py)."""
+        autocast = torch.is_autocast_enabled(device.type)
+        return fast.Plan(
             hidden_sizes=tuple(self.hidden_sizes),
-            below_sizes=(0, *self.below_sizes[1:]),  # layer 1's input is projected here, before the loop
+            below_sizes=(0, *self.below_sizes[1:]),  # layer 1's input is projected before the loop
             layer_norm=self.layer_norm,
             mode=self.boundary_mode,
             training=self.training,
             slope=float(slope),
-            mm_dtype=torch.get_autocast_dtype(device) if autocast else state.h[0].dtype,
-            fused=fused.usable(x.device, state.h[0].dtype),
+            mm_dtype=torch.get_autocast_dtype(device.type) if autocast else dtype,
+            fused=fused.usable(device, dtype),
         )
+
+    def fast_parameters(self) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list | None]:
+        """The parameters as the fast path takes them: layer 1's input projection (weight, bias), every layer's
+        per-step weight ([U_rec | U_above] for layer 1), the biases, and the layer norms' (or None)."""
         weight, bias = params(self.weight), params(self.bias)
         E = self.input_size
-        x_proj = F.linear(x.transpose(0, 1), weight[0][:, :E], bias[0])  # (T, B, R_1): every step's input at once
         weights = [weight[0][:, E:], *weight[1:]]  # the per-step parts
         ln = None
         if self.layer_norm:
             parts = (self.ln_gates_gain, self.ln_gates_bias, self.ln_cell_gain, self.ln_cell_bias)
             ln = list(zip(*map(params, parts), strict=True))
-        hidden, boundaries, h, c, z = fast.run(plan, x_proj, state.h, state.c, state.z, weights, bias, ln)
-        return HMLSTMOutput(hidden, boundaries, HMLSTMState(h, c, z))
+        return weight[0][:, :E], bias[0], weights, bias, ln
 
 
 def params(plist: nn.ParameterList) -> list[nn.Parameter]:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
+from hmlm import inference
 from hmlm.data import Vocab
 from hmlm.errors import UserError
 from hmlm.model import CharLM
@@ -22,7 +23,8 @@ def generate_ids(
     generator: torch.Generator | None = None,
 ) -> Iterator[int]:
     """Yield `length` token ids drawn after `prompt_ids`. The prompt is read once; then only the newest
-    symbol goes in, with the recurrent state carried. `generator` keeps the global RNG untouched."""
+    symbol goes in, with the recurrent state carried (through an inference.Stepper where there is one: the same
+    numbers, without the cost of a model call per symbol). `generator` keeps the global RNG untouched."""
     if temperature <= 0:
         raise UserError(f"--temperature must be positive, not {temperature}")
     if top_k < 0:
@@ -31,6 +33,7 @@ def generate_ids(
     device = next(model.parameters()).device
     out = model(torch.tensor([prompt_ids], device=device))  # (1, P)
     state, logits = out.state, out.logits[:, -1]  # (1, V)
+    stepper = inference.stepper(model, state) if length > 1 else None
     for _ in range(length):
         logits = logits.float() / temperature
         if top_k:
@@ -38,6 +41,9 @@ def generate_ids(
             logits = logits.masked_fill(logits < kth, float("-inf"))
         next_id = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)  # (1, 1)
         yield int(next_id)
+        if stepper is not None:
+            logits = stepper.step(int(next_id))
+            continue
         out = model(next_id, state)
         state, logits = out.state, out.logits[:, -1]
 

@@ -281,7 +281,7 @@ class Stepper:
         self.gate_pre, self.gate = torch.empty(1, L, **like), torch.empty(1, L, **like)
         self.embedded = torch.empty(1, embed_w.shape[0], **like)
         self.logits = torch.empty(1, self.logits_b.shape[0], **like)
-        self.changed = [True] * L  # P is stale for every layer until the first step
+        self.stale = [True] * L  # per layer: whether P_l is out of date (h^l changed since it was computed)
 
     def load(self, state: HMLSTMState) -> None:
         """Make `state` (batch 1) the current one."""
@@ -290,7 +290,7 @@ class Stepper:
             tape.h_t[s].copy_(state.h[layer])
             tape.c_t[s].copy_(state.c[layer])
             tape.z_t[s].copy_(state.z[layer])
-        self.changed = [True] * len(self.tapes)
+        self.stale = [True] * len(self.tapes)
 
     @torch.no_grad()
     def step(self, symbol: int) -> Tensor:
@@ -306,13 +306,12 @@ class Stepper:
                 self.h_np[layer][n][:] = self.h_np[layer][s]
                 self.c_np[layer][n][:] = self.c_np[layer][s]
                 self.z_np[n, layer] = 0
-                self.changed[layer] = False
                 COUNTS.add(layer, 1, 1, 1)
                 continue
             base = self.bases_1[symbol] if below is None else self.bases[layer - 1]
             fast.layer_step(plan, tape, below, above, s, 0, base, self.w_t[layer], self.ln[layer] if self.ln else None,
                             self.ones)  # fmt: skip
-            self.changed[layer] = True
+            self.stale[layer] = True
             COUNTS.add(layer, 1, 0, 0)
         self.slot = n
         return self.output()
@@ -323,8 +322,9 @@ class Stepper:
         torch.addmm(self.gate_b, h_all, self.gate_w_t, out=self.gate_pre)
         torch.sigmoid(self.gate_pre, out=self.gate)  # (1, L)
         for layer, tape in enumerate(self.tapes):
-            if self.changed[layer]:
+            if self.stale[layer]:
                 torch.mm(tape.h_t[self.slot], self.embed_w_t[layer], out=self.P_rows[layer])
+                self.stale[layer] = False
         torch.mm(self.gate, self.P, out=self.embedded)  # sum_l g^l P_l   (1, E_out)
         self.embedded.relu_()
         return torch.addmm(self.logits_b, self.embedded, self.logits_w_t, out=self.logits)

@@ -680,7 +680,9 @@ def run(
         tapes = TAPES.take(key)
         autocast = torch.is_autocast_enabled(x_proj.device.type)  # entering a context costs more than a small step
         with torch.autocast(x_proj.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            Z, tapes = forward_sequence(plan, x_proj, h0, c0, z0, weights, biases, ln, save=False, tapes=tapes, step=step)
+            Z, tapes = forward_sequence(
+                plan, x_proj, h0, c0, z0, weights, biases, ln, save=False, tapes=tapes, step=step
+            )
             out = outputs(plan, Z, tapes)
         TAPES.give(key, tapes)
     L = plan.num_layers

@@ -36,7 +36,9 @@ def sparse_lm(layer_norm: bool, mode: str, dtype=torch.float32, sizes=(12, 10, 8
     """An untrained CharLM, every parameter perturbed, its boundary detectors biased towards 0 so that the upper
     layers copy on most steps, as in a trained model."""
     torch.manual_seed(seed)
-    config = ModelConfig(embed_dim=6, hidden_sizes=list(sizes), output_embed_dim=9, layer_norm=layer_norm, boundary=mode)
+    config = ModelConfig(
+        embed_dim=6, hidden_sizes=list(sizes), output_embed_dim=9, layer_norm=layer_norm, boundary=mode
+    )
     model = CharLM(VOCAB, config).to(dtype).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -67,7 +69,8 @@ def forward_twice(model: CharLM, tokens: torch.Tensor):
 def assert_outputs_equal(plain, skipping, exact: bool) -> None:
     for a, b in zip(plain, skipping, strict=True):
         assert torch.equal(a.boundaries, b.boundaries)
-        values = [(a.logits, b.logits), (a.gates, b.gates), *zip([*a.state.h, *a.state.c], [*b.state.h, *b.state.c])]
+        states = zip([*a.state.h, *a.state.c], [*b.state.h, *b.state.c], strict=True)
+        values = [(a.logits, b.logits), (a.gates, b.gates), *states]
         for mine, theirs in values:
             if exact:
                 assert torch.equal(mine, theirs)
@@ -118,7 +121,7 @@ def test_an_all_copy_layer_and_a_full_layer(monkeypatch):
             for layer, H in enumerate(model.rnn.hidden_sizes[:-1]):
                 model.rnn.bias[layer][4 * H] += shift
         tokens = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(3))
-        plain, skipping, counts = both(model, monkeypatch, lambda m=model: forward_twice(m, tokens))
+        plain, skipping, counts = both(model, monkeypatch, lambda m=model, x=tokens: forward_twice(m, x))
         assert_outputs_equal(plain, skipping, exact=False)
         # (the first step's layer 2 computes when its initial state or layer 1 says so: few rows of all)
         assert counts["copy"][2] > 0.9 if shift < 0 else counts["copy"][2] == 0

@@ -300,10 +300,18 @@ def bench(
     batch: int = typer.Option(None, "--batch", help="Override the shape's batch size."),
     seq_len: int = typer.Option(None, "--seq-len", help="Override the shape's sequence length (1: sampling)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak training memory."),
+    run: Path = typer.Option(
+        None,
+        "--run",
+        help="Measure this trained HM-LSTM run instead: sampling and evaluation on its dataset's text, "
+        "skipping COPY and not, against nn.LSTM (--batch, --seq-len: the evaluation's; default 64 x 100).",
+    ),
+    sample_length: int = typer.Option(100, "--sample-length", help="With --run: symbols sampled per round."),
 ) -> None:
     """Training and inference throughput of HM-LSTM (fast and reference) against torch's nn.LSTM of the same size.
 
     On the CPU the fast path uses its fused C++ kernels (make install builds them); HMLM_FUSED=0: torch ops.
+    With --run: the inference speed of a trained model at its real boundary rates (HMLM_SKIP_COPY=0 for comparison).
     """
     import torch
 
@@ -317,6 +325,14 @@ def bench(
     def progress(done: int, total: int) -> None:
         typer.echo(f"\rbench: round {done}/{total}", err=True, nl=done == total)
 
+    if run is not None:
+        from hmlm.bench_run import format_run_report, run_bench_on_run
+
+        if shape is not None:
+            raise UserError("--shape does not go with --run: the run's own model is measured")
+        report = run_bench_on_run(run, device, steps, warmup, batch, seq_len, sample_length, progress)
+        typer.echo(to_json(report) if json_ else format_run_report(report))
+        return
     report = run_bench(shape, device, steps, warmup, layer_norm, memory=memory, batch=batch, seq_len=seq_len,
                        progress=progress)  # fmt: skip
     typer.echo(to_json(report) if json_ else format_report(report))

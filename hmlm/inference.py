@@ -11,8 +11,8 @@ and in a trained model most upper-layer steps copy. So, on the CPU and without g
   matmul and cell step, and scattered back; the rows that copy get h_{t-1}, c_{t-1}, 0. The gathered rows are
   padded to a multiple of ROW_BLOCK (with rows that copy: computing them gives the copy exactly), which keeps
   MKL's matmul of every row bitwise the same as in the full batch (measured on AVX2, one and two threads).
-  Where most rows compute (more than GATHER_FRACTION of them), the gathering costs more than the rows saved:
-  the step runs on the full batch as before (fast.layer_step).
+  Where most rows compute (more than a fraction that grows with the size of the step, GATHER_FRACTIONS), the
+  gathering costs more than the rows saved: the step runs on the full batch as before (fast.layer_step).
 - Sampling (`Stepper`): one symbol at a time through buffers made once, with the output module's per-layer
   projections W^e_l h^l kept from one step to the next and recomputed only for the layers whose h changed.
 
@@ -46,11 +46,25 @@ if TYPE_CHECKING:
     from hmlm.model import CharLM, HMLSTMState
 
 ROW_BLOCK = 4  # gathered rows are padded to a multiple of this (MKL's row blocking; see the module docstring)
-# A batch's layer step gathers its computing rows when they are at most this fraction of the batch; above it the
-# full step is cheaper or no dearer. Measured with `python -m hmlm.inference` (gather against full step, one
-# thread): at 3x512, batch 64, the gathered step costs about its rows' share of the full step plus ~0.1 ms, so
-# it pays up to ~85-90% of the rows; at 3x64 the fixed cost is a larger share and the break-even is near 60%.
-GATHER_FRACTION = 0.75
+
+# When a batch's layer step gathers its computing rows: when they are at most a fraction of the batch that grows
+# with the size of the step's matmul (B * K * R multiply-adds), since gathering has a cost of its own (the index
+# ops, and streaming the whole weight however few the rows). Measured with one thread on the 2-core development
+# machine, timing one layer step gathered against the full step (min of 30) at batch 32 and 64 over M rows:
+#   3x64, B 64 (3.2M): ~0.8x the full step up to 38% of the rows, dearer above 44%
+#   3x128, B 32 (6.3M): pays up to ~60%;  3x128, B 64 (12.6M): up to ~78%
+#   3x256, B 32/64 (25M/50M): up to ~85%;  3x512, B 64 (200M): up to ~88% (noisier)
+#   (and below ~4M, the boundaries' check alone, a few numpy calls per layer step, costs about what it saves)
+GATHER_FRACTIONS = ((10e6, 0.8), (4e6, 0.5), (0.0, 0.0))  # (at least this many multiply-adds, largest fraction)
+GATHER_FRACTION: float | None = None  # overrides the table (tests: 1.0 gathers whatever the fraction)
+
+
+def gather_fraction(rows: int, w_t: tuple[Tensor, ...]) -> float:
+    """The largest fraction of the batch's rows that a layer step gathers rather than running on every row."""
+    if GATHER_FRACTION is not None:
+        return GATHER_FRACTION
+    work = rows * w_t[0].shape[0] * sum(part.shape[1] for part in w_t)  # [gates | zhat] (no zhat at the top)
+    return next(fraction for least, fraction in GATHER_FRACTIONS if work >= least)
 
 
 def enabled() -> bool:
@@ -69,27 +83,31 @@ def skips(plan: fast.Plan, device: torch.device) -> bool:
 
 @dataclass
 class SkipCounts:
-    """Per layer: rows (stream-steps) seen, those that COPY, and those whose work was skipped (fewer than the
-    copies where a batch ran the full step or padded its gathered rows)."""
+    """Per layer: rows (stream-steps) seen, those whose boundaries were checked (all of them, except where a batch
+    is too small for skipping to pay: there nobody looks), those that COPY among them, and those whose work was
+    skipped (fewer than the copies where a batch ran the full step or padded its gathered rows)."""
 
     rows: list[int] = field(default_factory=list)
+    checked: list[int] = field(default_factory=list)
     copies: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
 
-    def add(self, layer: int, rows: int, copies: int, skipped: int) -> None:
+    def add(self, layer: int, rows: int, checked: int, copies: int, skipped: int) -> None:
         while len(self.rows) <= layer:
-            self.rows.append(0), self.copies.append(0), self.skipped.append(0)
+            self.rows.append(0), self.checked.append(0), self.copies.append(0), self.skipped.append(0)
         self.rows[layer] += rows
+        self.checked[layer] += checked
         self.copies[layer] += copies
         self.skipped[layer] += skipped
 
     def reset(self) -> None:
-        self.rows, self.copies, self.skipped = [], [], []
+        self.rows, self.checked, self.copies, self.skipped = [], [], [], []
 
-    def fractions(self) -> dict[str, list[float]]:
-        """Per layer (layer 1 included: it never copies): the fraction of rows that copy, and of rows skipped."""
+    def fractions(self) -> dict[str, list[float | None]]:
+        """Per layer (layer 1 included: it never copies): the fraction of checked rows that copy (None where none
+        was checked), and of all rows skipped."""
         return {
-            "copy": [c / r if r else 0.0 for c, r in zip(self.copies, self.rows, strict=True)],
+            "copy": [c / n if n else None for c, n in zip(self.copies, self.checked, strict=True)],
             "skipped": [s / r if r else 0.0 for s, r in zip(self.skipped, self.rows, strict=True)],
         }
 
@@ -125,35 +143,49 @@ class SkippingStep:
 
     def __init__(self):
         self.subs: dict[tuple[int, int], SubBatch] = {}  # (layer, rows) -> buffers, kept across calls
+        self.fractions: dict[tuple[int, int], float] = {}  # (layer, rows) -> gather_fraction
 
     def __call__(
         self, plan: fast.Plan, tape: fast.LayerTape, below: fast.LayerTape | None, above: fast.LayerTape | None,
         t: int, k: int, base: tuple[Tensor | None, Tensor | None], w_t: tuple[Tensor, Tensor],
         ln: fast.LayerNormParams | None, ones: Tensor,
     ) -> None:  # fmt: skip
-        if below is None:  # layer 1 never copies
+        B = ones.shape[0]
+        if below is None or (B > 1 and not self.fraction(tape.layer, B, w_t)):  # layer 1 never copies
+            COUNTS.add(tape.layer, B, B if below is None else 0, 0, 0)
             fast.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
             return
         z_prev, z_below = tape.z_t[t].numpy(), below.z_t[t + 1].numpy()  # (B, 1) views of the boundaries
-        computes = (z_prev != 0) | (z_below != 0)  # (B, 1)
-        B = computes.shape[0]
         if B == 1:
-            M = int(computes[0, 0])
-        else:
-            rows = np.flatnonzero(computes)
-            M = len(rows)
-        if M == B or (B > 1 and -(-M // ROW_BLOCK) * ROW_BLOCK > GATHER_FRACTION * B):
-            COUNTS.add(tape.layer, B, B - M, 0)
+            copies = z_prev[0, 0] == 0 and z_below[0, 0] == 0
+            COUNTS.add(tape.layer, 1, 1, int(copies), int(copies))
+            if copies:
+                copy_step(tape, t)
+            else:
+                fast.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
+            return
+        computes = z_prev + z_below  # (B, 1): 0 exactly where both are (z >= 0)
+        rows = np.flatnonzero(computes)
+        M = len(rows)
+        padded = -(-M // ROW_BLOCK) * ROW_BLOCK
+        if M == B or padded > self.fraction(tape.layer, B, w_t) * B:
+            COUNTS.add(tape.layer, B, B, B - M, 0)
             fast.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
         elif M == 0:
-            COUNTS.add(tape.layer, B, B, B)
+            COUNTS.add(tape.layer, B, B, B, B)
             copy_step(tape, t)
         else:
-            padded = -(-M // ROW_BLOCK) * ROW_BLOCK
-            COUNTS.add(tape.layer, B, B - M, B - padded)
+            COUNTS.add(tape.layer, B, B, B - M, B - padded)
             if padded > M:  # pad with rows that copy: computed, they give the copy exactly
-                rows = np.concatenate([rows, np.flatnonzero(~computes)[: padded - M]])
+                rows = np.concatenate([rows, np.flatnonzero(computes == 0)[: padded - M]])
             self.gathered_step(plan, tape, below, above, t, base, w_t, ln, rows, z_prev, z_below)
+
+    def fraction(self, layer: int, rows: int, w_t: tuple[Tensor, ...]) -> float:
+        """gather_fraction of this layer's step, worked out once per batch size."""
+        key = (layer, rows)
+        if GATHER_FRACTION is not None or key not in self.fractions:
+            self.fractions[key] = gather_fraction(rows, w_t)
+        return self.fractions[key]
 
     def gathered_step(
         self, plan: fast.Plan, tape: fast.LayerTape, below: fast.LayerTape, above: fast.LayerTape | None, t: int,
@@ -306,13 +338,13 @@ class Stepper:
                 self.h_np[layer][n][:] = self.h_np[layer][s]
                 self.c_np[layer][n][:] = self.c_np[layer][s]
                 self.z_np[n, layer] = 0
-                COUNTS.add(layer, 1, 1, 1)
+                COUNTS.add(layer, 1, 1, 1, 1)
                 continue
             base = self.bases_1[symbol] if below is None else self.bases[layer - 1]
             fast.layer_step(plan, tape, below, above, s, 0, base, self.w_t[layer], self.ln[layer] if self.ln else None,
                             self.ones)  # fmt: skip
             self.stale[layer] = True
-            COUNTS.add(layer, 1, 0, 0)
+            COUNTS.add(layer, 1, 1, 0, 0)
         self.slot = n
         return self.output()
 

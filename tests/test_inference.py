@@ -94,9 +94,11 @@ def test_a_sequence_equals_the_path_without_skipping_in_float64(mode, layer_norm
     plain, skipping, counts = both(model, monkeypatch, lambda: forward_twice(model, tokens))
     assert_outputs_equal(plain, skipping, exact=False)
     assert counts["copy"][0] == 0 and counts["skipped"][0] == 0  # layer 1 never copies
-    assert min(counts["copy"][1:]) > 0.2  # the upper layers copy often...
     if batch == 1 or gather == "always":
+        assert min(counts["copy"][1:]) > 0.2  # the upper layers copy often...
         assert min(counts["skipped"][1:]) > 0.1  # ...and skip it
+    else:  # a batch this small computes every row: checking its boundaries would cost more than it saves
+        assert counts["copy"][1:] == [None, None] and counts["skipped"] == [0, 0, 0]
 
 
 @pytest.mark.parametrize("layer_norm", [False, True])
@@ -115,6 +117,7 @@ def test_a_sequence_is_the_same_in_float32(layer_norm, batch, monkeypatch):
 def test_an_all_copy_layer_and_a_full_layer(monkeypatch):
     """The two ends: an upper layer that never computes (its detector below never fires) and a model where every
     layer always computes (every detector always fires)."""
+    monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
     for shift in (-100.0, 100.0):
         model = sparse_lm(True, "step", F64)
         with torch.no_grad():

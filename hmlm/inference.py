@@ -235,14 +235,19 @@ def copy_step(tape: fast.LayerTape, t: int) -> None:
 SKIPPERS = fast.TapeCache()  # SkippingSteps (their gathered-row buffers), kept like the tapes of fast.py
 
 
-@contextlib.contextmanager
-def skipping(plan: fast.Plan, device: torch.device, batch: int) -> Iterator[fast.LayerStep | None]:
-    """The layer step for a call of fast.run: a SkippingStep where skipping is used (it only runs without
-    gradient), else None (fast.layer_step)."""
+NOT_SKIPPING = contextlib.nullcontext()  # (reusable: entering it costs less than a generator-based context)
+
+
+def skipping(plan: fast.Plan, device: torch.device, batch: int) -> contextlib.AbstractContextManager:
+    """The layer step for a call of fast.run, as a context: a SkippingStep where skipping is used (it only runs
+    without gradient), else None (fast.layer_step)."""
     if torch.is_grad_enabled() or not skips(plan, device):
-        yield None
-        return
-    key = (plan, batch, device)
+        return NOT_SKIPPING
+    return _skipping((plan, batch, device))
+
+
+@contextlib.contextmanager
+def _skipping(key: tuple) -> Iterator[SkippingStep]:
     step = SKIPPERS.take(key) or SkippingStep()
     try:
         yield step

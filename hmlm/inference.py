@@ -53,9 +53,9 @@ ROW_BLOCK = 4  # gathered rows are padded to a multiple of this (MKL's row block
 # machine, timing one layer step gathered against the full step (min of 30) at batch 32 and 64 over M rows:
 #   3x64, B 64 (3.2M): ~0.8x the full step up to 38% of the rows, dearer above 44%
 #   3x128, B 32 (6.3M): pays up to ~60%;  3x128, B 64 (12.6M): up to ~78%
-#   3x256, B 32/64 (25M/50M): up to ~85%;  3x512, B 64 (200M): up to ~88% (noisier)
+#   3x256, B 32/64 (25M/50M): up to ~85%;  3x512, B 64 (200M): up to ~90% (noisier: the fixed cost is ~2%)
 #   (and below ~4M, the boundaries' check alone, a few numpy calls per layer step, costs about what it saves)
-GATHER_FRACTIONS = ((10e6, 0.8), (4e6, 0.5), (0.0, 0.0))  # (at least this many multiply-adds, largest fraction)
+GATHER_FRACTIONS = ((50e6, 0.9), (10e6, 0.8), (4e6, 0.5), (0.0, 0.0))  # (at least this many multiply-adds, largest fraction)
 GATHER_FRACTION: float | None = None  # overrides the table (tests: 1.0 gathers whatever the fraction)
 
 

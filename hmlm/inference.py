@@ -47,15 +47,18 @@ if TYPE_CHECKING:
 
 ROW_BLOCK = 4  # gathered rows are padded to a multiple of this (MKL's row blocking; see the module docstring)
 
-# When a batch's layer step gathers its computing rows: when they are at most a fraction of the batch that grows
-# with the size of the step's matmul (B * K * R multiply-adds), since gathering has a cost of its own (the index
-# ops, and streaming the whole weight however few the rows). Measured with one thread on the 2-core development
-# machine, timing one layer step gathered against the full step (min of 30) at batch 32 and 64 over M rows:
-#   3x64, B 64 (3.2M): ~0.8x the full step up to 38% of the rows, dearer above 44%
-#   3x128, B 32 (6.3M): pays up to ~60%;  3x128, B 64 (12.6M): up to ~78%
-#   3x256, B 32/64 (25M/50M): up to ~85%;  3x512, B 64 (200M): up to ~90% (noisier: the fixed cost is ~2%)
-#   (and below ~4M, the boundaries' check alone, a few numpy calls per layer step, costs about what it saves)
-GATHER_FRACTIONS = ((50e6, 0.9), (10e6, 0.8), (4e6, 0.5), (0.0, 0.0))  # (at least this many multiply-adds, largest fraction)
+# When a batch's layer step gathers its computing rows: when they are at most a fraction of the batch, and only
+# where the step's matmul is large (B * K * R multiply-adds). Gathering has costs of its own: ~13 more torch
+# calls per layer step, and the whole weight is still streamed from memory for however few rows, so at small
+# sizes fewer rows take hardly less time. Measured on the 2-core development machine (one thread, heavily shared,
+# so +-10%): the whole no-grad forward of a fresh model (boundary rates ~0.5: layer 2 copies ~30-43% of rows,
+# layer 3 ~70-78%), batch B x 100, gathering up to 90% against not skipping, min of 8 interleaved runs:
+#   3x128 (layer steps of 6-13M multiply-adds): B 32 1.19x the time, B 64 1.07x  -> no skipping below 15M
+#   3x256 (17-50M): B 32 0.91x, B 64 0.84x;  a trained 3x256 model (copies 55% / 93%), B 64: 0.75x
+# and timing one layer step gathered against the full step at 3x256 and 3x512, B 64: it pays up to ~85% of the
+# rows at 3x256 and ~90% at 3x512. Below the size threshold nobody even looks at the boundaries (a few numpy
+# calls per layer step): the batch runs exactly as without skipping.
+GATHER_FRACTIONS = ((50e6, 0.9), (15e6, 0.8), (0.0, 0.0))  # (at least this many multiply-adds, largest fraction)
 GATHER_FRACTION: float | None = None  # overrides the table (tests: 1.0 gathers whatever the fraction)
 
 
@@ -119,22 +122,17 @@ COUNTS = SkipCounts()
 
 
 class SubBatch:
-    """The buffers of a layer step over M gathered rows: a one-step tape of M rows (fast.LayerTape), the gathered
-    h below and above (before masking), z below, and the row indices."""
+    """The buffers of a layer step over M gathered rows: a one-step tape of M rows (fast.LayerTape) whose h_{t-1}
+    is the h_prev part of its matmul input (one gather fills both), and z below."""
 
     def __init__(self, plan: fast.Plan, layer: int, M: int, like: Tensor):
-        L, H = plan.num_layers, plan.hidden_sizes[layer]
         self.tape = fast.LayerTape(plan, layer, M, 1, like.device, like.dtype, save=False)
-        self.Z = torch.zeros(2, M, L, device=like.device, dtype=like.dtype)
+        self.Z = torch.zeros(2, M, plan.num_layers, device=like.device, dtype=like.dtype)
         self.tape.attach(self.Z)
+        self.tape.h_t = [self.tape.x_rec_t[0], self.tape.h_t[1]]
         self.z_prev, self.z_new = self.tape.z_t[0].numpy(), self.tape.z_t[1].numpy()  # (M, 1) views
-        self.h_below = torch.empty(M, plan.below_sizes[layer], device=like.device, dtype=like.dtype)
-        above = plan.hidden_sizes[layer + 1] if layer < L - 1 else 0
-        self.h_above = torch.empty(M, above, device=like.device, dtype=like.dtype)
         self.z_below = torch.empty(M, 1, device=like.device, dtype=like.dtype)
         self.ones = torch.ones(M, 1, device=like.device, dtype=like.dtype)
-        self.index = torch.empty(M, dtype=torch.int64)
-        self.H = H
 
 
 class SkippingStep:
@@ -198,19 +196,15 @@ class SkippingStep:
         if sub is None:
             sub = self.subs[key] = SubBatch(plan, tape.layer, len(rows), tape.h_t[t])
         s = sub.tape
-        sub.index.copy_(torch.from_numpy(rows))
-        index = sub.index
+        index = torch.from_numpy(rows)
         # The step's state and masked inputs [z_below h_below | h_prev | z_prev h_above], as layer_step makes them.
         sub.z_prev[:] = z_prev[rows]
         sub.z_below.numpy()[:] = z_below[rows]
-        torch.index_select(tape.h_t[t], 0, index, out=s.h_t[0])
+        torch.index_select(tape.h_t[t], 0, index, out=s.h_t[0])  # (the h_prev part of the matmul input)
         torch.index_select(tape.c_t[t], 0, index, out=s.c_t[0])
-        torch.index_select(below.h_t[t + 1], 0, index, out=sub.h_below)
-        torch.mul(sub.h_below, sub.z_below, out=s.x_below_t[0])
-        s.x_rec_t[0].copy_(s.h_t[0])
+        torch.index_select(below.h_t[t + 1], 0, index, out=s.x_below_t[0]).mul_(sub.z_below)
         if above is not None:
-            torch.index_select(above.h_t[t], 0, index, out=sub.h_above)
-            torch.mul(sub.h_above, s.z_t[0], out=s.x_above_t[0])
+            torch.index_select(above.h_t[t], 0, index, out=s.x_above_t[0]).mul_(s.z_t[0])
         fast.matmul_add(base[0], s.x_t[0], w_t[0], out=s.gates_t[0])
         if above is not None:
             fast.matmul_add(base[1], s.x_t[0], w_t[1], out=s.zhat_t[0])
@@ -219,10 +213,13 @@ class SkippingStep:
         else:
             fast.cell_step(plan, s, below, above, 0, 0, ln, sub.z_below, sub.ones)
         # Every row copies, then the computed rows are written over.
-        copy_step(tape, t)
+        tape.h_t[t + 1].copy_(tape.h_t[t])
+        tape.c_t[t + 1].copy_(tape.c_t[t])
         tape.h_t[t + 1].index_copy_(0, index, s.h_t[1])
         tape.c_t[t + 1].index_copy_(0, index, s.c_t[1])
-        tape.z_t[t + 1].numpy()[rows] = sub.z_new
+        z_new = tape.z_t[t + 1].numpy()
+        z_new[:] = 0
+        z_new[rows] = sub.z_new
 
 
 def copy_step(tape: fast.LayerTape, t: int) -> None:

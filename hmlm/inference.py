@@ -62,12 +62,19 @@ GATHER_FRACTIONS = ((50e6, 0.9), (15e6, 0.8), (0.0, 0.0))  # (at least this many
 GATHER_FRACTION: float | None = None  # overrides the table (tests: 1.0 gathers whatever the fraction)
 
 
-def gather_fraction(rows: int, w_t: tuple[Tensor, ...]) -> float:
-    """The largest fraction of the batch's rows that a layer step gathers rather than running on every row."""
+def gather_fraction(rows: int, K: int, R: int) -> float:
+    """The largest fraction of the batch's rows that a layer step (a (rows, K) x (K, R) matmul) gathers rather
+    than running on every row; 0: it never looks."""
     if GATHER_FRACTION is not None:
         return GATHER_FRACTION
-    work = rows * w_t[0].shape[0] * sum(part.shape[1] for part in w_t)  # [gates | zhat] (no zhat at the top)
-    return next(fraction for least, fraction in GATHER_FRACTIONS if work >= least)
+    return next(fraction for least, fraction in GATHER_FRACTIONS if rows * K * R >= least)
+
+
+def step_sizes(plan: fast.Plan, layer: int) -> tuple[int, int]:
+    """K and R of a layer step's matmul: [below | rec | above] inputs, [gates | zhat] outputs."""
+    L, H = plan.num_layers, plan.hidden_sizes[layer]
+    above = plan.hidden_sizes[layer + 1] if layer < L - 1 else 0
+    return plan.below_sizes[layer] + H + above, 4 * H + (1 if layer < L - 1 else 0)
 
 
 def enabled() -> bool:
@@ -149,7 +156,7 @@ class SkippingStep:
         ln: fast.LayerNormParams | None, ones: Tensor,
     ) -> None:  # fmt: skip
         B = ones.shape[0]
-        if below is None or (B > 1 and not self.fraction(tape.layer, B, w_t)):  # layer 1 never copies
+        if below is None or (B > 1 and not self.fraction(plan, tape.layer, B)):  # layer 1 never copies
             COUNTS.add(tape.layer, B, B if below is None else 0, 0, 0)
             fast.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
             return
@@ -166,7 +173,7 @@ class SkippingStep:
         rows = np.flatnonzero(computes)
         M = len(rows)
         padded = -(-M // ROW_BLOCK) * ROW_BLOCK
-        if M == B or padded > self.fraction(tape.layer, B, w_t) * B:
+        if M == B or padded > self.fraction(plan, tape.layer, B) * B:
             COUNTS.add(tape.layer, B, B, B - M, 0)
             fast.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
         elif M == 0:
@@ -178,11 +185,11 @@ class SkippingStep:
                 rows = np.concatenate([rows, np.flatnonzero(computes == 0)[: padded - M]])
             self.gathered_step(plan, tape, below, above, t, base, w_t, ln, rows, z_prev, z_below)
 
-    def fraction(self, layer: int, rows: int, w_t: tuple[Tensor, ...]) -> float:
+    def fraction(self, plan: fast.Plan, layer: int, rows: int) -> float:
         """gather_fraction of this layer's step, worked out once per batch size."""
         key = (layer, rows)
         if GATHER_FRACTION is not None or key not in self.fractions:
-            self.fractions[key] = gather_fraction(rows, w_t)
+            self.fractions[key] = gather_fraction(rows, *step_sizes(plan, layer))
         return self.fractions[key]
 
     def gathered_step(
@@ -240,6 +247,8 @@ def skipping(plan: fast.Plan, device: torch.device, batch: int) -> contextlib.Ab
     without gradient), else None (fast.layer_step)."""
     if torch.is_grad_enabled() or not skips(plan, device):
         return NOT_SKIPPING
+    if batch > 1 and not any(gather_fraction(batch, *step_sizes(plan, layer)) for layer in range(1, plan.num_layers)):
+        return NOT_SKIPPING  # a batch too small for skipping to pay in any layer: exactly the path without it
     return _skipping((plan, batch, device))
 
 

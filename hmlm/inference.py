@@ -281,7 +281,10 @@ class Stepper:
         weight = rnn.weight[0]
         device, dtype = weight.device, weight.dtype
         plan = rnn.fast_plan(device, dtype)
+        # Detached, so that a step needs no torch.no_grad (entering it costs more than a small layer step).
         w_in, b_in, weights, biases, ln = rnn.fast_parameters()
+        w_in, b_in, weights, biases = w_in.detach(), b_in.detach(), detached(weights), detached(biases[1:])
+        ln = [detached(layer) for layer in ln] if ln is not None else None
         self.plan, self.ln = plan, ln
         self.skip = skips(plan, device)  # on CUDA every layer computes (no host read of z per step)
         L, sizes = plan.num_layers, plan.hidden_sizes
@@ -290,10 +293,11 @@ class Stepper:
         # Layer 1's projected input per symbol: rows of the table are (gates, zhat) bases, as fast.py splits them.
         embedding = model.embedding.weight.detach()  # (V, E)
         E = embedding.shape[1]
-        table = torch.cat([F.linear(embedding[v].view(1, 1, E), w_in, b_in) for v in range(len(embedding))], 0)
+        with torch.no_grad():
+            table = torch.cat([F.linear(embedding[v].view(1, 1, E), w_in, b_in) for v in range(len(embedding))], 0)
         self.table = table  # (V, 1, R_1)
         self.bases_1 = [(row[:, : 4 * sizes[0]], row[:, 4 * sizes[0] :]) for row in table.unbind(0)]
-        self.bases = [(b[: 4 * H], b[4 * H :]) for b, H in zip(biases[1:], sizes[1:], strict=True)]
+        self.bases = [(b[: 4 * H], b[4 * H :]) for b, H in zip(biases, sizes[1:], strict=True)]
         self.w_t = [w.t().split(4 * H, dim=1) for w, H in zip(weights, sizes, strict=True)]  # as fast.py for T < 16
 
         # The state: two slots, read from one and written to the other in turn. Every layer's h lives in one
@@ -329,13 +333,13 @@ class Stepper:
     def load(self, state: HMLSTMState) -> None:
         """Make `state` (batch 1) the current one."""
         s = self.slot
-        for layer, tape in enumerate(self.tapes):
-            tape.h_t[s].copy_(state.h[layer])
-            tape.c_t[s].copy_(state.c[layer])
-            tape.z_t[s].copy_(state.z[layer])
+        with torch.no_grad():
+            for layer, tape in enumerate(self.tapes):
+                tape.h_t[s].copy_(state.h[layer])
+                tape.c_t[s].copy_(state.c[layer])
+                tape.z_t[s].copy_(state.z[layer])
         self.stale = [True] * len(self.tapes)
 
-    @torch.no_grad()
     def step(self, symbol: int) -> Tensor:
         """Feed one symbol; the logits (1, V) of the next."""
         plan, tapes, s = self.plan, self.tapes, self.slot
@@ -371,6 +375,10 @@ class Stepper:
         torch.mm(self.gate, self.P, out=self.embedded)  # sum_l g^l P_l   (1, E_out)
         self.embedded.relu_()
         return torch.addmm(self.logits_b, self.embedded, self.logits_w_t, out=self.logits)
+
+
+def detached(tensors) -> list[Tensor]:
+    return [t.detach() for t in tensors]
 
 
 def stepper(model: CharLM, state: HMLSTMState) -> Stepper | None:

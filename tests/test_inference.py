@@ -156,18 +156,19 @@ def test_the_stepper_equals_a_model_call_per_symbol(monkeypatch):
     state = zeros._replace(h=[torch.randn_like(h) for h in zeros.h], c=[torch.randn_like(c) for c in zeros.c])
     stepper = inference.Stepper(model, state)
     inference.COUNTS.reset()
-    with torch.no_grad():
-        for t, symbol in enumerate(symbols):
-            logits = stepper.step(symbol)
-            if t == 0:
-                assert inference.COUNTS.skipped[1:] == [1, 1]
+    for t, symbol in enumerate(symbols):
+        logits = stepper.step(symbol)  # (no torch.no_grad needed: it holds no parameter)
+        assert not logits.requires_grad
+        if t == 0:
+            assert inference.COUNTS.skipped[1:] == [1, 1]
+        with torch.no_grad():
             out = model(torch.tensor([[symbol]]), state)
-            state = out.state
-            torch.testing.assert_close(logits, out.logits[:, -1])
-            for layer, tape in enumerate(stepper.tapes):
-                torch.testing.assert_close(tape.h_t[stepper.slot], state.h[layer])
-                torch.testing.assert_close(tape.c_t[stepper.slot], state.c[layer])
-                torch.testing.assert_close(tape.z_t[stepper.slot], state.z[layer])
+        state = out.state
+        torch.testing.assert_close(logits, out.logits[:, -1])
+        for layer, tape in enumerate(stepper.tapes):
+            torch.testing.assert_close(tape.h_t[stepper.slot], state.h[layer])
+            torch.testing.assert_close(tape.c_t[stepper.slot], state.c[layer])
+            torch.testing.assert_close(tape.z_t[stepper.slot], state.z[layer])
 
 
 def test_where_skipping_is_not_used(monkeypatch):

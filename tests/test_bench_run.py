@@ -52,21 +52,23 @@ def test_a_run_is_measured_on_its_own_text(runs):
     assert report["eval"] == {"batch": 4, "seq_len": 8} and report["sample"]["length"] == 6
     assert report["device"]["threads"] == 1 and report["measured_rounds"] == 2
     assert report["skipping_used"] is True
-    assert set(report["results"]) == {"skip", "noskip", "lstm"}
+    assert set(report["results"]) == {"skip", "noskip", "lstm", "lstm_native"}
     for result in report["results"].values():
         assert len(result["sample_symbols_per_s_rounds"]) == len(result["eval_chars_per_s_rounds"]) == 2
         assert result["sample_symbols_per_s"] > 0 and result["eval_chars_per_s"] > 0
     for key in ("skip", "noskip"):
-        ratio = report["ratios"][f"{key}/lstm"]["sample"]
-        expected = report["results"][key]["sample_symbols_per_s"] / report["results"]["lstm"]["sample_symbols_per_s"]
-        assert ratio == pytest.approx(expected)
+        for base in ("lstm", "lstm_native"):
+            for phase, unit in (("sample", "sample_symbols_per_s"), ("eval", "eval_chars_per_s")):
+                ratio = report["ratios"][f"{key}/{base}"][phase]
+                assert ratio == pytest.approx(report["results"][key][unit] / report["results"][base][unit])
     assert len(report["boundary_rate"]) == 2 and all(0 <= r <= 1 for r in report["boundary_rate"])
     sampling = report["skip_fractions"]["sample"]
     # one stream: every layer's boundaries are checked; layer 1 never copies; what copies is skipped
     assert sampling["copy"][0] == 0 and sampling["skipped"][0] == 0
     assert sampling["copy"][1:] == sampling["skipped"][1:]
     text = format_run_report(report)
-    for needle in ("HM-LSTM, skipping", "HM-LSTM, no skipping", "nn.LSTM", "rows skipped", "boundary rate"):
+    needles = ("HM-LSTM, skipping", "HM-LSTM, no skipping", "nn.LSTM", "oneDNN off", "rows skipped", "boundary rate")
+    for needle in needles:
         assert needle in text
 
 

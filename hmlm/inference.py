@@ -10,9 +10,11 @@ and in a trained model most upper-layer steps copy. So, on the CPU and without g
 - A batch: a layer step computes only its rows that do not copy: they are gathered, computed by fast.py's own
   matmul and cell step, and scattered back; the rows that copy get h_{t-1}, c_{t-1}, 0. The gathered rows are
   padded to a multiple of ROW_BLOCK (with rows that copy: computing them gives the copy exactly), which keeps
-  MKL's matmul of every row bitwise the same as in the full batch (measured on AVX2, one and two threads).
-  Where most rows compute (more than a fraction that grows with the size of the step, GATHER_FRACTIONS), the
-  gathering costs more than the rows saved: the step runs on the full batch as before (fast.layer_step).
+  MKL's matmul of every row bitwise the same as in the full batch (measured on the development machine's AMD
+  EPYC, float32 and float64, one and two threads; elsewhere a row may differ by rounding).
+  Where most rows compute (more than a fraction that grows with the size of the step, GATHER_FRACTIONS), or the
+  layer steps are small, gathering costs more than the rows saved: the step runs on the full batch as before
+  (fast.layer_step), without even looking at the boundaries.
 - Sampling (`Stepper`): one symbol at a time through buffers made once, with the output module's per-layer
   projections W^e_l h^l kept from one step to the next and recomputed only for the layers whose h changed.
 
@@ -82,10 +84,15 @@ def enabled() -> bool:
     return os.environ.get("HMLM_SKIP_COPY", "1") != "0"
 
 
-def skips(plan: fast.Plan, device: torch.device) -> bool:
-    """Whether a no-gradient call of this plan on this device skips COPY steps (see the module docstring)."""
+NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)  # the boundaries are read on the host through numpy
+
+
+def skips(plan: fast.Plan, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether a no-gradient call of this plan on this device, with a state of this dtype, skips COPY steps (see
+    the module docstring)."""
     random_draws = plan.mode == "sample" and plan.training
-    return enabled() and device.type == "cpu" and plan.num_layers > 1 and not random_draws
+    usable = device.type == "cpu" and dtype in NUMPY_DTYPES and plan.num_layers > 1
+    return enabled() and usable and not random_draws
 
 
 # --- What was skipped: counted as it happens, for `hmlm bench --run` ----------------------------------------------
@@ -242,10 +249,12 @@ SKIPPERS = fast.TapeCache()  # SkippingSteps (their gathered-row buffers), kept 
 NOT_SKIPPING = contextlib.nullcontext()  # (reusable: entering it costs less than a generator-based context)
 
 
-def skipping(plan: fast.Plan, device: torch.device, batch: int) -> contextlib.AbstractContextManager:
-    """The layer step for a call of fast.run, as a context: a SkippingStep where skipping is used (it only runs
-    without gradient), else None (fast.layer_step)."""
-    if torch.is_grad_enabled() or not skips(plan, device):
+def skipping(
+    plan: fast.Plan, device: torch.device, batch: int, dtype: torch.dtype
+) -> contextlib.AbstractContextManager:
+    """The layer step for a call of fast.run (a state of this dtype), as a context: a SkippingStep where skipping
+    is used (it only runs without gradient), else None (fast.layer_step)."""
+    if torch.is_grad_enabled() or not skips(plan, device, dtype):
         return NOT_SKIPPING
     if batch > 1 and not any(gather_fraction(batch, *step_sizes(plan, layer)) for layer in range(1, plan.num_layers)):
         return NOT_SKIPPING  # a batch too small for skipping to pay in any layer: exactly the path without it
@@ -286,7 +295,7 @@ class Stepper:
         w_in, b_in, weights, biases = w_in.detach(), b_in.detach(), detached(weights), detached(biases[1:])
         ln = [detached(layer) for layer in ln] if ln is not None else None
         self.plan, self.ln = plan, ln
-        self.skip = skips(plan, device)  # on CUDA every layer computes (no host read of z per step)
+        self.skip = skips(plan, device, dtype)  # on CUDA every layer computes (no host read of z per step)
         L, sizes = plan.num_layers, plan.hidden_sizes
         like = {"device": device, "dtype": dtype}
 

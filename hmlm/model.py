@@ -190,7 +190,7 @@ class HMLSTM(nn.Module):
         plan = self.fast_plan(x.device, state.h[0].dtype, slope)
         w_in, b_in, weights, bias, ln = self.fast_parameters()
         x_proj = F.linear(x.transpose(0, 1), w_in, b_in)  # (T, B, R_1): every step's input at once
-        with inference.skipping(plan, x.device, x.shape[0]) as step:
+        with inference.skipping(plan, x.device, x.shape[0], state.h[0].dtype) as step:
             hidden, boundaries, h, c, z = fast.run(plan, x_proj, state.h, state.c, state.z, weights, bias, ln, step)
         return HMLSTMOutput(hidden, boundaries, HMLSTMState(h, c, z))
 

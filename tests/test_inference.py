@@ -178,23 +178,24 @@ def test_where_skipping_is_not_used(monkeypatch):
     plan = model.rnn.fast_plan(cpu, torch.float32)
     assert inference.skips(plan, cpu)
     assert not inference.skips(plan, cuda)  # a host read of z per layer step would stall the GPU
+    assert not inference.skips(plan, cpu, torch.bfloat16)  # numpy has no bfloat16
     model.train()  # random draws in training: skipping would leave out the draws of the rows that copy
     assert not inference.skips(model.rnn.fast_plan(cpu, torch.float32), cpu)
     with torch.no_grad():
-        with inference.skipping(plan, cpu, 1) as step:  # one stream: a layer that copies is skipped
+        with inference.skipping(plan, cpu, 1, torch.float32) as step:  # one stream: a layer that copies is skipped
             assert isinstance(step, inference.SkippingStep)
-        with inference.skipping(plan, cpu, 64) as step:  # a batch of small layer steps: gathering would not pay
+        with inference.skipping(plan, cpu, 64, torch.float32) as step:  # small layer steps: gathering would not pay
             assert step is None
         big = fast.Plan((512, 512, 512), (0, 512, 512), True, "step", False, 1.0, torch.float32)
-        with inference.skipping(big, cpu, 64) as step:  # the paper's PTB shape, batch 64: it pays
+        with inference.skipping(big, cpu, 64, torch.float32) as step:  # the paper's PTB shape, batch 64: it pays
             assert isinstance(step, inference.SkippingStep)
-    with inference.skipping(big, cpu, 64) as step:  # with gradients: never
+    with inference.skipping(big, cpu, 64, torch.float32) as step:  # with gradients: never
         assert step is None
     assert inference.gather_fraction(64, *inference.step_sizes(big, 1)) >= 0.8
     monkeypatch.setenv("HMLM_SKIP_COPY", "0")
     assert not inference.skips(plan, cpu)
     assert inference.stepper(model.eval(), model.initial_state(1)) is None
-    with torch.no_grad(), inference.skipping(plan, cpu, 1) as step:
+    with torch.no_grad(), inference.skipping(plan, cpu, 1, torch.float32) as step:
         assert step is None
 
 

@@ -254,7 +254,7 @@ def skipping(
 ) -> contextlib.AbstractContextManager:
     """The layer step for a call of fast.run (a state of this dtype), as a context: a SkippingStep where skipping
     is used (it only runs without gradient), else None (fast.layer_step)."""
-    if torch.is_grad_enabled() or not skips(plan, device, dtype):
+    if not enabled() or torch.is_grad_enabled() or not skips(plan, device, dtype):  # the cheapest checks first
         return NOT_SKIPPING
     if batch > 1 and not any(gather_fraction(batch, *step_sizes(plan, layer)) for layer in range(1, plan.num_layers)):
         return NOT_SKIPPING  # a batch too small for skipping to pay in any layer: exactly the path without it

@@ -3,8 +3,9 @@
 A fresh model closes a segment on about half of the steps in every layer; a trained one closes few in its upper
 layers, which then mostly COPY, and what inference skips (hmlm/inference.py) depends on that. So this measures the
 run's own model on its dataset's validation text, against nn.LSTM of the same width and depth (untrained: its
-speed does not depend on its weights), and the HM-LSTM without skipping (HMLM_SKIP_COPY=0), in one process, in
-interleaved rounds after warm-up rounds, reporting medians:
+speed does not depend on its weights; on the CPU both as torch runs it, on oneDNN, and with oneDNN off), and the
+HM-LSTM without skipping (HMLM_SKIP_COPY=0), in one process, in interleaved rounds after warm-up rounds,
+reporting medians:
 - sampling: one symbol at a time (batch 1, seq 1), as `hmlm sample` does: generate_ids from a prompt of real
   text, timed from the first generated symbol to the last (the prompt's one call left out);
 - evaluation: batches of contiguous streams (batch 64, seq 100 by default) of the validation text with the state

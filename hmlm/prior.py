@@ -16,6 +16,13 @@ move a layer that has stopped firing, or fires everywhere (hard_sigm's gradient 
 (a boundary can only open on a step that is not a COPY, DESIGN section 1) comes from the hard boundaries and is
 a constant here: the prior's gradient goes only through zhat. The term is a training loss only: BPC stays the LM
 loss alone.
+
+What k counts (`prior.count`):
+- "hard" (the default): k is the number of boundaries the layer actually drew, with the gradient of the soft
+  count (straight-through: z + p - p.detach(), per step), as Nawrot et al. count their hard boundaries.
+- "soft": k = sum_t p_t itself. Measured on the synthetic corpus (README, "Boundary study"), the model then meets
+  the prior with every p_t near the rate and few zhat above 0: the soft count is on target while the layer
+  fires far less often than asked.
 """
 
 from __future__ import annotations
@@ -28,11 +35,14 @@ from torch import Tensor
 
 from hmlm.model import ModelConfig
 
+COUNTS = ("hard", "soft")
+
 
 @dataclass
 class PriorConfig:
     rates: list[float] = field(default_factory=list)  # target boundary rate per lower layer, e.g. [0.2, 0.03]; []: off
     weights: list[float] = field(default_factory=list)  # weight of each layer's term; []: 1 for every layer
+    count: str = "hard"  # hard: the boundaries drawn, with the soft probabilities' gradient; soft: sum of p_t
 
     @property
     def enabled(self) -> bool:
@@ -43,6 +53,8 @@ class PriorConfig:
 
     def validate(self, model: ModelConfig) -> None:
         """Raise ValueError naming the key when the prior cannot apply to `model`."""
+        if self.count not in COUNTS:
+            raise ValueError(f"prior.count must be one of {', '.join(COUNTS)}, not {self.count!r}")
         if not self.rates:
             if self.weights:
                 raise ValueError("prior.weights is set but prior.rates is empty: give one target rate per lower layer")
@@ -68,8 +80,11 @@ class PriorConfig:
                 raise ValueError(f"prior.weights[{i}] must be zero or positive, not {weight}")
 
 
-def soft_boundaries(zhat: Tensor, boundaries: Tensor, z0: list[Tensor] | None, slope: float) -> Tensor:
-    """p (B, T, L-1): keep * sigm(slope * zhat), keep = 1 - copy from the hard boundaries (detached).
+def soft_boundaries(
+    zhat: Tensor, boundaries: Tensor, z0: list[Tensor] | None, slope: float, count: str = "soft"
+) -> Tensor:
+    """p (B, T, L-1): keep * sigm(slope * zhat), keep = 1 - copy from the hard boundaries (detached). With
+    count="hard", the values are the boundaries themselves and the gradient is p's (straight-through).
 
     zhat, boundaries: (B, T, L-1) from one forward pass; z0: the z of every layer it started from (L x (B, 1)), or
     None for the zero state."""
@@ -79,7 +94,8 @@ def soft_boundaries(zhat: Tensor, boundaries: Tensor, z0: list[Tensor] | None, s
     z_prev = torch.cat([first.to(z.dtype), z[:, :-1]], dim=1)  # z^l_{t-1}
     z_below = torch.cat([torch.ones_like(z[..., :1]), z[..., :-1]], dim=-1)  # z^{l-1}_t, z^0 = 1
     keep = z_prev + (1 - z_prev) * z_below  # flush or update: 1 - copy
-    return keep * torch.sigmoid(slope * zhat)
+    p = keep * torch.sigmoid(slope * zhat)
+    return z + (p - p.detach()) if count == "hard" else p
 
 
 def binomial_nll(count: Tensor, n: int, rate: float) -> Tensor:
@@ -92,7 +108,7 @@ def boundary_prior(
     config: PriorConfig, zhat: Tensor, boundaries: Tensor, z0: list[Tensor] | None, slope: float
 ) -> tuple[Tensor, list[Tensor]]:
     """The weighted prior term (a scalar) and each layer's unweighted term (for logging)."""
-    p = soft_boundaries(zhat, boundaries, z0, slope).double()  # lgamma of counts near n wants the precision
+    p = soft_boundaries(zhat, boundaries, z0, slope, config.count).double()  # lgamma near n wants the precision
     n = p.shape[1]
     terms = [binomial_nll(p[..., layer].sum(1), n, rate).mean() / n for layer, rate in enumerate(config.rates)]
     total = sum(w * term for w, term in zip(config.layer_weights(), terms, strict=True))

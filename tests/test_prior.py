@@ -172,6 +172,20 @@ def test_soft_boundaries_count_only_steps_that_can_open_one():
     torch.testing.assert_close(p[0, :, 1], torch.tensor([1, 0, 1, 1], dtype=F64) * s)
 
 
+def test_the_hard_count_is_the_number_of_boundaries_with_the_soft_gradient():
+    gen = torch.Generator().manual_seed(0)
+    zhat = torch.randn(3, 20, 2, generator=gen, dtype=F64, requires_grad=True)
+    z = (zhat.detach() > 0).to(F64)
+    z[..., 1] *= z[..., 0]  # layer 2 fires only where it can (here: where layer 1 fired)
+    z0 = [torch.ones(3, 1, dtype=F64)] * 3
+    hard = soft_boundaries(zhat, z, z0, slope=2.0, count="hard")
+    assert torch.equal(hard.detach(), z)  # the values: exactly the boundaries drawn
+    weights = torch.randn(3, 20, 2, generator=gen, dtype=F64)
+    (grad_hard,) = torch.autograd.grad((hard * weights).sum(), zhat)
+    (grad_soft,) = torch.autograd.grad((soft_boundaries(zhat, z, z0, 2.0, "soft") * weights).sum(), zhat)
+    torch.testing.assert_close(grad_hard, grad_soft)  # the gradient: the soft probabilities'
+
+
 def test_the_prior_pulls_the_rate_towards_its_target():
     """One gradient step on the prior alone lowers a layer that fires too often and raises one that fires too
     rarely."""
@@ -199,6 +213,7 @@ BASE = {"model": {"hidden_sizes": [8, 8, 8]}}
         ({"rates": [0.2]}, {"hidden_sizes": [8]}, "prior.rates: a boundary-rate prior needs"),
         ({"rates": [0.2]}, {"kind": "lstm", "hidden_sizes": [8, 8]}, "prior.rates: a boundary-rate prior needs"),
         ({"weights": [1.0, 1.0]}, {}, "prior.weights is set"),
+        ({"rates": [0.2, 0.03], "count": "both"}, {}, "prior.count"),
     ],
 )
 def test_a_bad_prior_fails_naming_the_key(prior: dict, model: dict, key: str):

@@ -55,9 +55,7 @@ class PriorConfig:
         """Raise ValueError naming the key when the prior cannot apply to `model`."""
         if self.count not in COUNTS:
             raise ValueError(f"prior.count must be one of {', '.join(COUNTS)}, not {self.count!r}")
-        if not self.rates:
-            if self.weights:
-                raise ValueError("prior.weights is set but prior.rates is empty: give one target rate per lower layer")
+        if not self.rates:  # off: whatever the weights say (so that -s prior.rates=[] turns a config's prior off)
             return
         lower = len(model.hidden_sizes) - 1
         if model.kind != "hmlstm" or lower < 1:

@@ -212,7 +212,6 @@ BASE = {"model": {"hidden_sizes": [8, 8, 8]}}
         ({"rates": [0.2]}, {}, "prior.rates must hold one rate per lower layer"),
         ({"rates": [0.2]}, {"hidden_sizes": [8]}, "prior.rates: a boundary-rate prior needs"),
         ({"rates": [0.2]}, {"kind": "lstm", "hidden_sizes": [8, 8]}, "prior.rates: a boundary-rate prior needs"),
-        ({"weights": [1.0, 1.0]}, {}, "prior.weights is set"),
         ({"rates": [0.2, 0.03], "count": "both"}, {}, "prior.count"),
     ],
 )
@@ -223,6 +222,7 @@ def test_a_bad_prior_fails_naming_the_key(prior: dict, model: dict, key: str):
 
 def test_the_prior_is_off_by_default_and_shown_by_config_show():
     assert not from_dict({}).prior.enabled
+    assert not from_dict({"model": {"hidden_sizes": [8]}, "prior": {"rates": [], "weights": [2.0, 1.0]}}).prior.enabled
     shown = run_hmlm("config", "show", "-c", "configs/tiny.yaml", "-s", "prior.rates=[0.2,0.03]", cwd=REPO)
     assert "prior:\n  rates:\n  - 0.2\n  - 0.03\n  weights: []" in shown.stdout
     assert "boundary_bias: 0.0" in shown.stdout

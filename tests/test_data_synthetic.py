@@ -108,10 +108,7 @@ def test_seed_and_no_spaces_are_recorded_and_a_folder_of_other_settings_is_refus
         (["text", "book.txt", "--no-spaces"], "--no-spaces"),
     ],
 )
-def test_synthetic_flags_on_another_dataset_exit_2_naming_the_flag(
-    args: list[str], flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # this checkout's hmlm
+def test_synthetic_flags_on_another_dataset_exit_2_naming_the_flag(args: list[str], flag: str, tmp_path: Path) -> None:
     (tmp_path / "book.txt").write_text("some words here " * 20)
     result = run_hmlm("data", *args, "--data-dir", "d", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -257,8 +257,7 @@ def test_training_with_the_prior_logs_it_apart_and_bpc_stays_the_lm_loss(data_di
     assert bpc == pytest.approx([v / math.log(2) for v in loss])
 
 
-def test_a_prior_on_a_one_layer_model_exits_2(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(REPO))  # `hmlm` from this checkout, though run from another folder
+def test_a_prior_on_a_one_layer_model_exits_2(data_dir, tmp_path):
     config = write_config(tmp_path / "c.yaml", data_dir)
     result = run_hmlm("train", "-c", str(config), "-s", "model.hidden_sizes=[16]", "-s", "prior.rates=[0.2]",
                       "--run-dir", "r", cwd=tmp_path, check=False)  # fmt: skip

@@ -79,6 +79,12 @@ def data(
     separator: str | None = typer.Option(
         None, "--separator", help="For `text` with a folder: put between files (escapes like \\n; default: \\n)"
     ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="For `synthetic`: another text of the same language. (default: 0)"
+    ),
+    no_spaces: bool = typer.Option(
+        False, "--no-spaces", help="For `synthetic`: nothing between the words of a phrase (phrase punctuation kept)."
+    ),
 ) -> None:
     """Download, verify and tokenize a dataset into DATA_DIR/NAME/ (or prepare your own text with `text FILE`).
 
@@ -92,6 +98,8 @@ def data(
             raise UserError("`hmlm data text` needs the FILE (or folder) to prepare: hmlm data text FILE")
         if source is not None or no_verify:
             raise UserError("--source and --no-verify are for the downloaded datasets, not for `text`")
+        if seed is not None or no_spaces:
+            raise UserError(f"{'--seed' if seed is not None else '--no-spaces'} is for `hmlm data synthetic` only")
         path = prepare_text(
             file,
             name=name_,
@@ -108,7 +116,8 @@ def data(
         text_only = [flag for flag, value in given.items() if value is not None]
         if text_only:
             raise UserError(f"{', '.join(text_only)}: only for `hmlm data text FILE`, not for {name}")
-        path = prepare_dataset(name, data_dir=data_dir, source=source, verify=not no_verify, force=force)
+        path = prepare_dataset(name, data_dir=data_dir, source=source, verify=not no_verify, force=force, seed=seed,
+                               spaces=not no_spaces)  # fmt: skip
 
     dataset = open_dataset(path.name, path.parent)
     tokens = " / ".join(f"{dataset.tokens(s):,}" for s in ("train", "valid", "test"))
@@ -168,7 +177,7 @@ def evaluate_command(
     report = {"bpc": result.bpc, "split": split, "tokens": result.tokens, "loss": result.loss,
               "checkpoint": str(path), "dataset": config.data.name}  # fmt: skip
     report |= {f"boundary_rate_layer{i + 1}": rate for i, rate in enumerate(result.boundary_rate)}
-    if result.boundary_stats is not None:  # boundary_f1_word_layer1, ... (`hmlm boundaries --split` adds baselines)
+    if result.boundary_stats is not None:  # boundary_f1_word_layer1, ..., _surprisal_peak (`hmlm boundaries` adds more)
         report |= result.boundary_stats.flat(baselines=False, rates=False)
     if json_:
         typer.echo(json.dumps(report))
@@ -232,8 +241,9 @@ def boundaries_command(
 
     Statistics, per layer: the firing rate, the mean segment length, and precision / recall / F1 against word
     boundaries (the space symbol; on the synthetic corpus its true word ends, and its phrase ends too). A
-    boundary hits a word when it fires on the word's last symbol or on the space after it. Next to them, two
-    baselines: a boundary after every symbol, and random boundaries at the layer's own rate.
+    boundary hits a word when it fires on the word's last symbol or on the space after it. Next to them, three
+    baselines: a boundary after every symbol, random boundaries at the layer's own rate, and the model's own
+    surprisal peaks (where -log p of the next symbol is larger than at both neighbours).
 
     Examples: `hmlm boundaries runs/ptb --text "the company said" --out fig.png`,
     `hmlm boundaries runs/ptb --split test`.

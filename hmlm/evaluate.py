@@ -62,6 +62,7 @@ def evaluate(
         tokens = tokens[: max_tokens + batch_size]  # + batch_size: every stream loses its first token as input
     batcher = StreamBatcher(tokens, batch_size, seq_len, rank, world_size)
     kept: list[torch.Tensor] = []  # (B, T, L-1) per batch, when scoring boundaries
+    kept_surprisal: list[torch.Tensor] = []  # (B, T) -log p of each next symbol, for the surprisal-peak baseline
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -75,12 +76,14 @@ def evaluate(
         with cast:
             out = model(x, state)
         state = out.state
-        loss_sum += F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+        losses = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
+        loss_sum += losses.sum().double()
         count += y.numel()
         rates = out.boundaries.double().sum(dim=(0, 1))  # (L-1,)
         boundary_sum = rates if boundary_sum is None else boundary_sum + rates
         if references is not None:
             kept.append(out.boundaries.float())
+            kept_surprisal.append(losses.view_as(y))
     if boundary_sum is None:
         boundary_sum = torch.zeros(0, dtype=torch.float64, device=device)
     if reduce_sum is not None:
@@ -88,7 +91,9 @@ def evaluate(
     model.train(was_training)
     stats = None
     if references is not None and boundary_sum.numel():
-        stats = _score_streams(torch.cat(kept, dim=1), references, tokens, batch_size, seq_len, rank, world_size, seed)
+        surprisal = torch.cat(kept_surprisal, dim=1)
+        stats = _score_streams(torch.cat(kept, dim=1), references, tokens, batch_size, seq_len, rank, world_size, seed,
+                               surprisal)  # fmt: skip
         if reduce_sum is not None:
             numbers = reduce_sum(torch.tensor(stats.numbers(), dtype=torch.float64, device=device))
             stats = stats.with_numbers(numbers.tolist())
@@ -106,6 +111,7 @@ def _score_streams(
     rank: int,
     world_size: int,
     seed: int,
+    surprisal: torch.Tensor | None = None,
 ) -> BoundaryStats:
     """Score this process's boundaries (streams, n - 1, L-1) against the references cut into the same streams.
 
@@ -118,4 +124,5 @@ def _score_streams(
         # A second batcher over the labels lays them out exactly as the tokens: (streams, n)
         gaps[name] = StreamBatcher(ref[: len(tokens)], batch_size, seq_len, rank, world_size).data
     # Each process draws its own random baseline: seeded by rank too, so processes do not repeat one another.
-    return score(boundaries.cpu().numpy(), gaps, seed + 1000003 * rank)
+    peaks = surprisal.double().cpu().numpy() if surprisal is not None else None  # (streams, n - 1)
+    return score(boundaries.cpu().numpy(), gaps, seed + 1000003 * rank, peaks)

@@ -37,6 +37,7 @@ from hmlm.distributed import Process, all_reduce_sum, barrier, broadcast_flag, i
 from hmlm.errors import UserError
 from hmlm.evaluate import EvalResult, evaluate
 from hmlm.model import CharLM, HMLSTMState
+from hmlm.prior import boundary_prior
 from hmlm.sample import generate_ids
 
 LN2 = math.log(2)
@@ -129,6 +130,7 @@ class Trainer:
         if cfg.precision == "bf16" and device.type != "cuda":
             tqdm.write("warning: train.precision bf16 autocasts on CUDA only; training in fp32 on the CPU")
         self.writer = None
+        self.prior_terms: list[torch.Tensor] = []  # the boundary prior's per-layer terms at the last step
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
@@ -196,12 +198,18 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # (B, T)
         model = self.ddp or self.model
         cast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+        prior = self.config.prior
         with cast:
-            out = model(x, self.state, slope)
+            out = model(x, self.state, slope, with_zhat=prior.enabled)
         logits = out.logits if out.logits.dtype == torch.float64 else out.logits.float()  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # the LM loss alone: what BPC reports
+        objective = loss
+        if prior.enabled:  # a boundary-rate prior, added to what is minimized only (hmlm/prior.py)
+            z0 = self.state.z if self.state is not None else None
+            prior_term, self.prior_terms = boundary_prior(prior, out.zhat, out.boundaries, z0, slope)
+            objective = loss + prior_term
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip))
         # The norm is of the gradients after DDP averaged them: a NaN on any process shows on all of them,
         # so every process stops here together instead of leaving the others waiting.
@@ -307,7 +315,8 @@ class Trainer:
                         "train",
                         {"loss": loss, "bpc": loss / LN2, "lr": schedule.lr, "slope": slope, "grad_norm": grad_norm}
                         | {"chars_per_sec": speed}
-                        | {f"boundary_rate_layer{i + 1}": r for i, r in enumerate(rates)},
+                        | {f"boundary_rate_layer{i + 1}": r for i, r in enumerate(rates)}
+                        | {f"boundary_prior_layer{i + 1}": t.item() for i, t in enumerate(self.prior_terms)},
                     )
                 if schedule.step % cfg.eval_every == 0:
                     self.evaluate_and_save()

@@ -4,8 +4,10 @@ A lower layer l < L closes a segment at step t when z^l_t = 1 (DESIGN section 1)
 
 - each layer's firing rate (the mean of z; soft boundaries count with their value) and its mean segment length
   (symbols per closed segment: z = 1 thresholded at 0.5, the first segment starting with the text);
-- precision, recall and F1 of each layer's boundaries against reference boundaries, with two baselines: a
-  boundary after every symbol, and random boundaries at the layer's own rate (seeded);
+- precision, recall and F1 of each layer's boundaries against reference boundaries, with three baselines: a
+  boundary after every symbol, random boundaries at the layer's own rate (seeded), and boundaries where the
+  model's own surprisal of the next symbol peaks (the classic cue of unsupervised word segmentation: position t
+  when -log p(x_{t+1} | x_<=t) is larger than at both neighbours, or than the one neighbour at a stream's edge);
 
 and draws them over a text, like Figure 3 of the paper (`hmlm boundaries RUN --text ...`).
 
@@ -42,6 +44,7 @@ from hmlm.model import CharLM
 
 THRESHOLD = 0.5  # z above it counts as a boundary (soft boundaries lie in [0, 1]; step and sample give 0 or 1)
 METRICS = ("precision", "recall", "f1")
+SURPRISAL_PEAK = "surprisal_peak"  # the scorer of the surprisal-peak baseline
 
 
 # ---- references --------------------------------------------------------------------------------------------------
@@ -164,8 +167,9 @@ def activity(z: np.ndarray) -> Activity:
 class BoundaryStats:
     """Every layer's activity, and every scorer's Match against every reference.
 
-    `matches[reference][scorer]`, scorers: "layer1".. (the model), "every_char" (a boundary after every symbol) and
-    "random_layer1".. (random boundaries at that layer's rate). All counts, so that parts add up (`+`)."""
+    `matches[reference][scorer]`, scorers: "layer1".. (the model), "every_char" (a boundary after every symbol),
+    "random_layer1".. (random boundaries at that layer's rate) and, when the surprisal was given, "surprisal_peak"
+    (the model's own surprisal peaks). All counts, so that parts add up (`+`)."""
 
     layers: list[Activity]
     matches: dict[str, dict[str, Match]]
@@ -194,7 +198,8 @@ class BoundaryStats:
         return BoundaryStats(layers, matches)  # type: ignore[arg-type]
 
     def flat(self, baselines: bool = True, rates: bool = True) -> dict[str, float | None]:
-        """Flat keys for JSON and TensorBoard: boundary_f1_word_layer1, boundary_f1_word_every_char, ..."""
+        """Flat keys for JSON and TensorBoard: boundary_f1_word_layer1, boundary_f1_word_every_char, ...
+        Without `baselines`, only the model's own: its layers and its surprisal peaks."""
         out: dict[str, float | None] = {}
         for layer, act in enumerate(self.layers, start=1):
             if rates:
@@ -202,8 +207,11 @@ class BoundaryStats:
             out[f"boundary_mean_segment_layer{layer}"] = act.mean_segment
         for reference, scorers in self.matches.items():
             for scorer, m in scorers.items():
-                if baselines or scorer.startswith("layer"):
+                if baselines or scorer.startswith("layer") or scorer == SURPRISAL_PEAK:
                     out |= {f"boundary_{metric}_{reference}_{scorer}": getattr(m, metric) for metric in METRICS}
+        peaks = next(iter(self.matches.values()), {}).get(SURPRISAL_PEAK)
+        if peaks is not None and self.layers and self.layers[0].positions:
+            out[f"boundary_rate_{SURPRISAL_PEAK}"] = peaks.predicted / self.layers[0].positions
         return out
 
     def table(self) -> str:
@@ -227,12 +235,32 @@ class BoundaryStats:
             for layer, act in enumerate(self.layers, start=1):
                 boundaries = act.boundaries / act.positions if act.positions else 0.0
                 rows.append(row(f"random @ layer {layer}", boundaries, None, f"random_layer{layer}"))
+            peaks = self.matches[references[0]].get(SURPRISAL_PEAK)
+            if peaks is not None:
+                positions = self.layers[0].positions if self.layers else 0
+                rows.append(row("surprisal peaks", peaks.predicted / positions if positions else 0.0, None,
+                                SURPRISAL_PEAK))  # fmt: skip
         return "\n".join(rows)
 
 
-def score(boundaries: np.ndarray, references: Mapping[str, np.ndarray], seed: int = 0) -> BoundaryStats:
+def surprisal_peaks(surprisal: np.ndarray) -> np.ndarray:
+    """(S, P) bool: position t is a peak when its surprisal is larger than at both neighbours in its stream (than
+    the one neighbour at either end). A NaN (unknown: e.g. the last symbol of a text, whose successor is not
+    given) is never a peak and does not count as a neighbour."""
+    s = np.where(np.isnan(surprisal), -np.inf, np.atleast_2d(surprisal))
+    padded = np.pad(s, ((0, 0), (1, 1)), constant_values=-np.inf)  # (S, P + 2)
+    return np.isfinite(s) & (s > padded[:, :-2]) & (s > padded[:, 2:])
+
+
+def score(
+    boundaries: np.ndarray,
+    references: Mapping[str, np.ndarray],
+    seed: int = 0,
+    surprisal: np.ndarray | None = None,
+) -> BoundaryStats:
     """Statistics of boundaries (S, P, L-1) (z values of S streams, each from a fresh state) against references
-    {name: (S, P + 1) bool gaps}. The random baseline of layer l draws from numpy's generator seeded (seed, l)."""
+    {name: (S, P + 1) bool gaps}. The random baseline of layer l draws from numpy's generator seeded (seed, l).
+    surprisal (S, P): the model's -log p of the symbol after each position, for the surprisal-peak baseline."""
     streams, positions, layers = boundaries.shape
     acts = [activity(boundaries[:, :, layer]) for layer in range(layers)]
     every = np.ones((streams, positions), dtype=bool)
@@ -245,6 +273,8 @@ def score(boundaries: np.ndarray, references: Mapping[str, np.ndarray], seed: in
         scorers = {f"layer{layer + 1}": match(boundaries[:, :, layer], gaps) for layer in range(layers)}
         scorers["every_char"] = match(every, gaps)
         scorers |= {f"random_layer{layer + 1}": match(randoms[layer], gaps) for layer in range(layers)}
+        if surprisal is not None:
+            scorers[SURPRISAL_PEAK] = match(surprisal_peaks(surprisal), gaps)
         matches[name] = scorers
     return BoundaryStats(acts, matches)
 
@@ -346,7 +376,11 @@ def read_text(model: CharLM, vocab: Vocab, text: str, seed: int = 0) -> TextBoun
     if vocab.space_id is not None:
         # The gap after the last symbol is unknown (the text stops there): no reference in it.
         references["word"] = np.append(space_gaps(np.array(ids), vocab.space_id), False)[None]  # (1, T + 1)
-    stats = score(boundaries[None], references, seed)
+    # The surprisal of each next symbol of the text; after the last one, unknown (NaN).
+    log_probs = torch.log_softmax(out.logits[0, :-1].double(), dim=-1)  # (T - 1, V)
+    surprisal = np.full(len(ids), np.nan)
+    surprisal[:-1] = -log_probs.gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].cpu().numpy()
+    stats = score(boundaries[None], references, seed, surprisal[None])
     return TextBoundaries(text, ids, symbols_of(vocab, ids), boundaries, gates, stats)
 
 

@@ -88,9 +88,7 @@ def reference_step(
     training: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One step of one layer, written as the equations read. Returns (h, c, z), z of shape (B, 1)."""
-    s = h_prev @ weights.u_rec.T + z_below * (h_below @ weights.w_below.T) + weights.bias
-    if h_above is not None:
-        s = s + z_prev * (h_above @ weights.u_above.T)
+    s = preactivation(weights, h_below, z_below, h_prev, z_prev, h_above)
     h_top = h_above is None  # the top layer has no boundary detector and no top-down term
     return blend(
         s,
@@ -105,6 +103,16 @@ def reference_step(
         mode,
         training,
     )
+
+
+def preactivation(
+    weights: LayerWeights, h_below: Tensor, z_below: Tensor, h_prev: Tensor, z_prev: Tensor, h_above: Tensor | None
+) -> Tensor:
+    """s of one step (B, rows): [f, i, o, g] pre-activations, then zhat (the boundary detector's) below the top."""
+    s = h_prev @ weights.u_rec.T + z_below * (h_below @ weights.w_below.T) + weights.bias
+    if h_above is not None:
+        s = s + z_prev * (h_above @ weights.u_above.T)
+    return s
 
 
 def blend(

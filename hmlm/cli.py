@@ -80,6 +80,12 @@ def data(
     separator: str | None = typer.Option(
         None, "--separator", help="For `text` with a folder: put between files (escapes like \\n; default: \\n)"
     ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="For `synthetic`: another text of the same language. (default: 0)"
+    ),
+    no_spaces: bool = typer.Option(
+        False, "--no-spaces", help="For `synthetic`: nothing between the words of a phrase (phrase punctuation kept)."
+    ),
 ) -> None:
     """Download, verify and tokenize a dataset into DATA_DIR/NAME/ (or prepare your own text with `text FILE`).
 
@@ -93,6 +99,8 @@ def data(
             raise UserError("`hmlm data text` needs the FILE (or folder) to prepare: hmlm data text FILE")
         if source is not None or no_verify:
             raise UserError("--source and --no-verify are for the downloaded datasets, not for `text`")
+        if seed is not None or no_spaces:
+            raise UserError(f"{'--seed' if seed is not None else '--no-spaces'} is for `hmlm data synthetic` only")
         path = prepare_text(
             file,
             name=name_,
@@ -109,7 +117,8 @@ def data(
         text_only = [flag for flag, value in given.items() if value is not None]
         if text_only:
             raise UserError(f"{', '.join(text_only)}: only for `hmlm data text FILE`, not for {name}")
-        path = prepare_dataset(name, data_dir=data_dir, source=source, verify=not no_verify, force=force)
+        path = prepare_dataset(name, data_dir=data_dir, source=source, verify=not no_verify, force=force, seed=seed,
+                               spaces=not no_spaces)  # fmt: skip
 
     dataset = open_dataset(path.name, path.parent)
     tokens = " / ".join(f"{dataset.tokens(s):,}" for s in ("train", "valid", "test"))
@@ -176,7 +185,7 @@ def evaluate_command(
     report = {"bpc": result.bpc, "split": split, "tokens": result.tokens, "loss": result.loss,
               "checkpoint": str(path), "dataset": config.data.name}  # fmt: skip
     report |= {f"boundary_rate_layer{i + 1}": rate for i, rate in enumerate(result.boundary_rate)}
-    if result.boundary_stats is not None:  # boundary_f1_word_layer1, ... (`hmlm boundaries --split` adds baselines)
+    if result.boundary_stats is not None:  # boundary_f1_word_layer1, ..., _surprisal_peak (`hmlm boundaries` adds more)
         report |= result.boundary_stats.flat(baselines=False, rates=False)
     if json_:
         typer.echo(json.dumps(report))
@@ -245,8 +254,9 @@ def boundaries_command(
 
     Statistics, per layer: the firing rate, the mean segment length, and precision / recall / F1 against word
     boundaries (the space symbol; on the synthetic corpus its true word ends, and its phrase ends too). A
-    boundary hits a word when it fires on the word's last symbol or on the space after it. Next to them, two
-    baselines: a boundary after every symbol, and random boundaries at the layer's own rate.
+    boundary hits a word when it fires on the word's last symbol or on the space after it. Next to them, three
+    baselines: a boundary after every symbol, random boundaries at the layer's own rate, and the model's own
+    surprisal peaks (where -log p of the next symbol is larger than at both neighbours).
 
     Examples: `hmlm boundaries runs/ptb --text "the company said" --out fig.png`,
     `hmlm boundaries runs/ptb --split test`.
@@ -326,10 +336,18 @@ def bench(
         help="As train.precision, for every model alike: fp32 (TF32 on CUDA), fp32-strict (no TF32), bf16 (CUDA).",
     ),
     launches: bool = typer.Option(False, "--launches", help="Count kernel launches per training step (profiler)."),
+    run: Path = typer.Option(
+        None,
+        "--run",
+        help="Measure this trained HM-LSTM run instead: sampling and evaluation on its dataset's text, "
+        "skipping COPY and not, against nn.LSTM (--batch, --seq-len: the evaluation's; default 64 x 100).",
+    ),
+    sample_length: int = typer.Option(100, "--sample-length", help="With --run: symbols sampled per round."),
 ) -> None:
     """Training and inference throughput of HM-LSTM (fast and reference) against torch's nn.LSTM of the same size.
 
     The fast path's kernels: C++ on the CPU (make install builds them), Triton on CUDA; HMLM_KERNELS=torch: torch ops.
+    With --run: the inference speed of a trained model at its real boundary rates (HMLM_SKIP_COPY=0 for comparison).
     """
     import torch
 
@@ -344,6 +362,19 @@ def bench(
     def progress(done: int, total: int) -> None:
         typer.echo(f"\rbench: round {done}/{total}", err=True, nl=done == total)
 
+    if run is not None:
+        from hmlm.bench_run import format_run_report, run_bench_on_run
+
+        # --run measures the run's own model, in float32, without gradients: the training-shape options do not apply.
+        if shape is not None:
+            raise UserError("--shape does not go with --run: the run's own model is measured")
+        if launches or precision != "fp32" or models != "fast,reference,lstm":
+            raise UserError("--models, --precision and --launches do not go with --run: they are for the shapes")
+        what = f"benchmarking run {run} (evaluation batch {batch or 64}, seq_len {seq_len or 100})"
+        with out_of_memory_as_user_error(what, "--batch or --seq-len"):
+            report = run_bench_on_run(run, device, steps, warmup, batch, seq_len, sample_length, progress)
+        typer.echo(to_json(report) if json_ else format_run_report(report))
+        return
     chosen = tuple(key.strip() for key in models.split(",") if key.strip())
     what = f"benchmarking shape {shape or 'default'} (batch {batch or 'default'}, seq_len {seq_len or 'default'})"
     with out_of_memory_as_user_error(what, "--batch or --seq-len, or pick a smaller --shape"):

@@ -1,6 +1,6 @@
 """Typed configuration: dataclasses per section, loaded from YAML, overridden with `-s key=value`.
 
-A config file has the sections `data`, `model`, `train` and `slope`; every key is optional and falls back
+A config file has the sections `data`, `model`, `train`, `slope` and `prior`; every key is optional and falls back
 to the defaults below. Unknown keys and wrong types raise `UserError` naming the key (and the closest valid
 key for a misspelling), so a typo never trains the wrong model silently.
 """
@@ -21,6 +21,7 @@ import yaml
 from hmlm.errors import UserError
 from hmlm.model import ModelConfig
 from hmlm.precision import PRECISIONS
+from hmlm.prior import PriorConfig
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     slope: SlopeConfig = field(default_factory=SlopeConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)  # a boundary-rate prior (hmlm/prior.py); off by default
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,7 +111,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except yaml.YAMLError as error:
         raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if raw is not None and not isinstance(raw, dict):
-        raise UserError(f"config file {path} must hold a mapping of sections (data, model, train, slope)")
+        raise UserError(f"config file {path} must hold a mapping of sections (data, model, train, slope, prior)")
     raw = raw or {}
     for item in overrides or []:
         apply_override(raw, item)
@@ -202,5 +204,6 @@ def _validate(config: Config) -> None:
             raise UserError(f"config key {key} must be positive")
     try:
         config.model.validate()
+        config.prior.validate(config.model)
     except ValueError as error:
         raise UserError(f"config key {error}") from None

@@ -381,6 +381,7 @@ class EvalBatch:
     nll: Tensor  # () float64: summed cross entropy in nats
     boundary_sum: Tensor  # (L-1,) float64: boundaries summed over the batch
     boundaries: Tensor  # (B, T, L-1)
+    losses: Tensor  # (B, T) float32: each prediction's cross entropy in nats (its surprisal)
     state: HMLSTMState  # the state to carry to the next batch
 
 
@@ -390,8 +391,8 @@ def eval_forward(
     """The forward of one evaluation batch, eagerly (also what the captured graph runs)."""
     with autocast_context(x.device, autocast):
         out = model(x, state)
-    nll = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-    return EvalBatch(nll, out.boundaries.double().sum(dim=(0, 1)), out.boundaries, out.state)
+    losses = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)  # (B, T)
+    return EvalBatch(losses.sum().double(), out.boundaries.double().sum(dim=(0, 1)), out.boundaries, losses, out.state)
 
 
 class EvalGraph(StaticInputs):
@@ -406,7 +407,7 @@ class EvalGraph(StaticInputs):
     def _compute(self) -> EvalBatch:
         out = eval_forward(self.model, self.x, self.y, self.state, self.autocast)
         self.keep_state(out.state)
-        return EvalBatch(out.nll, out.boundary_sum, out.boundaries, self.state)
+        return EvalBatch(out.nll, out.boundary_sum, out.boundaries, out.losses, self.state)
 
     @torch.no_grad()
     def capture(self) -> None:

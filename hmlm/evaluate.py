@@ -66,6 +66,7 @@ def evaluate(
         tokens = tokens[: max_tokens + batch_size]  # + batch_size: every stream loses its first token as input
     batcher = StreamBatcher(tokens, batch_size, seq_len, rank, world_size)
     kept: list[torch.Tensor] = []  # (B, T, L-1) per batch, when scoring boundaries
+    kept_surprisal: list[torch.Tensor] = []  # (B, T) -log p of each next symbol, for the surprisal-peak baseline
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -91,6 +92,7 @@ def evaluate(
         boundary_sum = rates.clone() if boundary_sum is None else boundary_sum + rates
         if references is not None:
             kept.append(batch.boundaries.to(torch.float32, copy=True))
+            kept_surprisal.append(batch.losses.clone())  # a replayed graph overwrites its buffers
     if boundary_sum is None:
         boundary_sum = torch.zeros(0, dtype=torch.float64, device=device)
     if reduce_sum is not None:
@@ -98,7 +100,9 @@ def evaluate(
     model.train(was_training)
     stats = None
     if references is not None and boundary_sum.numel():
-        stats = _score_streams(torch.cat(kept, dim=1), references, tokens, batch_size, seq_len, rank, world_size, seed)
+        surprisal = torch.cat(kept_surprisal, dim=1)
+        stats = _score_streams(torch.cat(kept, dim=1), references, tokens, batch_size, seq_len, rank, world_size, seed,
+                               surprisal)  # fmt: skip
         if reduce_sum is not None:
             numbers = reduce_sum(torch.tensor(stats.numbers(), dtype=torch.float64, device=device))
             stats = stats.with_numbers(numbers.tolist())
@@ -125,6 +129,7 @@ def _score_streams(
     rank: int,
     world_size: int,
     seed: int,
+    surprisal: torch.Tensor | None = None,
 ) -> BoundaryStats:
     """Score this process's boundaries (streams, n - 1, L-1) against the references cut into the same streams.
 
@@ -137,4 +142,5 @@ def _score_streams(
         # A second batcher over the labels lays them out exactly as the tokens: (streams, n)
         gaps[name] = StreamBatcher(ref[: len(tokens)], batch_size, seq_len, rank, world_size).data
     # Each process draws its own random baseline: seeded by rank too, so processes do not repeat one another.
-    return score(boundaries.cpu().numpy(), gaps, seed + 1000003 * rank)
+    peaks = surprisal.double().cpu().numpy() if surprisal is not None else None  # (streams, n - 1)
+    return score(boundaries.cpu().numpy(), gaps, seed + 1000003 * rank, peaks)

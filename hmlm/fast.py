@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,7 @@ from hmlm.kernels import LN_EPS, ZRAW_MODES, LayerNormParams, torch_ops
 # The torch-op backend's per-step functions, under the names the loops below call them by.
 cell_step = torch_ops.cell_step
 layer_step_backward = torch_ops.layer_step_backward
+LayerStep = Callable[..., None]  # layer_step's signature
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,7 @@ def forward_sequence(
     ln: list[LayerNormParams] | None,
     save: bool,
     tapes: list[LayerTape] | None = None,  # from an earlier call without save, or None for new ones
+    step: LayerStep | None = None,  # what runs one layer step: layer_step, or one that skips (hmlm/inference.py)
 ) -> tuple[Tensor, list[LayerTape]]:
     """Run the stack over the sequence. Returns Z (T+1, B, L), every layer's z (row 0: the initial state), and
     the layers' tapes."""
@@ -223,13 +226,14 @@ def forward_sequence(
         step_bases = [list(zip(bases[0].unbind(0), bases_z[0].unbind(0), strict=True))]  # layer 1: per step
         step_bases += [[(base, base_z)] * T for base, base_z in zip(bases[1:], bases_z[1:], strict=True)]
     ones = Z.new_ones(B, 1)  # z^0 = 1, and 1 - z without a slow scalar op
+    step = step or layer_step
     for t in range(T):
         k = t if save else 0
         for layer, tape in enumerate(tapes):
             below = tapes[layer - 1] if layer > 0 else None
             above = tapes[layer + 1] if layer < L - 1 else None
             base = step_bases[layer][t]
-            layer_step(plan, tape, below, above, t, k, base, w_t[layer], ln[layer] if ln else None, ones)
+            step(plan, tape, below, above, t, k, base, w_t[layer], ln[layer] if ln else None, ones)
     return Z, tapes
 
 
@@ -530,6 +534,7 @@ def run(
     weights: list[Tensor],
     biases: list[Tensor],
     ln: list[LayerNormParams] | None,
+    step: LayerStep | None = None,  # without gradient: what runs a layer step (see forward_sequence)
 ) -> tuple[list[Tensor], Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """hidden, boundaries, and the final h, c, z. Keeps a tape only when some gradient is needed."""
     flat = flatten_inputs(h0, c0, z0, weights, biases, ln)
@@ -543,7 +548,9 @@ def run(
         tapes = None if capturing else TAPES.take(key)
         autocast = torch.is_autocast_enabled(x_proj.device.type)  # entering a context costs more than a small step
         with torch.autocast(x_proj.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            Z, tapes = forward_sequence(plan, x_proj, h0, c0, z0, weights, biases, ln, save=False, tapes=tapes)
+            Z, tapes = forward_sequence(
+                plan, x_proj, h0, c0, z0, weights, biases, ln, save=False, tapes=tapes, step=step
+            )
             out = outputs(plan, Z, tapes)
         if not capturing:
             TAPES.give(key, tapes)

@@ -7,7 +7,9 @@ Nothing here knows about files, datasets or training.
 Initialization (chosen here; the paper does not say):
 - every weight matrix of layer l is uniform in +-1/sqrt(H_l), as torch's nn.LSTM does, so HM-LSTM and the
   LSTM baseline start from the same scale;
-- the forget-gate bias is 1, so an UPDATE keeps most of its memory early in training;
+- the forget-gate bias is 1, so an UPDATE keeps most of its memory early in training. With layer norm it is the
+  f block's layer norm bias: a constant added to s before the gate layer norm is subtracted again with the
+  block's mean, so the bias of s cannot hold it;
 - the boundary detector's bias is 0, so at the start each layer closes a segment on about half of the steps:
   neither stuck closed (the layers above would never move and get no gradient) nor stuck open (no multiscale).
 """
@@ -22,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hmlm import fast, kernels
-from hmlm.cell import BOUNDARY_MODES, LayerWeights, reference_step
+from hmlm import fast, inference, kernels
+from hmlm.cell import BOUNDARY_MODES, LayerWeights, blend, preactivation
 
 MODEL_KINDS = ("hmlstm", "lstm")
 IMPLS = ("fast", "reference")  # the same function: hmlm/fast.py, or the readable step of cell.py
@@ -37,6 +39,7 @@ class ModelConfig:
     output_embed_dim: int = 512
     layer_norm: bool = True
     boundary: str = "step"  # "step", "sample" or "soft" (paper, Table 1)
+    boundary_bias: float = 0.0  # initial bias of every boundary detector's zhat; < 0 starts the layers firing less
 
     def validate(self) -> None:
         """Raise ValueError naming the field when a value cannot build a model."""
@@ -69,6 +72,7 @@ class HMLSTMOutput(NamedTuple):
     hidden: list[Tensor]  # L tensors (B, T, H_l): every layer's h at every step
     boundaries: Tensor  # (B, T, L-1): z^1 .. z^{L-1} at every step
     state: HMLSTMState
+    zhat: Tensor | None = None  # (B, T, L-1) the boundary detectors' pre-activations, when asked for (with_zhat)
 
 
 class HMLSTM(nn.Module):
@@ -85,6 +89,7 @@ class HMLSTM(nn.Module):
         layer_norm: bool = False,
         boundary: str = "step",
         impl: str = "fast",
+        boundary_bias: float = 0.0,
     ):
         super().__init__()
         if boundary not in BOUNDARY_MODES:
@@ -111,11 +116,17 @@ class HMLSTM(nn.Module):
             bound = 1.0 / math.sqrt(hidden)
             self.weight.append(nn.Parameter(torch.empty(rows, below + hidden + above).uniform_(-bound, bound)))
             bias = torch.zeros(rows)
-            bias[:hidden] = 1.0  # forget gate
+            if not layer_norm:
+                bias[:hidden] = 1.0  # forget gate
+            bias[4 * hidden :] = boundary_bias  # zhat, below the top (never layer-normalized)
             self.bias.append(nn.Parameter(bias))
             if layer_norm:
+                # The forget gate's 1 goes after the normalization (block 0 of the gates is f, in cell.py, fast.py
+                # and cell_cpu.cpp alike): added to s before it, the block's mean would take it away again.
+                ln_bias = torch.zeros(4, hidden)
+                ln_bias[0] = 1.0
                 self.ln_gates_gain.append(nn.Parameter(torch.ones(4, hidden)))
-                self.ln_gates_bias.append(nn.Parameter(torch.zeros(4, hidden)))
+                self.ln_gates_bias.append(nn.Parameter(ln_bias))
                 self.ln_cell_gain.append(nn.Parameter(torch.ones(hidden)))
                 self.ln_cell_bias.append(nn.Parameter(torch.zeros(hidden)))
 
@@ -150,71 +161,115 @@ class HMLSTM(nn.Module):
             z=[t for _ in self.hidden_sizes for t in zeros(1)],
         )
 
-    def forward(self, x: Tensor, state: HMLSTMState | None = None, slope: float | Tensor = 1.0) -> HMLSTMOutput:
-        """x: (B, T, input_size). Returns every layer's h, the boundaries and the final state. `slope` is a number
-        or a 0-dim tensor (read on the device, without a host synchronization)."""
+    def forward(
+        self, x: Tensor, state: HMLSTMState | None = None, slope: float | Tensor = 1.0, with_zhat: bool = False
+    ) -> HMLSTMOutput:
+        """x: (B, T, input_size). Returns every layer's h, the boundaries and the final state; with `with_zhat`
+        also the boundary detectors' pre-activations zhat (for a loss on the soft boundaries, hmlm/prior.py).
+        `slope` is a number or a 0-dim tensor (read on the device, without a host synchronization)."""
         if self.impl not in IMPLS:  # impl is a plain attribute: switching it is how tests compare the two
             raise ValueError(f"impl must be one of {IMPLS}, not {self.impl!r}")
         if state is None:
             state = self.initial_state(x.shape[0], x.device, x.dtype)
         if self.impl == "reference":
-            return self._forward_reference(x, state, slope)
-        return self._forward_fast(x, state, slope)
+            return self._forward_reference(x, state, slope, with_zhat)
+        out = self._forward_fast(x, state, slope)
+        return out._replace(zhat=self.boundary_preactivations(x, state, out)) if with_zhat else out
 
-    def _forward_reference(self, x: Tensor, state: HMLSTMState, slope: float | Tensor) -> HMLSTMOutput:
+    def _forward_reference(self, x: Tensor, state: HMLSTMState, slope: float | Tensor, with_zhat: bool) -> HMLSTMOutput:
         n = self.num_layers
         weights = [self.layer_weights(layer) for layer in range(n)]
         h, c, z = list(state.h), list(state.c), list(state.z)
         ones = torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)  # z^0 = 1
         hidden: list[list[Tensor]] = [[] for _ in range(n)]
         boundaries: list[Tensor] = []
+        zhats: list[Tensor] = []
         for x_t in x.unbind(1):  # unbind, not x[:, t]: its backward stacks once instead of T full-size adds
             h_below, z_below = x_t, ones
             h_above_prev = h[1:] + [None]  # h^{l+1}_{t-1}: read before any layer of step t overwrites it
+            zhat_t = []
             for layer in range(n):
-                h[layer], c[layer], z[layer] = reference_step(
-                    weights[layer], h_below, z_below, h[layer], c[layer], z[layer], h_above_prev[layer],
-                    slope, self.boundary_mode, self.training,
+                # cell.reference_step, in its two parts, so that zhat can be kept
+                s = preactivation(weights[layer], h_below, z_below, h[layer], z[layer], h_above_prev[layer])
+                h[layer], c[layer], z[layer] = blend(
+                    s, h[layer], c[layer], z[layer], z_below, weights[layer].ln_gates, weights[layer].ln_cell,
+                    layer < n - 1, slope, self.boundary_mode, self.training,
                 )  # fmt: skip
+                zhat_t.append(s[:, 4 * self.hidden_sizes[layer] :])  # (B, 1), or (B, 0) at the top
                 h_below, z_below = h[layer], z[layer]
                 hidden[layer].append(h[layer])
             boundaries.append(torch.cat(z[:-1], dim=-1) if n > 1 else x.new_zeros(x.shape[0], 0))
+            zhats.append(torch.cat(zhat_t, dim=-1))
         return HMLSTMOutput(
             hidden=[torch.stack(hs, dim=1) for hs in hidden],  # L x (B, T, H_l)
             boundaries=torch.stack(boundaries, dim=1),  # (B, T, L-1)
             state=HMLSTMState(h, c, z),
+            zhat=torch.stack(zhats, dim=1) if with_zhat else None,  # (B, T, L-1)
         )
 
+    def boundary_preactivations(self, x: Tensor, state: HMLSTMState, out: HMLSTMOutput) -> Tensor:
+        """zhat (B, T, L-1) of a forward pass, computed again from its inputs and outputs: zhat^l_t is one row of
+        s, a linear function of h^{l-1}_t z^{l-1}_t, h^l_{t-1} and z^l_{t-1} h^{l+1}_{t-1}, all of which the
+        pass returns (state: the one it started from). Its gradient reaches the parameters and the layers through
+        those outputs, exactly as the cell's own zhat does (tests/test_prior.py checks it against the reference).
+        A few matrix-vector products per layer: the fast path need not keep zhat for it."""
+        n = self.num_layers
+        inputs = [x, *out.hidden]  # h^0 = x, h^1 .. h^L
+        zhats = []
+        for layer in range(n - 1):
+            D, H = self.below_sizes[layer], self.hidden_sizes[layer]
+            row, bias = self.weight[layer][4 * H], self.bias[layer][4 * H]  # (D + H + A,), ()
+            h_prev = torch.cat([state.h[layer][:, None], out.hidden[layer][:, :-1]], dim=1)  # (B, T, H)
+            h_above_prev = torch.cat([state.h[layer + 1][:, None], out.hidden[layer + 1][:, :-1]], dim=1)
+            z_prev = torch.cat([state.z[layer][:, None], out.boundaries[:, :-1, layer : layer + 1]], dim=1)
+            below = inputs[layer] @ row[:D]  # (B, T)
+            if layer > 0:
+                below = below * out.boundaries[..., layer - 1]
+            zhat = below + h_prev @ row[D : D + H] + z_prev[..., 0] * (h_above_prev @ row[D + H :]) + bias
+            zhats.append(zhat)
+        return torch.stack(zhats, dim=-1) if zhats else x.new_zeros(*x.shape[:2], 0)  # (B, T, L-1)
+
     def _forward_fast(self, x: Tensor, state: HMLSTMState, slope: float | Tensor) -> HMLSTMOutput:
-        """The same function as the reference, arranged for speed: see hmlm/fast.py."""
-        device = x.device.type
-        autocast = torch.is_autocast_enabled(device)
-        backend = kernels.select(x.device, state.h[0].dtype)
+        """The same function as the reference, arranged for speed: see hmlm/fast.py. Without gradients a layer
+        that copies skips its work where that pays (hmlm/inference.py)."""
+        plan = self.fast_plan(x.device, state.h[0].dtype, slope)
+        w_in, b_in, weights, bias, ln = self.fast_parameters()
+        x_proj = F.linear(x.transpose(0, 1), w_in, b_in)  # (T, B, R_1): every step's input at once
+        with inference.skipping(plan, x.device, x.shape[0], state.h[0].dtype) as step:
+            hidden, boundaries, h, c, z = fast.run(plan, x_proj, state.h, state.c, state.z, weights, bias, ln, step)
+        return HMLSTMOutput(hidden, boundaries, HMLSTMState(h, c, z))
+
+    def fast_plan(self, device: torch.device, dtype: torch.dtype, slope: float | Tensor = 1.0) -> fast.Plan:
+        """What a call of the fast path on this device, with a state of this dtype, computes (hmlm/fast.py)."""
+        autocast = torch.is_autocast_enabled(device.type)
+        backend = kernels.select(device, dtype)
         # A tensor slope (the CUDA graph step's, hmlm/cuda_graph.py) stays a tensor: float() of a CUDA tensor would
         # wait for the device, and the Triton kernels read it through a pointer. The C++ kernels take a number, and
         # reading a CPU tensor costs nothing.
         if backend == "cpu" or not isinstance(slope, Tensor):
             slope = float(slope)
-        plan = fast.Plan(
+        return fast.Plan(
             hidden_sizes=tuple(self.hidden_sizes),
-            below_sizes=(0, *self.below_sizes[1:]),  # layer 1's input is projected here, before the loop
+            below_sizes=(0, *self.below_sizes[1:]),  # layer 1's input is projected before the loop
             layer_norm=self.layer_norm,
             mode=self.boundary_mode,
             training=self.training,
             slope=slope,
-            mm_dtype=torch.get_autocast_dtype(device) if autocast else state.h[0].dtype,
+            mm_dtype=torch.get_autocast_dtype(device.type) if autocast else dtype,
             kernels=backend,
         )
+
+    def fast_parameters(self) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list | None]:
+        """The parameters as the fast path takes them: layer 1's input projection (weight, bias), every layer's
+        per-step weight ([U_rec | U_above] for layer 1), the biases, and the layer norms' (or None)."""
         weight, bias = params(self.weight), params(self.bias)
         E = self.input_size
-        x_proj = F.linear(x.transpose(0, 1), weight[0][:, :E], bias[0])  # (T, B, R_1): every step's input at once
         weights = [weight[0][:, E:], *weight[1:]]  # the per-step parts
         ln = None
         if self.layer_norm:
             parts = (self.ln_gates_gain, self.ln_gates_bias, self.ln_cell_gain, self.ln_cell_bias)
             ln = list(zip(*map(params, parts), strict=True))
-        hidden, boundaries, h, c, z = fast.run(plan, x_proj, state.h, state.c, state.z, weights, bias, ln)
-        return HMLSTMOutput(hidden, boundaries, HMLSTMState(h, c, z))
+        return weight[0][:, :E], bias[0], weights, bias, ln
 
 
 def params(plist: nn.ParameterList) -> list[nn.Parameter]:
@@ -248,6 +303,7 @@ class CharLMOutput(NamedTuple):
     boundaries: Tensor  # (B, T, L-1); (B, T, 0) for the LSTM baseline
     state: HMLSTMState
     gates: Tensor  # (B, T, L) the output module's per-layer gates; (B, T, 0) for the LSTM baseline
+    zhat: Tensor | None = None  # (B, T, L-1) the boundary detectors' pre-activations, with with_zhat=True
 
 
 class CharLM(nn.Module):
@@ -264,7 +320,9 @@ class CharLM(nn.Module):
             self.lstm = nn.LSTM(cfg.embed_dim, cfg.hidden_sizes[0], num_layers=len(cfg.hidden_sizes), batch_first=True)
             self.head = nn.Linear(cfg.hidden_sizes[0], vocab_size)
         else:
-            self.rnn = HMLSTM(cfg.embed_dim, cfg.hidden_sizes, cfg.layer_norm, cfg.boundary)
+            self.rnn = HMLSTM(
+                cfg.embed_dim, cfg.hidden_sizes, cfg.layer_norm, cfg.boundary, boundary_bias=cfg.boundary_bias
+            )
             self.output = OutputModule(cfg.hidden_sizes, cfg.output_embed_dim, vocab_size)
 
     def initial_state(self, batch_size: int, device=None) -> HMLSTMState:
@@ -274,8 +332,11 @@ class CharLM(nn.Module):
             return HMLSTMState(h=zeros, c=[t.clone() for t in zeros], z=[])
         return self.rnn.initial_state(batch_size, device)
 
-    def forward(self, tokens: Tensor, state: HMLSTMState | None = None, slope: float | Tensor = 1.0) -> CharLMOutput:
-        """tokens: (B, T) long. `slope` changes only the gradients of the boundary detectors."""
+    def forward(
+        self, tokens: Tensor, state: HMLSTMState | None = None, slope: float | Tensor = 1.0, with_zhat: bool = False
+    ) -> CharLMOutput:
+        """tokens: (B, T) long. `slope` changes only the gradients of the boundary detectors. `with_zhat` adds the
+        boundary detectors' pre-activations to the output (an HM-LSTM only)."""
         B, T = tokens.shape
         x = self.embedding(tokens)  # (B, T, E)
         if self.config.kind == "lstm":
@@ -283,6 +344,6 @@ class CharLM(nn.Module):
             out, (h, c) = self.lstm(x, (torch.stack(state.h), torch.stack(state.c)))
             empty = x.new_zeros(B, T, 0)
             return CharLMOutput(self.head(out), empty, HMLSTMState(list(h.unbind(0)), list(c.unbind(0)), []), empty)
-        rnn_out = self.rnn(x, state, slope)
+        rnn_out = self.rnn(x, state, slope, with_zhat)
         logits, gates = self.output(rnn_out.hidden)
-        return CharLMOutput(logits, rnn_out.boundaries, rnn_out.state, gates)
+        return CharLMOutput(logits, rnn_out.boundaries, rnn_out.state, gates, rnn_out.zhat)

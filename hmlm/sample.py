@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
+from hmlm import inference
 from hmlm.data import Vocab
 from hmlm.errors import UserError
 from hmlm.model import CharLM
@@ -22,7 +23,8 @@ def generate_ids(
     generator: torch.Generator | None = None,
 ) -> Iterator[int]:
     """Yield `length` token ids drawn after `prompt_ids`. The prompt is read once; then only the newest
-    symbol goes in, with the recurrent state carried. `generator` keeps the global RNG untouched.
+    symbol goes in, with the recurrent state carried (through an inference.Stepper where there is one: the same
+    numbers, without the cost of a model call per symbol). `generator` keeps the global RNG untouched.
 
     The draw is made on the generator's device (the CPU for a plain `torch.Generator()`, and the CPU's global
     RNG when there is none), whatever device the model runs on: each symbol has to come back to the host to be
@@ -37,6 +39,7 @@ def generate_ids(
     draw_on = generator.device if generator is not None else torch.device("cpu")
     out = model(torch.tensor([prompt_ids], device=device))  # (1, P)
     state, logits = out.state, out.logits[:, -1]  # (1, V)
+    stepper = inference.stepper(model, state) if length > 1 else None
     for _ in range(length):
         logits = logits.float() / temperature
         if top_k:
@@ -45,6 +48,9 @@ def generate_ids(
         probs = torch.softmax(logits, dim=-1).to(draw_on)  # (1, V)
         next_id = torch.multinomial(probs, 1, generator=generator)  # (1, 1)
         yield int(next_id)
+        if stepper is not None:
+            logits = stepper.step(int(next_id))
+            continue
         out = model(next_id.to(device), state)
         state, logits = out.state, out.logits[:, -1]
 

@@ -42,6 +42,7 @@ from hmlm.evaluate import EvalResult, evaluate
 from hmlm.limits import check_not_finished, check_training, out_of_memory_in_training
 from hmlm.model import CharLM, HMLSTMState
 from hmlm.precision import apply_precision
+from hmlm.prior import boundary_prior
 from hmlm.sample import generate_ids
 from hmlm.window import LogWindow, StepResult, WindowTotals
 
@@ -127,9 +128,10 @@ class Trainer:
             tqdm.write("warning: train.precision bf16 autocasts on CUDA only; training in fp32 on the CPU")
         self.writer = None
         self.window = LogWindow(device)
+        self.prior_terms: list[torch.Tensor] = []  # the boundary prior's per-layer terms at the last step
         # On CUDA the training step is captured once as a CUDA graph and replayed (train.cuda_graph, hmlm/cuda_graph.py)
         self.graph_step: GraphTrainStep | None = None
-        if resolve_mode(cfg.cuda_graph, device, process.distributed, tqdm.write):
+        if resolve_mode(cfg.cuda_graph, device, process.distributed, tqdm.write) and not self.graph_declined():
             cast = torch.bfloat16 if self.autocast else None
             full = (self.batcher.streams, cfg.seq_len)
             self.graph_step = GraphTrainStep(self.model, self.optimizer, cfg.grad_clip, cast, device, cfg.cuda_graph,
@@ -185,6 +187,17 @@ class Trainer:
 
     # ---- one step, one evaluation ------------------------------------------------------------------------------
 
+    def graph_declined(self) -> bool:
+        """Whether the captured step cannot serve this run: its graph computes the LM loss alone, so a run with the
+        boundary prior (hmlm/prior.py) trains eagerly; UserError where train.cuda_graph is on."""
+        if not self.config.prior.enabled:
+            return False
+        if self.config.train.cuda_graph == "on":
+            raise UserError("train.cuda_graph is on but the captured step has no boundary prior: "
+                            "use train.cuda_graph=auto or off, or turn the prior off (prior.rates: [])")  # fmt: skip
+        tqdm.write("warning: train.cuda_graph auto: not with the boundary prior; training without CUDA graphs")
+        return True
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor, slope: float) -> StepResult:
         """Forward, backward, clip, Adam, without reading anything back from the device."""
         if self.graph_step is not None:  # the captured step; it declines a shorter batch, and after a fallback
@@ -194,12 +207,18 @@ class Trainer:
         x, y = to_device(x, self.device), to_device(y, self.device)  # (B, T)
         model = self.ddp or self.model
         cast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+        prior = self.config.prior
         with cast:
-            out = model(x, self.state, slope)
+            out = model(x, self.state, slope, with_zhat=prior.enabled)
         logits = out.logits if out.logits.dtype == torch.float64 else out.logits.float()  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # the LM loss alone: what BPC reports
+        objective = loss
+        if prior.enabled:  # a boundary-rate prior, added to what is minimized only (hmlm/prior.py)
+            z0 = self.state.z if self.state is not None else None
+            prior_term, self.prior_terms = boundary_prior(prior, out.zhat, out.boundaries, z0, slope)
+            objective = loss + prior_term
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)  # ()
         # Not checked here (that would wait for the device): a non-finite step is counted in the log window and
         # stops the run at the next check, before any checkpoint is written. The norm is of the gradients DDP
@@ -364,7 +383,9 @@ class Trainer:
             "train",
             {"loss": loss, "bpc": loss / LN2, "lr": self.schedule.lr, "slope": slope, "grad_norm": grad_norm}
             | {"chars_per_sec": speed}
-            | {f"boundary_rate_layer{i + 1}": r for i, r in enumerate(rates)},
+            | {f"boundary_rate_layer{i + 1}": r for i, r in enumerate(rates)}
+            # the prior's terms at the window's last step (a read at this check, as the sums above)
+            | {f"boundary_prior_layer{i + 1}": t.item() for i, t in enumerate(self.prior_terms)},
         )
 
     def evaluate_and_save(self) -> None:

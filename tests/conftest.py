@@ -9,6 +9,10 @@ from pathlib import Path
 # took 6x longer with 2 threads than with 1 on a loaded 2-core machine). Set before torch is imported, so the
 # `hmlm` subprocesses that tests start inherit it too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The `hmlm` subprocesses that tests start import this checkout's package, not one installed from elsewhere (a
+# subprocess run from a temporary folder would otherwise find whichever checkout `pip install -e` pointed at).
+_CHECKOUT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_CHECKOUT, os.environ.get("PYTHONPATH")]))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -24,6 +24,7 @@ from hmlm.boundaries import (
     read_text,
     reference_gaps,
     score,
+    surprisal_peaks,
     symbols_of,
 )
 from hmlm.checkpoint import load_trained
@@ -358,3 +359,61 @@ def test_bad_inputs(run: Path, tmp_path: Path):
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "'\u00e9'" in result.stderr
+
+
+# ---- the surprisal-peak baseline ---------------------------------------------------------------------------------
+
+
+def test_surprisal_peaks_are_larger_than_both_neighbours():
+    s = np.array([[4.0, 1.0, 3.0, 2.0, 5.0, 5.0, 1.0, 2.0]])
+    # 0: larger than its one neighbour; 2: a peak; 4 and 5: a tie is no peak; 7: the end, larger than 6
+    assert np.flatnonzero(surprisal_peaks(s)[0]).tolist() == [0, 2, 7]
+    unknown = np.array([[1.0, 2.0, np.nan]])  # the last symbol of a text: its successor is not given
+    assert surprisal_peaks(unknown)[0].tolist() == [False, True, False]
+    assert surprisal_peaks(np.array([[1.0, 2.0], [3.0, 1.0]])).tolist() == [[False, True], [True, False]]  # per stream
+
+
+def test_score_adds_the_surprisal_peak_baseline():
+    rng = np.random.default_rng(2)
+    z = (rng.random((2, 40, 2)) < 0.3).astype(np.float32)
+    gaps = {"word": rng.random((2, 41)) < 0.2}
+    surprisal = rng.random((2, 40))
+    stats = score(z, gaps, seed=1, surprisal=surprisal)
+    assert stats.matches["word"]["surprisal_peak"] == match(surprisal_peaks(surprisal), gaps["word"])
+    assert "surprisal_peak" not in score(z, gaps, seed=1).matches["word"]
+    flat = stats.flat(baselines=False, rates=False)  # what `hmlm eval --json` and TensorBoard show
+    assert "boundary_f1_word_surprisal_peak" in flat and "boundary_f1_word_every_char" not in flat
+    assert flat["boundary_rate_surprisal_peak"] == pytest.approx(surprisal_peaks(surprisal).mean())
+    assert "surprisal peaks" in stats.table()
+    assert stats.with_numbers(stats.numbers()) == stats
+
+
+def test_evaluate_finds_the_surprisal_peaks_of_each_stream(run: Path):
+    """evaluate()'s surprisal-peak counts equal those made here from the model's own next-symbol surprisal."""
+    trained = load_trained(run)
+    dataset = open_dataset(trained.config.data.name, trained.config.data.dir)
+    tokens, ends = dataset.split("valid")[:404], dataset.true_boundaries("valid")["word"][:404]
+    result = evaluate(trained.model, tokens, 4, 20, references=reference_gaps(tokens, None, {"word": ends}))
+    surprisal, state = [], None
+    with torch.no_grad():
+        for x, y in StreamBatcher(tokens, 4, 20):
+            out = trained.model(x, state)
+            surprisal.append(torch.nn.functional.cross_entropy(out.logits.transpose(1, 2), y, reduction="none"))
+            state = out.state
+    peaks = surprisal_peaks(torch.cat(surprisal, dim=1).double().numpy())  # (4, 100)
+    streams = np.asarray(ends).reshape(4, 101)
+    gaps = np.zeros((4, 101), dtype=bool)
+    gaps[:, 1:] = streams[:, :100]
+    gaps[1:, 0] = streams[:-1, 100]
+    assert result.boundary_stats.matches["word"]["surprisal_peak"] == match(peaks, gaps)
+    assert 0 < peaks.mean() < 0.5
+
+
+def test_the_commands_show_the_surprisal_peak_baseline(run: Path):
+    split = json.loads(invoke("boundaries", str(run), "--split", "valid", "--max-tokens", "2000", "--json"))
+    assert 0 <= split["boundary_f1_word_surprisal_peak"] <= 1 and 0 < split["boundary_rate_surprisal_peak"] < 1
+    assert "surprisal peaks" in invoke("boundaries", str(run), "--split", "valid", "--max-tokens", "2000")
+    report = json.loads(invoke("eval", str(run), "--json"))
+    assert {"boundary_f1_word_surprisal_peak", "boundary_f1_phrase_surprisal_peak"} <= set(report)
+    text = json.loads(invoke("boundaries", str(run), "--text", SENTENCE, "--json"))
+    assert "boundary_f1_word_surprisal_peak" in text

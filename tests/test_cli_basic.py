@@ -32,7 +32,7 @@ def test_config_show_prints_the_resolved_yaml(tmp_path: Path):
     result = hmlm_cli("config", "show", "--config", str(path), "-s", "train.lr=1e-3", "-s", "model.layer_norm=false")
     assert result.returncode == 0, result.stderr
     shown = yaml.safe_load(result.stdout)
-    assert set(shown) == {"data", "model", "train", "slope"}
+    assert set(shown) == {"data", "model", "train", "slope", "prior"}
     assert shown["model"]["hidden_sizes"] == [32, 32] and shown["model"]["layer_norm"] is False
     assert shown["train"]["lr"] == 0.001 and shown["train"]["batch_size"] == 64  # overridden, and a default
 

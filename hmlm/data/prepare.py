@@ -27,13 +27,20 @@ from hmlm.errors import UserError
 
 
 def prepare_dataset(
-    name: str, data_dir: str | Path = "data", source: str | None = None, verify: bool = True, force: bool = False
+    name: str,
+    data_dir: str | Path = "data",
+    source: str | None = None,
+    verify: bool = True,
+    force: bool = False,
+    seed: int | None = None,
+    spaces: bool = True,
 ) -> Path:
     """Prepare the registry dataset `name` in DATA_DIR/NAME/ and return that folder.
 
     source: None for the official URL, or a mirror URL, a downloaded archive, or a folder holding the
     extracted member files. verify: check the official checksums (and PTB's token counts); False only warns.
-    force: rebuild even when the dataset is already prepared.
+    force: rebuild even when the dataset is already prepared. seed (another text of the same language) and
+    spaces=False (no separator between the words of a phrase) are for `synthetic` only.
     """
     check_name(name)
     data_dir = Path(data_dir)
@@ -42,7 +49,10 @@ def prepare_dataset(
 
         if source is not None:
             raise UserError("the synthetic dataset is generated here: it takes no --source")
-        return prepare_synthetic(data_dir, force=force)
+        return prepare_synthetic(data_dir, force=force, seed=seed or 0, spaces=spaces)
+    if seed is not None or not spaces:
+        flag = "--seed" if seed is not None else "--no-spaces"
+        raise UserError(f"{flag} is for `hmlm data synthetic` only, not for {name}")
 
     target = data_dir / name
     if skip_if_prepared(target, force):

@@ -58,12 +58,14 @@ def write_dataset(
     splits: Mapping[str, np.ndarray],
     source: dict,
     extra: Mapping[str, np.ndarray] | None = None,
+    meta_extra: Mapping[str, object] | None = None,
 ) -> Path:
     """Write DATA_DIR/NAME/{train,valid,test}.bin, vocab.json, meta.json (DESIGN section 4), replacing any
     older version of the dataset only once the new one is complete.
 
     splits: token ids of each split (all one dtype). source: {"name": ..., "sha256": ...}. extra: more arrays
     to store beside the splits, by file name (the synthetic data's true boundaries, e.g. "train.word.bin").
+    meta_extra: more keys for meta.json (the synthetic data's "generator").
     """
     dtype = {array.dtype for array in splits.values()}.pop()
     meta = {
@@ -73,7 +75,7 @@ def write_dataset(
         "vocab_size": len(vocab),
         "splits": {name: {"tokens": int(len(splits[name]))} for name in SPLITS},
         "source": source,
-    }
+    } | dict(meta_extra or {})
     ensure_writable(target.parent)
     # A name of our own next to the target (same file system, so the rename is atomic), created with the
     # default permissions; tempfile.mkdtemp would make the dataset readable by its owner only.

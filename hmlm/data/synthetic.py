@@ -9,22 +9,29 @@ The language, bottom up:
 
     "ka demopi soluta, nirabe ko sateni. ka gupo lirano, ..."
 
+`seed` picks another text of the same language (another lexicon and other sentences). `spaces=False`
+(`hmlm data synthetic --no-spaces`) writes the same language with nothing between the words of a phrase,
+keeping the phrase punctuation: "kademopisoluta, nirabekosateni. ...". Word boundaries must then be found from
+the statistics alone, as in unsupervised word segmentation; the stored true word ends still score them.
+
 Because the structure is known, the true boundaries are stored beside the text: {split}.word.bin and
 {split}.phrase.bin, uint8, 1 on the last character of each word / phrase (Dataset.true_boundaries), so the
 boundaries a model learns can be scored against them. Splits follow the text8 rule (valid = test = n // 20
-from the end).
+from the end). meta.json's "generator" records what made the text ({"version", "seed", "spaces", "chars"}), so
+that preparing it again with other settings into the same folder is refused instead of silently kept.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hmlm.data.sources import SPLITS, split_sizes
-from hmlm.data.store import ensure_writable, skip_if_prepared, write_dataset
+from hmlm.data.store import ensure_writable, is_prepared, skip_if_prepared, write_dataset
 from hmlm.data.tokenize import tokenize
 from hmlm.errors import UserError
 
@@ -39,6 +46,7 @@ ZIPF_EXPONENT = 1.1
 SENTENCE_END = 0.4  # probability that a phrase ends its sentence
 PARAGRAPH_END = 0.2  # probability that a sentence ends its paragraph (a newline in place of the space)
 SEPARATORS = (b" ", b", ", b". ", b".\n")  # after a word: inside a phrase, phrase end, sentence end, paragraph end
+NO_SPACES = (b"", *SEPARATORS[1:])  # --no-spaces: nothing between the words of a phrase
 
 
 @dataclass
@@ -48,15 +56,16 @@ class SyntheticText:
     phrase_ends: np.ndarray  # (n,) uint8: 1 on the last character of each phrase (a subset of word_ends)
 
 
-def generate(chars: int = DEFAULT_CHARS, seed: int = 0) -> SyntheticText:
-    """Exactly `chars` characters of the synthetic language, the same for the same seed."""
+def generate(chars: int = DEFAULT_CHARS, seed: int = 0, spaces: bool = True) -> SyntheticText:
+    """Exactly `chars` characters of the synthetic language, the same for the same seed. Without `spaces`, the same
+    words and sentences (for the same seed) with nothing between the words of a phrase."""
     if chars < 100:
         raise UserError(f"a synthetic text needs at least 100 characters, not {chars}")
     rng = np.random.default_rng(seed)
     lexicon, classes = _lexicon(rng)
     phrases = chars // 8  # a phrase averages about 16 characters: twice what is needed, then cut
     while True:
-        text, word_ends, phrase_ends = _sentences(rng, lexicon, classes, phrases)
+        text, word_ends, phrase_ends = _sentences(rng, lexicon, classes, phrases, SEPARATORS if spaces else NO_SPACES)
         if len(text) >= chars:
             return SyntheticText(text[:chars], word_ends[:chars], phrase_ends[:chars])
         phrases *= 2
@@ -81,9 +90,13 @@ def _lexicon(rng: np.random.Generator) -> tuple[list[bytes], dict[str, np.ndarra
 
 
 def _sentences(
-    rng: np.random.Generator, lexicon: list[bytes], classes: dict[str, np.ndarray], phrases: int
+    rng: np.random.Generator,
+    lexicon: list[bytes],
+    classes: dict[str, np.ndarray],
+    phrases: int,
+    separators: tuple[bytes, ...] = SEPARATORS,
 ) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """`phrases` phrases of text, with the word and phrase end marks."""
+    """`phrases` phrases of text, with the word and phrase end marks; `separators` as SEPARATORS."""
     names = list(classes)
     templates = [[names.index(c) for c in t.split()] for t in TEMPLATES]
     lengths = np.array([len(t) for t in templates])
@@ -111,11 +124,11 @@ def _sentences(
 
     pieces: list[bytes] = [b""] * (2 * len(words))  # word, separator, word, separator, ...
     pieces[0::2] = [lexicon[w] for w in words.tolist()]
-    pieces[1::2] = [SEPARATORS[s] for s in separator.tolist()]
+    pieces[1::2] = [separators[s] for s in separator.tolist()]
     text = b"".join(pieces)
 
     word_length = np.array([len(w) for w in lexicon])[words]
-    separator_length = np.array([len(s) for s in SEPARATORS])[separator]
+    separator_length = np.array([len(s) for s in separators])[separator]
     last_char = np.cumsum(word_length + separator_length) - separator_length - 1  # (words,)
     word_ends = np.zeros(len(text), dtype=np.uint8)
     word_ends[last_char] = 1
@@ -130,13 +143,17 @@ def prepare_synthetic(
     chars: int = DEFAULT_CHARS,
     seed: int = 0,
     name: str = "synthetic",
+    spaces: bool = True,
 ) -> Path:
     """Generate the synthetic dataset into DATA_DIR/NAME/ (with its true boundaries) and return the folder."""
     target = Path(data_dir) / name
+    generator = {"version": GENERATOR_VERSION, "seed": seed, "spaces": spaces, "chars": chars}
+    if not force:
+        _refuse_other_settings(target, generator)
     if skip_if_prepared(target, force):
         return target
     ensure_writable(Path(data_dir))
-    corpus = generate(chars, seed)
+    corpus = generate(chars, seed, spaces)
     sizes = split_sizes(chars)
     bounds = np.cumsum([0] + [sizes[s] for s in SPLITS])
     cut = {s: slice(bounds[i], bounds[i + 1]) for i, s in enumerate(SPLITS)}
@@ -146,8 +163,30 @@ def prepare_synthetic(
     for s in SPLITS:
         extra[f"{s}.word.bin"] = corpus.word_ends[cut[s]]
         extra[f"{s}.phrase.bin"] = corpus.phrase_ends[cut[s]]
+    spacing = "" if spaces else ", no spaces"
     source = {
-        "name": f"hmlm synthetic v{GENERATOR_VERSION} (seed {seed}, {chars:,} characters)",
+        "name": f"hmlm synthetic v{GENERATOR_VERSION} (seed {seed}, {chars:,} characters{spacing})",
         "sha256": hashlib.sha256(corpus.text).hexdigest(),
     }
-    return write_dataset(target, vocab, ids, source, extra)
+    return write_dataset(target, vocab, ids, source, extra, {"generator": generator})
+
+
+def _describe(generator: dict) -> str:
+    return f"seed {generator.get('seed', 0)}, " + ("with spaces" if generator.get("spaces", True) else "no spaces")
+
+
+def _refuse_other_settings(target: Path, generator: dict) -> None:
+    """A UserError when TARGET already holds a synthetic text made with another seed or spacing (a folder from
+    before meta.json recorded its generator holds seed 0 with spaces, the only text it could make)."""
+    if not is_prepared(target):
+        return
+    try:
+        old = json.loads((target / "meta.json").read_text(encoding="utf-8")).get("generator") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable: skip_if_prepared and open_dataset say what to do
+    old = {"seed": 0, "spaces": True} | old
+    if (old["seed"], old["spaces"]) != (generator["seed"], generator["spaces"]):
+        raise UserError(
+            f"{target} holds the synthetic text of {_describe(old)}, not {_describe(generator)}: pass --force to "
+            f"replace it, or --data-dir DIR to prepare this one elsewhere"
+        )

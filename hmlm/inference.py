@@ -1,0 +1,398 @@
+"""Inference that skips COPY: with gradients off, a layer step computes only what its outcome needs.
+
+Layer l COPIES at step t when z^l_{t-1} = 0 and z^{l-1}_t = 0 (layer 1 never copies: z^0 = 1). Its h, c stay
+and its z is 0, whatever the gates: the blend of hmlm/fast.py multiplies them by exactly 0. Training needs those
+gates (the straight-through gradient reaches z through the choice of operation); evaluation and sampling do not,
+and in a trained model most upper-layer steps copy. So, on the CPU and without gradients:
+
+- One stream (sampling, `hmlm boundaries --text`): a layer that copies skips its matmul and its elementwise
+  kernel entirely; h and c are copied, z set to 0.
+- A batch: a layer step computes only its rows that do not copy: they are gathered, computed by fast.py's own
+  matmul and cell step, and scattered back; the rows that copy get h_{t-1}, c_{t-1}, 0. The gathered rows are
+  padded to a multiple of ROW_BLOCK (with rows that copy: computing them gives the copy exactly), which keeps
+  MKL's matmul of every row bitwise the same as in the full batch (measured on the development machine's AMD
+  EPYC, float32 and float64, one and two threads; elsewhere a row may differ by rounding).
+  Where most rows compute (more than a fraction that grows with the size of the step, GATHER_FRACTIONS), or the
+  layer steps are small, gathering costs more than the rows saved: the step runs on the full batch as before
+  (fast.layer_step), without even looking at the boundaries.
+- Sampling (`Stepper`): one symbol at a time through buffers made once, with the output module's per-layer
+  projections W^e_l h^l kept from one step to the next and recomputed only for the layers whose h changed.
+
+Not used (the step runs as fast.layer_step on every row):
+- on CUDA: deciding which rows compute needs the boundaries on the host at every layer step, a device
+  synchronization that costs more than the work saved, and a GPU's matmul takes no less time for fewer rows;
+- with HMLM_SKIP_COPY=0 (for comparison: this is the path without skipping, today's arithmetic);
+- for boundaries drawn at random in training mode (`sample` with model.train()): the draws of the rows that copy
+  would be left out and every later draw would change.
+
+The results equal the path without skipping (tests/test_inference.py): values in float64; in float32, the same
+boundaries, BPC and sampled text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hmlm import fast
+
+if TYPE_CHECKING:
+    from hmlm.model import CharLM, HMLSTMState
+
+ROW_BLOCK = 4  # gathered rows are padded to a multiple of this (MKL's row blocking; see the module docstring)
+
+# When a batch's layer step gathers its computing rows: when they are at most a fraction of the batch, and only
+# where the step's matmul is large (B * K * R multiply-adds). Gathering has costs of its own: ~13 more torch
+# calls per layer step, and the whole weight is still streamed from memory for however few rows, so at small
+# sizes fewer rows take hardly less time. Measured on the 2-core development machine (one thread, heavily shared,
+# so +-10%): the whole no-grad forward of a fresh model (boundary rates ~0.5: layer 2 copies ~30-43% of rows,
+# layer 3 ~70-78%), batch B x 100, gathering up to 90% against not skipping, min of 8 interleaved runs:
+#   3x128 (layer steps of 6-13M multiply-adds): B 32 1.19x the time, B 64 1.07x  -> no skipping below 15M
+#   3x256 (17-50M): B 32 0.91x, B 64 0.84x;  a trained 3x256 model (copies 55% / 93%), B 64: 0.75x
+# and timing one layer step gathered against the full step at 3x256 and 3x512, B 64: it pays up to ~85% of the
+# rows at 3x256 and ~90% at 3x512. Below the size threshold nobody even looks at the boundaries (a few numpy
+# calls per layer step): the batch runs exactly as without skipping.
+GATHER_FRACTIONS = ((50e6, 0.9), (15e6, 0.8), (0.0, 0.0))  # (at least this many multiply-adds, largest fraction)
+GATHER_FRACTION: float | None = None  # overrides the table (tests: 1.0 gathers whatever the fraction)
+
+
+def gather_fraction(rows: int, K: int, R: int) -> float:
+    """The largest fraction of the batch's rows that a layer step (a (rows, K) x (K, R) matmul) gathers rather
+    than running on every row; 0: it never looks."""
+    if GATHER_FRACTION is not None:
+        return GATHER_FRACTION
+    return next(fraction for least, fraction in GATHER_FRACTIONS if rows * K * R >= least)
+
+
+def step_sizes(plan: fast.Plan, layer: int) -> tuple[int, int]:
+    """K and R of a layer step's matmul: [below | rec | above] inputs, [gates | zhat] outputs."""
+    L, H = plan.num_layers, plan.hidden_sizes[layer]
+    above = plan.hidden_sizes[layer + 1] if layer < L - 1 else 0
+    return plan.below_sizes[layer] + H + above, 4 * H + (1 if layer < L - 1 else 0)
+
+
+def enabled() -> bool:
+    """HMLM_SKIP_COPY=0 turns skipping off (for comparison)."""
+    return os.environ.get("HMLM_SKIP_COPY", "1") != "0"
+
+
+NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)  # the boundaries are read on the host through numpy
+
+
+def skips(plan: fast.Plan, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether a no-gradient call of this plan on this device, with a state of this dtype, skips COPY steps (see
+    the module docstring)."""
+    random_draws = plan.mode == "sample" and plan.training
+    usable = device.type == "cpu" and dtype in NUMPY_DTYPES and plan.num_layers > 1
+    return enabled() and usable and not random_draws
+
+
+# --- What was skipped: counted as it happens, for `hmlm bench --run` ----------------------------------------------
+
+
+@dataclass
+class SkipCounts:
+    """Per layer: rows (stream-steps) seen, those whose boundaries were checked (all of them, except where a batch
+    is too small for skipping to pay: there nobody looks), those that COPY among them, and those whose work was
+    skipped (fewer than the copies where a batch ran the full step or padded its gathered rows)."""
+
+    rows: list[int] = field(default_factory=list)
+    checked: list[int] = field(default_factory=list)
+    copies: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+
+    def add(self, layer: int, rows: int, checked: int, copies: int, skipped: int) -> None:
+        while len(self.rows) <= layer:
+            self.rows.append(0), self.checked.append(0), self.copies.append(0), self.skipped.append(0)
+        self.rows[layer] += rows
+        self.checked[layer] += checked
+        self.copies[layer] += copies
+        self.skipped[layer] += skipped
+
+    def reset(self) -> None:
+        self.rows, self.checked, self.copies, self.skipped = [], [], [], []
+
+    def fractions(self) -> dict[str, list[float | None]]:
+        """Per layer (layer 1 included: it never copies): the fraction of checked rows that copy (None where none
+        was checked), and of all rows skipped."""
+        return {
+            "copy": [c / n if n else None for c, n in zip(self.copies, self.checked, strict=True)],
+            "skipped": [s / r if r else 0.0 for s, r in zip(self.skipped, self.rows, strict=True)],
+        }
+
+
+COUNTS = SkipCounts()
+
+
+# --- A sequence (evaluation, boundaries): a layer step that skips what copies --------------------------------------
+
+
+class SubBatch:
+    """The buffers of a layer step over M gathered rows: a one-step tape of M rows (fast.LayerTape) whose h_{t-1}
+    is the h_prev part of its matmul input (one gather fills both), and z below."""
+
+    def __init__(self, plan: fast.Plan, layer: int, M: int, like: Tensor):
+        self.tape = fast.LayerTape(plan, layer, M, 1, like.device, like.dtype, save=False)
+        self.Z = torch.zeros(2, M, plan.num_layers, device=like.device, dtype=like.dtype)
+        self.tape.attach(self.Z)
+        self.tape.h_t = [self.tape.x_rec_t[0], self.tape.h_t[1]]
+        self.z_prev, self.z_new = self.tape.z_t[0].numpy(), self.tape.z_t[1].numpy()  # (M, 1) views
+        self.z_below = torch.empty(M, 1, device=like.device, dtype=like.dtype)
+        self.ones = torch.ones(M, 1, device=like.device, dtype=like.dtype)
+
+
+class SkippingStep:
+    """fast.layer_step's replacement in a call without gradient (same signature): a layer that copies on every
+    row is copied, one whose computing rows are few enough computes only those, and any other runs as before."""
+
+    def __init__(self):
+        self.subs: dict[tuple[int, int], SubBatch] = {}  # (layer, rows) -> buffers, kept across calls
+        self.fractions: dict[tuple[int, int], float] = {}  # (layer, rows) -> gather_fraction
+
+    def __call__(
+        self, plan: fast.Plan, tape: fast.LayerTape, below: fast.LayerTape | None, above: fast.LayerTape | None,
+        t: int, k: int, base: tuple[Tensor | None, Tensor | None], w_t: tuple[Tensor, Tensor],
+        ln: fast.LayerNormParams | None, ones: Tensor,
+    ) -> None:  # fmt: skip
+        B = ones.shape[0]
+        if below is None or (B > 1 and not self.fraction(plan, tape.layer, B)):  # layer 1 never copies
+            COUNTS.add(tape.layer, B, B if below is None else 0, 0, 0)
+            fast.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
+            return
+        z_prev, z_below = tape.z_t[t].numpy(), below.z_t[t + 1].numpy()  # (B, 1) views of the boundaries
+        if B == 1:
+            copies = z_prev[0, 0] == 0 and z_below[0, 0] == 0
+            COUNTS.add(tape.layer, 1, 1, int(copies), int(copies))
+            if copies:
+                copy_step(tape, t)
+            else:
+                fast.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
+            return
+        computes = z_prev + z_below  # (B, 1): 0 exactly where both are (z >= 0)
+        rows = np.flatnonzero(computes)
+        M = len(rows)
+        padded = -(-M // ROW_BLOCK) * ROW_BLOCK
+        if M == B or padded > self.fraction(plan, tape.layer, B) * B:
+            COUNTS.add(tape.layer, B, B, B - M, 0)
+            fast.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
+        elif M == 0:
+            COUNTS.add(tape.layer, B, B, B, B)
+            copy_step(tape, t)
+        else:
+            COUNTS.add(tape.layer, B, B, B - M, B - padded)
+            if padded > M:  # pad with rows that copy: computed, they give the copy exactly
+                rows = np.concatenate([rows, np.flatnonzero(computes == 0)[: padded - M]])
+            self.gathered_step(plan, tape, below, above, t, base, w_t, ln, rows, z_prev, z_below)
+
+    def fraction(self, plan: fast.Plan, layer: int, rows: int) -> float:
+        """gather_fraction of this layer's step, worked out once per batch size."""
+        key = (layer, rows)
+        if GATHER_FRACTION is not None or key not in self.fractions:
+            self.fractions[key] = gather_fraction(rows, *step_sizes(plan, layer))
+        return self.fractions[key]
+
+    def gathered_step(
+        self, plan: fast.Plan, tape: fast.LayerTape, below: fast.LayerTape, above: fast.LayerTape | None, t: int,
+        base: tuple[Tensor | None, Tensor | None], w_t: tuple[Tensor, Tensor], ln: fast.LayerNormParams | None,
+        rows: np.ndarray, z_prev: np.ndarray, z_below: np.ndarray,
+    ) -> None:  # fmt: skip
+        """Gather the rows, run fast.py's matmul and cell step on them as a batch of their own, scatter back."""
+        key = (tape.layer, len(rows))
+        sub = self.subs.get(key)
+        if sub is None:
+            sub = self.subs[key] = SubBatch(plan, tape.layer, len(rows), tape.h_t[t])
+        s = sub.tape
+        index = torch.from_numpy(rows)
+        # The step's state and masked inputs [z_below h_below | h_prev | z_prev h_above], as layer_step makes them.
+        sub.z_prev[:] = z_prev[rows]
+        sub.z_below.numpy()[:] = z_below[rows]
+        torch.index_select(tape.h_t[t], 0, index, out=s.h_t[0])  # (the h_prev part of the matmul input)
+        torch.index_select(tape.c_t[t], 0, index, out=s.c_t[0])
+        torch.index_select(below.h_t[t + 1], 0, index, out=s.x_below_t[0]).mul_(sub.z_below)
+        if above is not None:
+            torch.index_select(above.h_t[t], 0, index, out=s.x_above_t[0]).mul_(s.z_t[0])
+        fast.matmul_add(base[0], s.x_t[0], w_t[0], out=s.gates_t[0])
+        if above is not None:
+            fast.matmul_add(base[1], s.x_t[0], w_t[1], out=s.zhat_t[0])
+        if plan.fused:
+            fast.fused_cell_step(plan, s, below, above, 0, 0, ln, sub.z_below)
+        else:
+            fast.cell_step(plan, s, below, above, 0, 0, ln, sub.z_below, sub.ones)
+        # Every row copies, then the computed rows are written over.
+        tape.h_t[t + 1].copy_(tape.h_t[t])
+        tape.c_t[t + 1].copy_(tape.c_t[t])
+        tape.h_t[t + 1].index_copy_(0, index, s.h_t[1])
+        tape.c_t[t + 1].index_copy_(0, index, s.c_t[1])
+        z_new = tape.z_t[t + 1].numpy()
+        z_new[:] = 0
+        z_new[rows] = sub.z_new
+
+
+def copy_step(tape: fast.LayerTape, t: int) -> None:
+    """COPY on every row: h_t = h_{t-1}, c_t = c_{t-1}, z_t = 0."""
+    tape.h_t[t + 1].copy_(tape.h_t[t])
+    tape.c_t[t + 1].copy_(tape.c_t[t])
+    tape.z_t[t + 1].zero_()
+
+
+SKIPPERS = fast.TapeCache()  # SkippingSteps (their gathered-row buffers), kept like the tapes of fast.py
+
+
+NOT_SKIPPING = contextlib.nullcontext()  # (reusable: entering it costs less than a generator-based context)
+
+
+def skipping(
+    plan: fast.Plan, device: torch.device, batch: int, dtype: torch.dtype
+) -> contextlib.AbstractContextManager:
+    """The layer step for a call of fast.run (a state of this dtype), as a context: a SkippingStep where skipping
+    is used (it only runs without gradient), else None (fast.layer_step)."""
+    if not enabled() or torch.is_grad_enabled() or not skips(plan, device, dtype):  # the cheapest checks first
+        return NOT_SKIPPING
+    if batch > 1 and not any(gather_fraction(batch, *step_sizes(plan, layer)) for layer in range(1, plan.num_layers)):
+        return NOT_SKIPPING  # a batch too small for skipping to pay in any layer: exactly the path without it
+    return _skipping((plan, batch, device))
+
+
+@contextlib.contextmanager
+def _skipping(key: tuple) -> Iterator[SkippingStep]:
+    step = SKIPPERS.take(key) or SkippingStep()
+    try:
+        yield step
+    finally:
+        SKIPPERS.give(key, step)
+
+
+# --- Sampling: one stream, one symbol at a time ------------------------------------------------------------------
+
+
+class Stepper:
+    """Steps a CharLM (an HM-LSTM on the fast path) one symbol at a time, without gradient, from a given state.
+
+    What a call of the model does per symbol and nn.LSTM does not pay for is made once here: the plan, the tapes
+    and their views, the transposed weights, layer 1's input projection for every symbol (a table, each row made
+    by the same call the model makes for one symbol), the state's buffers (two slots, used in turn). Per symbol
+    there remain the layer steps of fast.py (skipped for a layer that copies) and the output module, whose
+    per-layer projections W^e_l h^l are kept and recomputed only for the layers whose h changed:
+        g = sigm(W_g [h^1; ...; h^L] + b_g)        h^e = ReLU(sum_l g^l P_l)   with P_l = W^e_l h^l
+    The logits returned are a buffer that the next step overwrites.
+    """
+
+    def __init__(self, model: CharLM, state: HMLSTMState):
+        rnn, out = model.rnn, model.output
+        weight = rnn.weight[0]
+        device, dtype = weight.device, weight.dtype
+        plan = rnn.fast_plan(device, dtype)
+        # Detached, so that a step needs no torch.no_grad (entering it costs more than a small layer step).
+        w_in, b_in, weights, biases, ln = rnn.fast_parameters()
+        w_in, b_in, weights, biases = w_in.detach(), b_in.detach(), detached(weights), detached(biases[1:])
+        ln = [detached(layer) for layer in ln] if ln is not None else None
+        self.plan, self.ln = plan, ln
+        self.skip = skips(plan, device, dtype)  # on CUDA every layer computes (no host read of z per step)
+        L, sizes = plan.num_layers, plan.hidden_sizes
+        like = {"device": device, "dtype": dtype}
+
+        # Layer 1's projected input per symbol: rows of the table are (gates, zhat) bases, as fast.py splits them.
+        embedding = model.embedding.weight.detach()  # (V, E)
+        E = embedding.shape[1]
+        with torch.no_grad():
+            table = torch.cat([F.linear(embedding[v].view(1, 1, E), w_in, b_in) for v in range(len(embedding))], 0)
+        self.table = table  # (V, 1, R_1)
+        self.bases_1 = [(row[:, : 4 * sizes[0]], row[:, 4 * sizes[0] :]) for row in table.unbind(0)]
+        self.bases = [(b[: 4 * H], b[4 * H :]) for b, H in zip(biases, sizes[1:], strict=True)]
+        self.w_t = [w.t().split(4 * H, dim=1) for w, H in zip(weights, sizes, strict=True)]  # as fast.py for T < 16
+
+        # The state: two slots, read from one and written to the other in turn. Every layer's h lives in one
+        # (2, 1, sum H) buffer, the output module's input as it is.
+        offsets = np.cumsum([0, *sizes])
+        self.h_all = torch.zeros(2, 1, int(offsets[-1]), **like)
+        self.Z = torch.zeros(2, 1, L, **like)
+        self.tapes = [fast.LayerTape(plan, layer, 1, 1, device, dtype, save=False) for layer in range(L)]
+        for layer, tape in enumerate(self.tapes):
+            h = [self.h_all[s, :, offsets[layer] : offsets[layer + 1]] for s in (0, 1)]  # (1, H_l) each
+            z = [self.Z[s, :, layer : layer + 1] for s in (0, 1)]
+            tape.h_t, tape.c_t, tape.z_t = [*h, h[0]], [*tape.c_slots, tape.c_slots[0]], [*z, z[0]]
+        self.ones = torch.ones(1, 1, **like)
+        self.slot = 0  # the slot that holds the current state
+        if self.skip:  # numpy views, to read z and copy a state without a torch call
+            self.z_np = self.Z.numpy()[:, 0]  # (2, L)
+            self.h_np = [[tape.h_t[s].numpy() for s in (0, 1)] for tape in self.tapes]
+            self.c_np = [[tape.c_slots[s].numpy() for s in (0, 1)] for tape in self.tapes]
+        self.load(state)
+
+        # The output module: the gate logits' weight, the per-layer projections and their kept products.
+        self.gate_w_t, self.gate_b = out.gate.weight.detach().t(), out.gate.bias.detach()  # (sum H, L), (L,)
+        embed_w = out.embed.weight.detach()  # (E_out, sum H)
+        self.embed_w_t = [embed_w[:, offsets[i] : offsets[i + 1]].t() for i in range(L)]  # (H_l, E_out)
+        self.logits_w_t, self.logits_b = out.logits.weight.detach().t(), out.logits.bias.detach()
+        self.P = torch.zeros(L, embed_w.shape[0], **like)  # P_l = W^e_l h^l
+        self.P_rows = self.P.split(1, dim=0)
+        self.gate_pre, self.gate = torch.empty(1, L, **like), torch.empty(1, L, **like)
+        self.embedded = torch.empty(1, embed_w.shape[0], **like)
+        self.logits = torch.empty(1, self.logits_b.shape[0], **like)
+        self.stale = [True] * L  # per layer: whether P_l is out of date (h^l changed since it was computed)
+
+    def load(self, state: HMLSTMState) -> None:
+        """Make `state` (batch 1) the current one."""
+        s = self.slot
+        with torch.no_grad():
+            for layer, tape in enumerate(self.tapes):
+                tape.h_t[s].copy_(state.h[layer])
+                tape.c_t[s].copy_(state.c[layer])
+                tape.z_t[s].copy_(state.z[layer])
+        self.stale = [True] * len(self.tapes)
+
+    def step(self, symbol: int) -> Tensor:
+        """Feed one symbol; the logits (1, V) of the next."""
+        plan, tapes, s = self.plan, self.tapes, self.slot
+        n = 1 - s  # the slot written
+        L = len(tapes)
+        for layer, tape in enumerate(tapes):
+            below = tapes[layer - 1] if layer > 0 else None
+            above = tapes[layer + 1] if layer < L - 1 else None
+            if below is not None and self.skip and self.z_np[s, layer] == 0 and self.z_np[n, layer - 1] == 0:
+                # COPY: h and c stay, z = 0 (written with numpy: a torch call costs microseconds)
+                self.h_np[layer][n][:] = self.h_np[layer][s]
+                self.c_np[layer][n][:] = self.c_np[layer][s]
+                self.z_np[n, layer] = 0
+                COUNTS.add(layer, 1, 1, 1, 1)
+                continue
+            base = self.bases_1[symbol] if below is None else self.bases[layer - 1]
+            fast.layer_step(plan, tape, below, above, s, 0, base, self.w_t[layer], self.ln[layer] if self.ln else None,
+                            self.ones)  # fmt: skip
+            self.stale[layer] = True
+            COUNTS.add(layer, 1, 1, 0, 0)
+        self.slot = n
+        return self.output()
+
+    def output(self) -> Tensor:
+        """The output module on the current state, reusing W^e_l h^l of the layers whose h did not change."""
+        h_all = self.h_all[self.slot]  # (1, sum H)
+        torch.addmm(self.gate_b, h_all, self.gate_w_t, out=self.gate_pre)
+        torch.sigmoid(self.gate_pre, out=self.gate)  # (1, L)
+        for layer, tape in enumerate(self.tapes):
+            if self.stale[layer]:
+                torch.mm(tape.h_t[self.slot], self.embed_w_t[layer], out=self.P_rows[layer])
+                self.stale[layer] = False
+        torch.mm(self.gate, self.P, out=self.embedded)  # sum_l g^l P_l   (1, E_out)
+        self.embedded.relu_()
+        return torch.addmm(self.logits_b, self.embedded, self.logits_w_t, out=self.logits)
+
+
+def detached(tensors) -> list[Tensor]:
+    return [t.detach() for t in tensors]
+
+
+def stepper(model: CharLM, state: HMLSTMState) -> Stepper | None:
+    """A Stepper for this model, or None where the model's own call is the path (HMLM_SKIP_COPY=0, an LSTM, or the
+    reference implementation)."""
+    if not enabled() or model.config.kind != "hmlstm" or model.rnn.impl != "fast":
+        return None
+    return Stepper(model, state)

@@ -1,0 +1,250 @@
+"""Inference that skips COPY (hmlm/inference.py) against the path without it (HMLM_SKIP_COPY=0): the same values
+in float64; the same boundaries, BPC and sampled text in float32; on untrained models whose boundaries are made
+rare (as a trained model's upper layers are) and on a trained one, in every boundary mode, layer norm on and off,
+with the fused kernels and with torch ops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hmlm import CharLM, ModelConfig, fast, inference
+from hmlm.config import from_dict
+from hmlm.data import prepare_dataset
+from hmlm.evaluate import evaluate
+from hmlm.kernels import cpu as cpu_kernels
+from hmlm.sample import generate_ids
+from hmlm.train import train
+
+F64 = torch.float64
+VOCAB = 11
+
+
+@pytest.fixture(autouse=True, params=["cpu", "torch"])
+def fast_kernels(request, monkeypatch):
+    """Every test runs with the C++ CPU kernels and with torch ops (as on CUDA): both cell steps of fast.py."""
+    monkeypatch.setenv("HMLM_KERNELS", request.param)
+    if request.param == "cpu" and cpu_kernels.load() is None:
+        pytest.skip(f"the fused CPU kernels could not be built here: {cpu_kernels.failure()}")
+    return request.param
+
+
+def sparse_lm(layer_norm: bool, mode: str, dtype=torch.float32, sizes=(12, 10, 8), seed: int = 0) -> CharLM:
+    """An untrained CharLM, every parameter perturbed, its boundary detectors biased towards 0 so that the upper
+    layers copy on most steps, as in a trained model."""
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        embed_dim=6, hidden_sizes=list(sizes), output_embed_dim=9, layer_norm=layer_norm, boundary=mode
+    )
+    model = CharLM(VOCAB, config).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        for layer, H in enumerate(sizes[:-1]):
+            model.rnn.bias[layer][4 * H] -= 1.0 + 0.5 * layer  # zhat's bias
+    return model
+
+
+def both(model: CharLM, monkeypatch, fn):
+    """fn() without skipping, then with it; the second also returns what inference.COUNTS saw."""
+    monkeypatch.setenv("HMLM_SKIP_COPY", "0")
+    plain = fn()
+    monkeypatch.setenv("HMLM_SKIP_COPY", "1")
+    inference.COUNTS.reset()
+    skipping = fn()
+    return plain, skipping, inference.COUNTS.fractions()
+
+
+def forward_twice(model: CharLM, tokens: torch.Tensor):
+    """Two calls with the state carried, as evaluation makes them."""
+    with torch.no_grad():
+        first = model(tokens[:, :7])
+        second = model(tokens[:, 7:], first.state)
+    return first, second
+
+
+def assert_outputs_equal(plain, skipping, exact: bool) -> None:
+    for a, b in zip(plain, skipping, strict=True):
+        assert torch.equal(a.boundaries, b.boundaries)
+        states = zip([*a.state.h, *a.state.c], [*b.state.h, *b.state.c], strict=True)
+        values = [(a.logits, b.logits), (a.gates, b.gates), *states]
+        for mine, theirs in values:
+            if exact:
+                assert torch.equal(mine, theirs)
+            else:
+                torch.testing.assert_close(mine, theirs)
+
+
+@pytest.mark.parametrize("mode", ["step", "sample", "soft"])
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("gather", ["always", "default"])
+def test_a_sequence_equals_the_path_without_skipping_in_float64(mode, layer_norm, batch, gather, monkeypatch):
+    if gather == "always":  # every batch step gathers its computing rows, however many
+        monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
+    model = sparse_lm(layer_norm, mode, F64)
+    if mode == "soft":  # z = hard_sigm(zhat) is exactly 0 only below -1/slope: push the detectors there
+        with torch.no_grad():
+            for layer, H in enumerate(model.rnn.hidden_sizes[:-1]):
+                model.rnn.bias[layer][4 * H] -= 1.5
+    tokens = torch.randint(0, VOCAB, (batch, 20), generator=torch.Generator().manual_seed(1))
+    plain, skipping, counts = both(model, monkeypatch, lambda: forward_twice(model, tokens))
+    assert_outputs_equal(plain, skipping, exact=False)
+    if batch == 1 or gather == "always":
+        assert counts["copy"][0] == 0 and counts["skipped"][0] == 0  # layer 1 never copies
+        assert min(counts["copy"][1:]) > 0.2  # the upper layers copy often...
+        assert min(counts["skipped"][1:]) > 0.1  # ...and skip it
+    else:  # a batch this small computes every row, as without skipping: checking would cost more than it saves
+        assert counts == {"copy": [], "skipped": []}
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_a_sequence_is_the_same_in_float32(layer_norm, batch, monkeypatch):
+    """Skipping a layer leaves every other number as it was; gathered rows are padded so that the matmul computes
+    each of them as in the full batch (ROW_BLOCK)."""
+    monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
+    model = sparse_lm(layer_norm, "step", sizes=(32, 24, 16))
+    tokens = torch.randint(0, VOCAB, (batch, 30), generator=torch.Generator().manual_seed(2))
+    plain, skipping, counts = both(model, monkeypatch, lambda: forward_twice(model, tokens))
+    assert_outputs_equal(plain, skipping, exact=True)
+    assert min(counts["skipped"][1:]) > 0.1
+
+
+def test_an_all_copy_layer_and_a_full_layer(monkeypatch):
+    """The two ends: an upper layer that never computes (its detector below never fires) and a model where every
+    layer always computes (every detector always fires)."""
+    monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
+    for shift in (-100.0, 100.0):
+        model = sparse_lm(True, "step", F64)
+        with torch.no_grad():
+            for layer, H in enumerate(model.rnn.hidden_sizes[:-1]):
+                model.rnn.bias[layer][4 * H] += shift
+        tokens = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(3))
+        plain, skipping, counts = both(model, monkeypatch, lambda m=model, x=tokens: forward_twice(m, x))
+        assert_outputs_equal(plain, skipping, exact=False)
+        # (the first step's layer 2 computes when its initial state or layer 1 says so: few rows of all)
+        assert counts["copy"][2] > 0.9 if shift < 0 else counts["copy"][2] == 0
+
+
+@pytest.mark.parametrize("mode", ["step", "sample", "soft"])
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_sampling_gives_the_same_text(mode, layer_norm, dtype, monkeypatch):
+    model = sparse_lm(layer_norm, mode, dtype)
+
+    def sample() -> list[int]:
+        return list(generate_ids(model, [1, 2, 3], 200, generator=torch.Generator().manual_seed(5)))
+
+    plain, skipping, counts = both(model, monkeypatch, sample)
+    assert plain == skipping
+    assert min(counts["skipped"][1:]) > 0.2
+
+
+def test_the_stepper_equals_a_model_call_per_symbol(monkeypatch):
+    """Logits and state after every symbol, in float64, against the model's own call with the state carried; from
+    a random state with no boundary, so that the upper layers copy on the first step, before their projection P_l
+    was ever made."""
+    monkeypatch.setenv("HMLM_SKIP_COPY", "1")
+    model = sparse_lm(True, "step", F64)
+    symbols = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    torch.manual_seed(8)
+    zeros = model.initial_state(1)
+    state = zeros._replace(h=[torch.randn_like(h) for h in zeros.h], c=[torch.randn_like(c) for c in zeros.c])
+    stepper = inference.Stepper(model, state)
+    inference.COUNTS.reset()
+    for t, symbol in enumerate(symbols):
+        logits = stepper.step(symbol)  # (no torch.no_grad needed: it holds no parameter)
+        assert not logits.requires_grad
+        if t == 0:
+            assert inference.COUNTS.skipped[1:] == [1, 1]
+        with torch.no_grad():
+            out = model(torch.tensor([[symbol]]), state)
+        state = out.state
+        torch.testing.assert_close(logits, out.logits[:, -1])
+        for layer, tape in enumerate(stepper.tapes):
+            torch.testing.assert_close(tape.h_t[stepper.slot], state.h[layer])
+            torch.testing.assert_close(tape.c_t[stepper.slot], state.c[layer])
+            torch.testing.assert_close(tape.z_t[stepper.slot], state.z[layer])
+
+
+def test_where_skipping_is_not_used(monkeypatch):
+    model = sparse_lm(False, "sample")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setenv("HMLM_SKIP_COPY", "1")
+    plan = model.rnn.fast_plan(cpu, torch.float32)
+    assert inference.skips(plan, cpu)
+    assert not inference.skips(plan, cuda)  # a host read of z per layer step would stall the GPU
+    assert not inference.skips(plan, cpu, torch.bfloat16)  # numpy has no bfloat16
+    model.train()  # random draws in training: skipping would leave out the draws of the rows that copy
+    assert not inference.skips(model.rnn.fast_plan(cpu, torch.float32), cpu)
+    with torch.no_grad():
+        with inference.skipping(plan, cpu, 1, torch.float32) as step:  # one stream: a layer that copies is skipped
+            assert isinstance(step, inference.SkippingStep)
+        with inference.skipping(plan, cpu, 64, torch.float32) as step:  # small layer steps: gathering would not pay
+            assert step is None
+        big = fast.Plan((512, 512, 512), (0, 512, 512), True, "step", False, 1.0, torch.float32)
+        with inference.skipping(big, cpu, 64, torch.float32) as step:  # the paper's PTB shape, batch 64: it pays
+            assert isinstance(step, inference.SkippingStep)
+    with inference.skipping(big, cpu, 64, torch.float32) as step:  # with gradients: never
+        assert step is None
+    assert inference.gather_fraction(64, *inference.step_sizes(big, 1)) >= 0.8
+    monkeypatch.setenv("HMLM_SKIP_COPY", "0")
+    assert not inference.skips(plan, cpu)
+    assert inference.stepper(model.eval(), model.initial_state(1)) is None
+    with torch.no_grad(), inference.skipping(plan, cpu, 1, torch.float32) as step:
+        assert step is None
+
+
+def test_gradients_are_the_same_with_skipping_on(monkeypatch):
+    """With gradients on, nothing is skipped: training is untouched."""
+    model = sparse_lm(True, "step", F64)
+    tokens = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(6))
+
+    def grads():
+        model.zero_grad()
+        model(tokens).logits.square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain, skipping, counts = both(model, monkeypatch, grads)
+    assert all(torch.equal(a, b) for a, b in zip(plain, skipping, strict=True))
+    assert counts == {"copy": [], "skipped": []}  # nothing counted: no skipping ran
+
+
+# ---- a trained model ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny HM-LSTM trained for 30 steps on the synthetic corpus, and its validation tokens."""
+    data = tmp_path_factory.mktemp("data")
+    prepare_dataset("synthetic", data)
+    config = from_dict({
+        "data": {"name": "synthetic", "dir": str(data)},
+        "model": {"embed_dim": 8, "hidden_sizes": [16, 16, 16], "output_embed_dim": 16},
+        "train": {"batch_size": 8, "seq_len": 20, "max_steps": 30, "eval_every": 30, "eval_tokens": 400,
+                  "log_every": 10, "sample_length": 0, "lr": 0.01},
+    })  # fmt: skip
+    from hmlm.checkpoint import load_model
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    train(config, run_dir, progress=False)
+    model, vocab = load_model(run_dir)
+    tokens = np.fromfile(data / "synthetic" / "valid.bin", dtype=np.uint8)[:6000]
+    return model, vocab, tokens
+
+
+def test_a_trained_model_evaluates_and_samples_the_same(trained, monkeypatch):
+    model, vocab, tokens = trained
+    monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
+    plain, skipping, counts = both(model, monkeypatch, lambda: evaluate(model, tokens, batch_size=16, seq_len=50))
+    assert skipping.bpc == plain.bpc and skipping.boundary_rate == plain.boundary_rate
+    assert max(counts["skipped"][1:]) > 0
+
+    def sample() -> list[int]:
+        return list(generate_ids(model, vocab.encode("ka "), 300, generator=torch.Generator().manual_seed(7)))
+
+    plain, skipping, counts = both(model, monkeypatch, sample)
+    assert plain == skipping
+    assert max(counts["skipped"][1:]) > 0

@@ -222,6 +222,10 @@ class SkippingStep:
         fast.matmul_add(base[0], s.x_t[0], w_t[0], out=s.gates_t[0])
         if above is not None:
             fast.matmul_add(base[1], s.x_t[0], w_t[1], out=s.zhat_t[0])
+        # The plan's kernel backend, as fast.layer_step chooses it: fused_cell_step dispatches to kernels.load(
+        # plan.kernels), C++ or Triton (on the CPU only under HMLM_KERNELS=triton, through the interpreter:
+        # tests/test_inference.py); torch ops otherwise. On CUDA nothing is skipped, so Triton's usual home never
+        # comes here.
         if plan.fused:
             fast.fused_cell_step(plan, s, below, above, 0, 0, ln, sub.z_below)
         else:

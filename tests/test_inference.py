@@ -1,7 +1,7 @@
 """Inference that skips COPY (hmlm/inference.py) against the path without it (HMLM_SKIP_COPY=0): the same values
 in float64; the same boundaries, BPC and sampled text in float32; on untrained models whose boundaries are made
 rare (as a trained model's upper layers are) and on a trained one, in every boundary mode, layer norm on and off,
-with the fused kernels and with torch ops."""
+with the fused C++ kernels and with torch ops; and once with the Triton kernels through Triton's interpreter."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hmlm import CharLM, ModelConfig, fast, inference
+from hmlm import CharLM, ModelConfig, fast, inference, kernels
 from hmlm.config import from_dict
 from hmlm.data import prepare_dataset
 from hmlm.evaluate import evaluate
@@ -167,6 +167,31 @@ def test_the_stepper_equals_a_model_call_per_symbol(monkeypatch):
             torch.testing.assert_close(tape.h_t[stepper.slot], state.h[layer])
             torch.testing.assert_close(tape.c_t[stepper.slot], state.c[layer])
             torch.testing.assert_close(tape.z_t[stepper.slot], state.z[layer])
+
+
+def test_skipping_runs_the_triton_kernels_on_the_cpu(fast_kernels, monkeypatch):
+    """HMLM_KERNELS=triton without CUDA (the interpreter): the gathered rows and the Stepper's layer steps go through
+    the same dispatcher (fast.fused_cell_step), so skipping runs the Triton step and equals the path without it."""
+    if fast_kernels != "cpu":
+        pytest.skip("runs once, under its own HMLM_KERNELS=triton")
+    monkeypatch.setenv("HMLM_KERNELS", "triton")
+    cpu = torch.device("cpu")
+    if kernels.select(cpu, F64) != "triton":
+        pytest.skip(f"the Triton kernels do not run here: {kernels.describe(cpu, F64)}")
+    monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
+    model = sparse_lm(True, "step", F64, sizes=(8, 6, 4))
+    assert model.rnn.fast_plan(cpu, F64).kernels == "triton"
+    tokens = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(6))
+    plain, skipping, counts = both(model, monkeypatch, lambda: forward_twice(model, tokens))
+    assert_outputs_equal(plain, skipping, exact=False)
+    assert min(counts["skipped"][1:]) > 0.1
+
+    def sample() -> list[int]:
+        return list(generate_ids(model, [1, 2, 3], 30, generator=torch.Generator().manual_seed(5)))
+
+    plain, skipping, counts = both(model, monkeypatch, sample)
+    assert plain == skipping
+    assert min(counts["skipped"][1:]) > 0.1
 
 
 def test_where_skipping_is_not_used(monkeypatch):

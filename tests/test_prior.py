@@ -107,7 +107,7 @@ def random_state(sizes: list[int], batch: int) -> HMLSTMState:
 def test_zhat_and_the_prior_gradient_are_the_same_on_both_paths(fused, sizes, layer_norm, mode, monkeypatch):
     """The reference keeps each step's zhat from the cell; the fast path computes it again from its outputs. Both
     give the same zhat, and a loss on the soft boundaries (the prior) sends back the same gradients."""
-    monkeypatch.setenv("HMLM_FUSED", fused)
+    monkeypatch.setenv("HMLM_KERNELS", "cpu" if fused == "1" else "torch")
     rnn = make_rnn(sizes, layer_norm, mode)
     B, T = 4, 9
     x = torch.randn(B, T, 6, dtype=F64)

@@ -88,3 +88,16 @@ def test_bad_runs_give_one_line(case, runs, tmp_path):
 def test_shape_does_not_go_with_run(runs):
     result = hmlm_cli("bench", "--run", str(runs["hmlstm"]), "--shape", "ptb", *SMALL)
     assert result.returncode == 2 and "--shape" in result.stderr
+
+
+@pytest.mark.parametrize("option", [["--launches"], ["--precision", "fp32-strict"], ["--models", "fast"]])
+def test_shape_options_do_not_go_with_run(option, runs):
+    result = hmlm_cli("bench", "--run", str(runs["hmlstm"]), *option, *SMALL)
+    assert result.returncode == 2 and "do not go with --run" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_device_this_machine_lacks_gives_one_line(runs):
+    """--run resolves --device as every command does (hmlm/devices.py)."""
+    result = hmlm_cli("bench", "--run", str(runs["hmlstm"]), *SMALL, "--device", "cuda:7")  # the last one counts
+    assert result.returncode == 2 and "--device" in result.stderr and "Traceback" not in result.stderr

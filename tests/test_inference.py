@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import small_config
 
 from hmlm import CharLM, ModelConfig, fast, inference, kernels
-from hmlm.config import from_dict
 from hmlm.data import prepare_dataset
 from hmlm.evaluate import evaluate
 from hmlm.kernels import cpu as cpu_kernels
@@ -245,12 +245,7 @@ def trained(tmp_path_factory):
     """A tiny HM-LSTM trained for 30 steps on the synthetic corpus, and its validation tokens."""
     data = tmp_path_factory.mktemp("data")
     prepare_dataset("synthetic", data)
-    config = from_dict({
-        "data": {"name": "synthetic", "dir": str(data)},
-        "model": {"embed_dim": 8, "hidden_sizes": [16, 16, 16], "output_embed_dim": 16},
-        "train": {"batch_size": 8, "seq_len": 20, "max_steps": 30, "eval_every": 30, "eval_tokens": 400,
-                  "log_every": 10, "sample_length": 0, "lr": 0.01},
-    })  # fmt: skip
+    config = small_config(data, batch_size=8, max_steps=30, eval_every=30, log_every=10, sample_length=0)
     from hmlm.checkpoint import load_model
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"

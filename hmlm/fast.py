@@ -17,7 +17,8 @@ Where the time goes, and what this file does about it (measure with `hmlm bench`
   over all steps, made by the caller. The weight gradients are one matmul per layer over all B*T rows after
   the loop, instead of T thin ones accumulated into a large matrix; the layer norm gains likewise.
 - Evaluation and sampling (no gradient needed) keep nothing but the outputs, and reuse their scratch buffers
-  from one call to the next.
+  from one call to the next. On the CPU a large layer's gates matmul then runs on oneDNN (ONEDNN_MIN_WEIGHT),
+  and hmlm/inference.py skips the steps that COPY.
 What that buys is in the README's Speed section (`hmlm bench`). In short, on a 2-core CPU: at small widths
 (3x128), where dispatch dominated, training runs ~2.4x the reference on one thread and ~3x on two; at the
 paper's PTB width (3x512) matmuls are ~80% of a step, most of them of 64 rows at the BLAS's speed for that,
@@ -206,12 +207,8 @@ def forward_sequence(
     for layer, tape in enumerate(tapes):
         tape.attach(Z)
         tape.h_t[0][:], tape.c_t[0][:], tape.z_t[0][:] = h0[layer], c0[layer], z0[layer]
-    # (K, 4H) and (K, 1): the gates' and zhat's parts of each weight, transposed, so that x @ w_t. Over a long
-    # sequence it pays to make the transpose contiguous once (MKL's matmuls: ~3% at the PTB shape); for a few
-    # steps (sampling) the copy would cost more than the steps.
     sizes = plan.hidden_sizes
-    w_t = [w.to(plan.mm_dtype).t() for w in weights]
-    w_t = [(w.contiguous() if T >= 16 else w).split(4 * H, dim=1) for w, H in zip(w_t, sizes, strict=True)]
+    w_t = [step_weights(plan, w, H, B, T, save) for w, H in zip(weights, sizes, strict=True)]
     # What each step's matmuls add to: layer 1's projected input at step t, the bias above it. With a slot per
     # step, the pre-activation buffers start out holding it, for all steps in one copy (addmm's out= would copy
     # it at every step, at several times the cost); with one slot, each step adds it.
@@ -237,10 +234,51 @@ def forward_sequence(
     return Z, tapes
 
 
-def matmul_add(base: Tensor | None, x: Tensor, w_t: Tensor, out: Tensor) -> None:
+# Without gradient, a large layer's gates matmul runs on oneDNN, the library torch's own nn.LSTM runs on, instead
+# of MKL (torch's matmul on the CPU). Measured on the 2-core AMD EPYC development machine, one thread: for a weight
+# of K x N >= 1M (the PTB shape's 3 x 512: K 1024-1536, N 2048) oneDNN takes 0.56-0.91x MKL's time at 1-64 rows,
+# the most at few rows (the gathered rows of hmlm/inference.py); at 3 x 256 (K x N 0.5-0.8M) about the same, and
+# at small sizes its call costs ~15 us more. Its products differ from MKL's by rounding, so within one call a
+# layer uses one engine at every step and for every row (gathered or not): skipping or not (HMLM_SKIP_COPY=0),
+# evaluation gets the same gates. A single stream (B = 1: sampling, whose Stepper steps on MKL) stays on MKL, so
+# that a prompt's call and the steps after it compute alike; training (a tape kept) stays on MKL.
+ONEDNN_MIN_WEIGHT = 1_000_000
+
+
+@dataclass(frozen=True)
+class OneDNNWeight:
+    """A layer's gates weight (4H, K), contiguous, for oneDNN: gates = base + x @ w.T."""
+
+    w: Tensor
+
+
+StepWeights = tuple[Tensor | OneDNNWeight, Tensor]  # a layer step's gates and zhat weights (step_weights)
+
+
+def uses_onednn(plan: Plan, B: int, K: int, N: int, save: bool) -> bool:
+    """Whether a call's (B, K) x (K, N) gates matmuls run on oneDNN (see ONEDNN_MIN_WEIGHT)."""
+    usable = not save and B > 1 and plan.mm_dtype == torch.float32 and K * N >= ONEDNN_MIN_WEIGHT
+    return usable and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+def step_weights(plan: Plan, w: Tensor, H: int, B: int, T: int, save: bool) -> StepWeights:
+    """A layer's per-step weight (R, K) as its step's two matmuls take it: the gates' part (K, 4H) and zhat's
+    (K, 1), transposed (x @ w_t), or the gates' part for oneDNN."""
+    w_t = w.to(plan.mm_dtype).t()
+    if w.device.type == "cpu" and uses_onednn(plan, B, w.shape[1], 4 * H, save):
+        return OneDNNWeight(w[: 4 * H].contiguous()), w_t[:, 4 * H :]
+    # Over a long sequence it pays to make the transpose contiguous once (MKL's matmuls: ~3% at the PTB shape); for
+    # a few steps (sampling) the copy would cost more than the steps.
+    return (w_t.contiguous() if T >= 16 else w_t).split(4 * H, dim=1)
+
+
+def matmul_add(base: Tensor | None, x: Tensor, w_t: Tensor | OneDNNWeight, out: Tensor) -> None:
     """out = base + x @ w_t, or out += x @ w_t without a base. Under autocast x and w_t are bf16: the product is
     added into fp32."""
-    if x.dtype != out.dtype:
+    if isinstance(w_t, OneDNNWeight):
+        product = torch.ops.mkldnn._linear_pointwise(x, w_t.w, None, "none", [], "")
+        torch.add(out if base is None else base, product, out=out)
+    elif x.dtype != out.dtype:
         torch.add(out if base is None else base, torch.mm(x, w_t), out=out)
     elif base is None:
         out.addmm_(x, w_t)
@@ -250,7 +288,7 @@ def matmul_add(base: Tensor | None, x: Tensor, w_t: Tensor, out: Tensor) -> None
 
 def layer_step(
     plan: Plan, tape: LayerTape, below: LayerTape | None, above: LayerTape | None, t: int, k: int,
-    base: tuple[Tensor | None, Tensor | None], w_t: tuple[Tensor, Tensor], ln: LayerNormParams | None, ones: Tensor,
+    base: tuple[Tensor | None, Tensor | None], w_t: StepWeights, ln: LayerNormParams | None, ones: Tensor,
 ) -> None:  # fmt: skip
     """Step t of one layer (k: its slot in the tape): writes h_t, c_t and z_t."""
     h_prev, z_prev = tape.h_t[t], tape.z_t[t]  # (B, H), (B, 1)

@@ -18,6 +18,10 @@ and in a trained model most upper-layer steps copy. So, on the CPU and without g
 - Sampling (`Stepper`): one symbol at a time through buffers made once, with the output module's per-layer
   projections W^e_l h^l kept from one step to the next and recomputed only for the layers whose h changed.
 
+Two things every call without gradient on the CPU gets, skipping or not, so that both paths compute alike:
+layer 1's input projection is looked up in a table of every symbol's (`input_table`) instead of a matmul over
+the embedded tokens, and at large sizes the gates' matmuls run on oneDNN (fast.ONEDNN_MIN_WEIGHT).
+
 Not used (the step runs as fast.layer_step on every row):
 - on CUDA: deciding which rows compute needs the boundaries on the host at every layer step, a device
   synchronization that costs more than the work saved, and a GPU's matmul takes no less time for fewer rows;
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -159,7 +164,7 @@ class SkippingStep:
 
     def __call__(
         self, plan: fast.Plan, tape: fast.LayerTape, below: fast.LayerTape | None, above: fast.LayerTape | None,
-        t: int, k: int, base: tuple[Tensor | None, Tensor | None], w_t: tuple[Tensor, Tensor],
+        t: int, k: int, base: tuple[Tensor | None, Tensor | None], w_t: fast.StepWeights,
         ln: fast.LayerNormParams | None, ones: Tensor,
     ) -> None:  # fmt: skip
         B = ones.shape[0]
@@ -201,7 +206,7 @@ class SkippingStep:
 
     def gathered_step(
         self, plan: fast.Plan, tape: fast.LayerTape, below: fast.LayerTape, above: fast.LayerTape | None, t: int,
-        base: tuple[Tensor | None, Tensor | None], w_t: tuple[Tensor, Tensor], ln: fast.LayerNormParams | None,
+        base: tuple[Tensor | None, Tensor | None], w_t: fast.StepWeights, ln: fast.LayerNormParams | None,
         rows: np.ndarray, z_prev: np.ndarray, z_below: np.ndarray,
     ) -> None:  # fmt: skip
         """Gather the rows, run fast.py's matmul and cell step on them as a batch of their own, scatter back."""
@@ -253,16 +258,20 @@ SKIPPERS = fast.TapeCache()  # SkippingSteps (their gathered-row buffers), kept 
 NOT_SKIPPING = contextlib.nullcontext()  # (reusable: entering it costs less than a generator-based context)
 
 
+def used(plan: fast.Plan, device: torch.device, batch: int, dtype: torch.dtype) -> bool:
+    """Whether a call of fast.run with this plan, batch and state dtype skips (see the module docstring)."""
+    if not enabled() or torch.is_grad_enabled() or not skips(plan, device, dtype):  # the cheapest checks first
+        return False
+    # A batch too small for skipping to pay in any layer runs exactly the path without it.
+    return batch == 1 or any(gather_fraction(batch, *step_sizes(plan, layer)) for layer in range(1, plan.num_layers))
+
+
 def skipping(
     plan: fast.Plan, device: torch.device, batch: int, dtype: torch.dtype
 ) -> contextlib.AbstractContextManager:
     """The layer step for a call of fast.run (a state of this dtype), as a context: a SkippingStep where skipping
     is used (it only runs without gradient), else None (fast.layer_step)."""
-    if not enabled() or torch.is_grad_enabled() or not skips(plan, device, dtype):  # the cheapest checks first
-        return NOT_SKIPPING
-    if batch > 1 and not any(gather_fraction(batch, *step_sizes(plan, layer)) for layer in range(1, plan.num_layers)):
-        return NOT_SKIPPING  # a batch too small for skipping to pay in any layer: exactly the path without it
-    return _skipping((plan, batch, device))
+    return _skipping((plan, batch, device)) if used(plan, device, batch, dtype) else NOT_SKIPPING
 
 
 @contextlib.contextmanager
@@ -272,6 +281,35 @@ def _skipping(key: tuple) -> Iterator[SkippingStep]:
         yield step
     finally:
         SKIPPERS.give(key, step)
+
+
+# --- Layer 1's input: a table of every symbol's projection ------------------------------------------------------
+
+TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # CharLM -> (its parameters' versions, table)
+
+
+def input_table(model: CharLM) -> Tensor:
+    """Every symbol's layer-1 input projection W_in e_v + b_in, (V, R_1): made once, until the parameters change."""
+    w_in, b_in, *_ = model.rnn.fast_parameters()
+    embedding = model.embedding.weight
+    versions = tuple((p.data_ptr(), p._version, p.dtype) for p in (embedding, w_in, b_in))
+    kept = TABLES.get(model)
+    if kept is None or kept[0] != versions:
+        with torch.no_grad():
+            kept = TABLES[model] = (versions, F.linear(embedding, w_in, b_in))
+    return kept[1]
+
+
+def projected_input(model: CharLM, tokens: Tensor) -> Tensor | None:
+    """Layer 1's projected input (T, B, R_1) of a call without gradient on the CPU, skipping or not: the input is
+    one of V symbols, so its projection is one of V rows of input_table, looked up (at the PTB shape ~1/3 of the
+    time of the matmul over the embedded tokens that training makes; the same numbers up to rounding, which no
+    two paths of one inference mix: the Stepper steps from the same table). None where the model's own matmul is
+    the path: with gradients, on CUDA, under autocast, for the reference implementation."""
+    cpu = tokens.device.type == "cpu"
+    if torch.is_grad_enabled() or not cpu or model.rnn.impl != "fast" or torch.is_autocast_enabled("cpu"):
+        return None
+    return input_table(model)[tokens.t()]
 
 
 # --- Sampling: one stream, one symbol at a time ------------------------------------------------------------------
@@ -295,20 +333,17 @@ class Stepper:
         device, dtype = weight.device, weight.dtype
         plan = rnn.fast_plan(device, dtype)
         # Detached, so that a step needs no torch.no_grad (entering it costs more than a small layer step).
-        w_in, b_in, weights, biases, ln = rnn.fast_parameters()
-        w_in, b_in, weights, biases = w_in.detach(), b_in.detach(), detached(weights), detached(biases[1:])
+        _, _, weights, biases, ln = rnn.fast_parameters()
+        weights, biases = detached(weights), detached(biases[1:])
         ln = [detached(layer) for layer in ln] if ln is not None else None
         self.plan, self.ln = plan, ln
         self.skip = skips(plan, device, dtype)  # on CUDA every layer computes (no host read of z per step)
         L, sizes = plan.num_layers, plan.hidden_sizes
         like = {"device": device, "dtype": dtype}
 
-        # Layer 1's projected input per symbol: rows of the table are (gates, zhat) bases, as fast.py splits them.
-        embedding = model.embedding.weight.detach()  # (V, E)
-        E = embedding.shape[1]
-        with torch.no_grad():
-            table = torch.cat([F.linear(embedding[v].view(1, 1, E), w_in, b_in) for v in range(len(embedding))], 0)
-        self.table = table  # (V, 1, R_1)
+        # Layer 1's projected input per symbol, from the table the model's own calls take it from: rows of (gates,
+        # zhat) bases, as fast.py splits them.
+        table = input_table(model).unsqueeze(1)  # (V, 1, R_1)
         self.bases_1 = [(row[:, : 4 * sizes[0]], row[:, 4 * sizes[0] :]) for row in table.unbind(0)]
         self.bases = [(b[: 4 * H], b[4 * H :]) for b, H in zip(biases, sizes[1:], strict=True)]
         self.w_t = [w.t().split(4 * H, dim=1) for w, H in zip(weights, sizes, strict=True)]  # as fast.py for T < 16

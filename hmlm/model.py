@@ -162,18 +162,21 @@ class HMLSTM(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, state: HMLSTMState | None = None, slope: float | Tensor = 1.0, with_zhat: bool = False
-    ) -> HMLSTMOutput:
+        self, x: Tensor, state: HMLSTMState | None = None, slope: float | Tensor = 1.0, with_zhat: bool = False,
+        projected: Tensor | None = None,
+    ) -> HMLSTMOutput:  # fmt: skip
         """x: (B, T, input_size). Returns every layer's h, the boundaries and the final state; with `with_zhat`
         also the boundary detectors' pre-activations zhat (for a loss on the soft boundaries, hmlm/prior.py).
-        `slope` is a number or a 0-dim tensor (read on the device, without a host synchronization)."""
+        `slope` is a number or a 0-dim tensor (read on the device, without a host synchronization). `projected`:
+        layer 1's input projection of x, (T, B, 4 H_1 + 1), where the caller has it (CharLM's table of every
+        symbol's, hmlm/inference.py); the fast path then skips that matmul."""
         if self.impl not in IMPLS:  # impl is a plain attribute: switching it is how tests compare the two
             raise ValueError(f"impl must be one of {IMPLS}, not {self.impl!r}")
         if state is None:
             state = self.initial_state(x.shape[0], x.device, x.dtype)
         if self.impl == "reference":
             return self._forward_reference(x, state, slope, with_zhat)
-        out = self._forward_fast(x, state, slope)
+        out = self._forward_fast(x, state, slope, projected)
         return out._replace(zhat=self.boundary_preactivations(x, state, out)) if with_zhat else out
 
     def _forward_reference(self, x: Tensor, state: HMLSTMState, slope: float | Tensor, with_zhat: bool) -> HMLSTMOutput:
@@ -229,12 +232,14 @@ class HMLSTM(nn.Module):
             zhats.append(zhat)
         return torch.stack(zhats, dim=-1) if zhats else x.new_zeros(*x.shape[:2], 0)  # (B, T, L-1)
 
-    def _forward_fast(self, x: Tensor, state: HMLSTMState, slope: float | Tensor) -> HMLSTMOutput:
+    def _forward_fast(
+        self, x: Tensor, state: HMLSTMState, slope: float | Tensor, projected: Tensor | None = None
+    ) -> HMLSTMOutput:
         """The same function as the reference, arranged for speed: see hmlm/fast.py. Without gradients a layer
         that copies skips its work where that pays (hmlm/inference.py)."""
         plan = self.fast_plan(x.device, state.h[0].dtype, slope)
         w_in, b_in, weights, bias, ln = self.fast_parameters()
-        x_proj = F.linear(x.transpose(0, 1), w_in, b_in)  # (T, B, R_1): every step's input at once
+        x_proj = F.linear(x.transpose(0, 1), w_in, b_in) if projected is None else projected  # (T, B, R_1)
         with inference.skipping(plan, x.device, x.shape[0], state.h[0].dtype) as step:
             hidden, boundaries, h, c, z = fast.run(plan, x_proj, state.h, state.c, state.z, weights, bias, ln, step)
         return HMLSTMOutput(hidden, boundaries, HMLSTMState(h, c, z))
@@ -344,6 +349,7 @@ class CharLM(nn.Module):
             out, (h, c) = self.lstm(x, (torch.stack(state.h), torch.stack(state.c)))
             empty = x.new_zeros(B, T, 0)
             return CharLMOutput(self.head(out), empty, HMLSTMState(list(h.unbind(0)), list(c.unbind(0)), []), empty)
-        rnn_out = self.rnn(x, state, slope, with_zhat)
+        projected = inference.projected_input(self, tokens)  # at inference, a table's rows (hmlm/inference.py)
+        rnn_out = self.rnn(x, state, slope, with_zhat, projected)
         logits, gates = self.output(rnn_out.hidden)
         return CharLMOutput(logits, rnn_out.boundaries, rnn_out.state, gates, rnn_out.zhat)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import small_config
 
 from hmlm import CharLM, ModelConfig, fast, inference, kernels
@@ -99,33 +100,79 @@ def test_a_sequence_equals_the_path_without_skipping_in_float64(mode, layer_norm
         assert counts == {"copy": [], "skipped": []}
 
 
+def use_engine(engine: str, monkeypatch) -> None:
+    """The gates' matmuls of an inference call on MKL (what small models get) or on oneDNN (large ones: fast.py)."""
+    monkeypatch.setattr(fast, "ONEDNN_MIN_WEIGHT", 0 if engine == "onednn" else float("inf"))
+
+
+def count_onednn(monkeypatch) -> list[int]:
+    """[gates matmuls of fast.matmul_add (zhat's are the (B, 1) ones: always MKL), those on oneDNN], from now on."""
+    calls = [0, 0]
+    matmul_add = fast.matmul_add
+
+    def counted(base, x, w_t, out):
+        calls[0] += out.shape[1] > 1
+        calls[1] += isinstance(w_t, fast.OneDNNWeight)
+        matmul_add(base, x, w_t, out)
+
+    monkeypatch.setattr(fast, "matmul_add", counted)
+    return calls
+
+
 @pytest.mark.parametrize("layer_norm", [False, True])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_a_sequence_is_the_same_in_float32(layer_norm, batch, monkeypatch):
+@pytest.mark.parametrize("engine", ["mkl", "onednn"])
+def test_a_sequence_is_the_same_in_float32(layer_norm, batch, engine, monkeypatch):
     """Skipping a layer leaves every other number as it was; gathered rows are padded so that the matmul computes
-    each of them as in the full batch (ROW_BLOCK)."""
+    each of them as in the full batch (ROW_BLOCK); on oneDNN too, which a batch of one never uses."""
     monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
+    use_engine(engine, monkeypatch)
+    calls = count_onednn(monkeypatch)
     model = sparse_lm(layer_norm, "step", sizes=(32, 24, 16))
     tokens = torch.randint(0, VOCAB, (batch, 30), generator=torch.Generator().manual_seed(2))
     plain, skipping, counts = both(model, monkeypatch, lambda: forward_twice(model, tokens))
     assert_outputs_equal(plain, skipping, exact=True)
     assert min(counts["skipped"][1:]) > 0.1
+    on_onednn = engine == "onednn" and batch > 1
+    assert calls[0] > 0 and calls[1] == (calls[0] if on_onednn else 0)
 
 
-def test_an_all_copy_layer_and_a_full_layer(monkeypatch):
-    """The two ends: an upper layer that never computes (its detector below never fires) and a model where every
-    layer always computes (every detector always fires)."""
-    monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
-    for shift in (-100.0, 100.0):
-        model = sparse_lm(True, "step", F64)
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_onednn_gates_equal_mkl_s_up_to_rounding(layer_norm, monkeypatch):
+    """An inference call's gates on oneDNN and on MKL: the same function (soft boundaries: no z can flip); in
+    float64 oneDNN is never used, and training (a tape kept) stays on MKL."""
+    model = sparse_lm(layer_norm, "soft", sizes=(32, 24, 16))
+    tokens = torch.randint(0, VOCAB, (8, 30), generator=torch.Generator().manual_seed(9))
+    outputs = {}
+    for engine in ("mkl", "onednn"):
+        use_engine(engine, monkeypatch)
+        outputs[engine] = forward_twice(model, tokens)
+    for a, b in zip(outputs["mkl"], outputs["onednn"], strict=True):
+        torch.testing.assert_close(a.logits, b.logits)
+        torch.testing.assert_close(a.boundaries, b.boundaries)
+    calls = count_onednn(monkeypatch)
+    forward_twice(model.to(F64), tokens.clone())
+    model(tokens).logits.sum().backward()
+    assert calls[0] > 0 and calls[1] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_the_input_table_is_the_model_s_projection(dtype, monkeypatch):
+    """Layer 1's input without gradient on the CPU, skipping or not: rows of a table of every symbol's projection,
+    the model's matmul over the embedded tokens up to rounding; made again when the parameters change."""
+    model = sparse_lm(True, "step", dtype, sizes=(32, 24, 16))
+    w_in, b_in, *_ = model.rnn.fast_parameters()
+    tokens = torch.randint(0, VOCAB, (8, 30), generator=torch.Generator().manual_seed(10))
+    for skip in ("1", "0"):
+        monkeypatch.setenv("HMLM_SKIP_COPY", skip)
         with torch.no_grad():
-            for layer, H in enumerate(model.rnn.hidden_sizes[:-1]):
-                model.rnn.bias[layer][4 * H] += shift
-        tokens = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(3))
-        plain, skipping, counts = both(model, monkeypatch, lambda m=model, x=tokens: forward_twice(m, x))
-        assert_outputs_equal(plain, skipping, exact=False)
-        # (the first step's layer 2 computes when its initial state or layer 1 says so: few rows of all)
-        assert counts["copy"][2] > 0.9 if shift < 0 else counts["copy"][2] == 0
+            table = inference.projected_input(model, tokens)
+            torch.testing.assert_close(table, F.linear(model.embedding(tokens).transpose(0, 1), w_in, b_in))
+            model.embedding.weight.add_(0.1)  # (the next round must see a new table)
+    assert inference.projected_input(model, tokens) is None  # with gradients: the model's matmul
+    model.rnn.impl = "reference"
+    with torch.no_grad():
+        assert inference.projected_input(model, tokens) is None
 
 
 @pytest.mark.parametrize("mode", ["step", "sample", "soft"])
@@ -255,9 +302,11 @@ def trained(tmp_path_factory):
     return model, vocab, tokens
 
 
-def test_a_trained_model_evaluates_and_samples_the_same(trained, monkeypatch):
+@pytest.mark.parametrize("engine", ["mkl", "onednn"])
+def test_a_trained_model_evaluates_and_samples_the_same(trained, engine, monkeypatch):
     model, vocab, tokens = trained
     monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
+    use_engine(engine, monkeypatch)
     plain, skipping, counts = both(model, monkeypatch, lambda: evaluate(model, tokens, batch_size=16, seq_len=50))
     assert skipping.bpc == plain.bpc and skipping.boundary_rate == plain.boundary_rate
     assert max(counts["skipped"][1:]) > 0

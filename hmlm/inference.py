@@ -290,13 +290,14 @@ TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # CharLM -> (it
 
 def input_table(model: CharLM) -> Tensor:
     """Every symbol's layer-1 input projection W_in e_v + b_in, (V, R_1): made once, until the parameters change."""
-    w_in, b_in, *_ = model.rnn.fast_parameters()
-    embedding = model.embedding.weight
-    versions = tuple((p.data_ptr(), p._version, p.dtype) for p in (embedding, w_in, b_in))
+    rnn = model.rnn
+    sources = (model.embedding.weight, rnn.weight._parameters["0"], rnn.bias._parameters["0"])  # (cheaper than [0])
+    versions = tuple((p.data_ptr(), p._version) for p in sources)
     kept = TABLES.get(model)
     if kept is None or kept[0] != versions:
+        w_in, b_in, *_ = rnn.fast_parameters()
         with torch.no_grad():
-            kept = TABLES[model] = (versions, F.linear(embedding, w_in, b_in))
+            kept = TABLES[model] = (versions, F.linear(sources[0], w_in, b_in))
     return kept[1]
 
 
@@ -309,7 +310,8 @@ def projected_input(model: CharLM, tokens: Tensor) -> Tensor | None:
     cpu = tokens.device.type == "cpu"
     if torch.is_grad_enabled() or not cpu or model.rnn.impl != "fast" or torch.is_autocast_enabled("cpu"):
         return None
-    return input_table(model)[tokens.t()]
+    B, T = tokens.shape
+    return torch.index_select(input_table(model), 0, tokens.t().reshape(-1)).view(T, B, -1)
 
 
 # --- Sampling: one stream, one symbol at a time ------------------------------------------------------------------

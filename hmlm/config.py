@@ -42,6 +42,7 @@ class TrainConfig:
     max_epochs: int = 100
     max_steps: int = 0  # 0: no limit
     max_time: float = 0.0  # seconds of training before stopping cleanly; 0: no limit
+    reset_every: int = 0  # steps between fresh starts (zero state) of each stream, staggered; 0: never (hmlm/train.py)
     eval_every: int = 1000  # steps between evaluations (and checkpoints); also at the end of every epoch
     eval_tokens: int = 0  # validation tokens per evaluation during training; 0: the whole split
     log_every: int = 10  # steps between TensorBoard points
@@ -92,6 +93,7 @@ CHOICES = {
     "slope.schedule": ("epoch", "step"),
 }
 POSITIVE = ("train.batch_size", "train.seq_len", "train.lr", "train.eval_every", "train.log_every")
+NONNEGATIVE = ("train.reset_every",)
 
 
 def from_dict(raw: dict[str, Any] | None) -> Config:
@@ -202,6 +204,10 @@ def _validate(config: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(config, section), name) <= 0:
             raise UserError(f"config key {key} must be positive")
+    for key in NONNEGATIVE:
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) < 0:
+            raise UserError(f"config key {key} must be zero (off) or positive")
     try:
         config.model.validate()
         config.prior.validate(config.model)

@@ -6,6 +6,14 @@ next symbol, and backpropagates through those `seq_len` steps only. The recurren
 layer) is carried to the next batch but detached there, so the model sees the whole history in its state while
 the gradient stops at the batch edge.
 
+The carried state runs on from one epoch into the next, so without `train.reset_every` a stream starts from the
+zero state only at step 0, while evaluation starts every stream from zeros. An HM-LSTM trained that way can meet a
+fresh start in a regime it never learned: measured on PTB (README, "Boundary study"), 2 to 3 of 32-64 streams
+started from zeros with a sparse layer 2 (the prior or sampled boundaries) locked into layer 2 firing on every
+step at over 5 bits per character, for the rest of the stream. `train.reset_every: N` restarts each stream from
+zeros every N steps (stream g at the steps s with (s + g N // B) % N == 0: spread over the steps), a
+deterministic function of the step, so a resume repeats it.
+
 The trainer knows the model only through `model(x, state, slope) -> (logits, boundaries, state, gates)`.
 """
 
@@ -200,6 +208,7 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, slope: float) -> StepResult:
         """Forward, backward, clip, Adam, without reading anything back from the device."""
+        self.restart_streams()
         if self.graph_step is not None:  # the captured step; it declines a shorter batch, and after a fallback
             result, self.state = self.graph_step.step(x, y, slope, self.state)
             if result is not None:  # in the graph's output buffers: the next replay overwrites them (LogWindow.add)
@@ -226,6 +235,14 @@ class Trainer:
         self.optimizer.step()
         self.state = out.state.detach()  # truncated BPTT: carry the values, cut the graph
         return StepResult.of(loss, grad_norm, out.boundaries)
+
+    def restart_streams(self) -> None:
+        """Zero the carried state of the streams that train.reset_every restarts before this step."""
+        cfg = self.config.train
+        rows = restarting_rows(self.schedule.step, cfg.reset_every, cfg.batch_size,
+                               self.process.rank * self.batcher.streams, self.batcher.streams)  # fmt: skip
+        if rows and self.state is not None:
+            self.state = zero_rows(self.state, rows)
 
     def validate(self) -> EvalResult:
         cfg = self.config.train
@@ -429,6 +446,24 @@ def resolve_run(config: Config | None, run_dir: Path, resume: bool, overrides: l
     resumed = from_dict(payload["config"])
     payload["config"] = resumed.to_dict()
     return resumed, payload
+
+
+def restarting_rows(step: int, every: int, batch_size: int, first: int, count: int) -> list[int]:
+    """The local rows (global streams first .. first + count - 1 of batch_size) whose state starts again from zeros
+    before step `step`: stream g at the steps s > 0 with (s + g * every // batch_size) % every == 0, so every stream
+    restarts once in `every` steps and the restarts are spread evenly over those steps. every = 0: none."""
+    if every <= 0 or step == 0:
+        return []
+    return [row for row in range(count) if (step + (first + row) * every // batch_size) % every == 0]
+
+
+def zero_rows(state: HMLSTMState, rows: list[int]) -> HMLSTMState:
+    """The state with h, c and z of the given rows (streams) set to zero, the initial state; a multiply on the
+    state's device, so nothing waits for it."""
+    keep = torch.ones(state.h[0].shape[0], 1, dtype=state.h[0].dtype)
+    keep[rows] = 0
+    keep = keep.to(state.h[0].device, non_blocking=True)  # (B, 1)
+    return HMLSTMState(*[[t * keep.to(t.dtype) for t in part] for part in state])
 
 
 def train(

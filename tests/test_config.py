@@ -95,6 +95,7 @@ def test_a_wrong_type_fails_naming_the_key(raw: dict, key: str):
         ({"model": {"kind": "lstm", "hidden_sizes": [8, 4]}}, "model.hidden_sizes"),
         ({"train": {"seq_len": 0}}, "train.seq_len"),
         ({"train": {"precision": "fp16"}}, "train.precision"),
+        ({"train": {"reset_every": -1}}, "train.reset_every"),
     ],
 )
 def test_a_bad_value_fails_naming_the_key(raw: dict, key: str):

@@ -17,7 +17,7 @@ from helpers import params_equal, run_hmlm, small_config, write_config
 
 from hmlm import CharLM, ModelConfig, load_model
 from hmlm.data import prepare_dataset
-from hmlm.train import train
+from hmlm.train import restarting_rows, train
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +197,41 @@ def test_resume_with_new_limits(data_dir, tmp_path):
     train(config, tmp_path / "r", progress=False)
     summary = train(None, tmp_path / "r", resume=True, overrides=["train.max_steps=12"], progress=False)
     assert summary.step == 12
+
+
+def test_restarts_are_spread_and_each_stream_restarts_once_a_period():
+    batch, every = 8, 4
+    restarted = [row for step in range(1, 1 + 3 * every) for row in restarting_rows(step, every, batch, 0, batch)]
+    assert sorted(restarted) == sorted(list(range(batch)) * 3)
+    for step in range(1, 2 * every):
+        rows = restarting_rows(step, every, batch, 0, batch)
+        assert len(rows) == batch // every  # the same number at every step
+        halves = restarting_rows(step, every, batch, 0, 4) + [4 + r for r in restarting_rows(step, every, batch, 4, 4)]
+        assert halves == rows  # two processes of 4 streams restart what one process of 8 does
+    assert restarting_rows(0, every, batch, 0, batch) == [] and restarting_rows(4, 0, batch, 0, batch) == []
+
+
+def test_streams_restart_from_zeros_and_a_resume_repeats_it(data_dir, tmp_path, monkeypatch):
+    """train.reset_every: the rows due start their training step from the zero state, the others from the state
+    carried; a run stopped and resumed restarts the same streams at the same steps."""
+    starts: list[list[torch.Tensor] | None] = []  # the state every training forward starts from
+    forward = CharLM.forward
+
+    def spy(self, tokens, state=None, *args, **kwargs):
+        if torch.is_grad_enabled():  # training; evaluation and sampling run without gradients
+            starts.append(None if state is None else [t.detach().clone() for part in state for t in part])
+        return forward(self, tokens, state, *args, **kwargs)
+
+    monkeypatch.setattr(CharLM, "forward", spy)
+    train(small_config(data_dir, max_steps=12, eval_every=4, reset_every=3), tmp_path / "whole", progress=False)
+    assert len(starts) == 12 and starts[0] is None
+    for step, parts in enumerate(starts[1:], start=1):
+        due = restarting_rows(step, 3, 4, 0, 4)
+        assert due, "with 4 streams and reset_every 3, some stream restarts at every step"
+        for row in range(4):
+            assert all(not t[row].any() for t in parts) == (row in due), (step, row)
+
+    train(small_config(data_dir, max_steps=7, eval_every=4, reset_every=3), tmp_path / "resumed", progress=False)
+    train(None, tmp_path / "resumed", resume=True, overrides=["train.max_steps=12"], progress=False)
+    whole, resumed = (torch.load(tmp_path / r / "checkpoints/last.pt", weights_only=True) for r in ("whole", "resumed"))
+    assert params_equal(whole["model"], resumed["model"])

@@ -17,8 +17,8 @@ test:
 	$(BIN)/python -m pytest -q
 
 lint:
-	$(BIN)/ruff check hmlm tests
-	$(BIN)/ruff format --check hmlm tests
+	$(BIN)/ruff check hmlm tests tools
+	$(BIN)/ruff format --check hmlm tests tools
 
 bench:
 	$(BIN)/hmlm bench

@@ -235,3 +235,14 @@ def test_streams_restart_from_zeros_and_a_resume_repeats_it(data_dir, tmp_path, 
     train(None, tmp_path / "resumed", resume=True, overrides=["train.max_steps=12"], progress=False)
     whole, resumed = (torch.load(tmp_path / r / "checkpoints/last.pt", weights_only=True) for r in ("whole", "resumed"))
     assert params_equal(whole["model"], resumed["model"])
+
+
+def test_the_fresh_starts_tool_reads_a_run(data_dir, tmp_path):
+    """tools/fresh_starts.py (README, "Boundary study"): BPC from the zero state and from a warm state."""
+    train(small_config(data_dir, max_steps=4, eval_every=4), tmp_path / "run", progress=False)
+    tool = Path(__file__).parents[1] / "tools" / "fresh_starts.py"
+    args = [sys.executable, str(tool), str(tmp_path / "run"), "--streams", "4", "--symbols", "2000"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, check=True)
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["zero state", "warm state"]
+    assert all("bpc over 4 streams of 500 symbols" in line for line in lines)

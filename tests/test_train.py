@@ -237,12 +237,18 @@ def test_streams_restart_from_zeros_and_a_resume_repeats_it(data_dir, tmp_path, 
     assert params_equal(whole["model"], resumed["model"])
 
 
-def test_the_fresh_starts_tool_reads_a_run(data_dir, tmp_path):
-    """tools/fresh_starts.py (README, "Boundary study"): BPC from the zero state and from a warm state."""
+def test_the_study_tools_read_a_run(data_dir, tmp_path):
+    """tools/fresh_starts.py and tools/firing_symbols.py (README, "Boundary study") on a trained run."""
     train(small_config(data_dir, max_steps=4, eval_every=4), tmp_path / "run", progress=False)
-    tool = Path(__file__).parents[1] / "tools" / "fresh_starts.py"
-    args = [sys.executable, str(tool), str(tmp_path / "run"), "--streams", "4", "--symbols", "2000"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300, check=True)
-    lines = result.stdout.splitlines()
+    tools = Path(__file__).parents[1] / "tools"
+
+    def tool(name: str, *args: str) -> list[str]:
+        command = [sys.executable, str(tools / name), str(tmp_path / "run"), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()
+
+    lines = tool("fresh_starts.py", "--streams", "4", "--symbols", "2000")
     assert [line.split(":")[0] for line in lines] == ["zero state", "warm state"]
     assert all("bpc over 4 streams of 500 symbols" in line for line in lines)
+    lines = tool("firing_symbols.py", "--symbols", "2000")
+    assert [line.split(" (")[0] for line in lines] == ["layer 1", "layer 2"]  # the 3-layer model's lower layers
+    assert all("' ' " in line and "',' " in line for line in lines)  # the space and the comma, with their fractions

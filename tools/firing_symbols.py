@@ -13,24 +13,16 @@ import argparse
 
 import numpy as np
 import torch
-
-from hmlm.checkpoint import load_trained
-from hmlm.data import open_dataset
+from study_run import open_run
 
 SHOWN = 0.005  # symbols listed: those at least this fraction of the positions, the most frequent first
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run")
-    parser.add_argument("--split", default="test")
     parser.add_argument("--symbols", type=int, default=20_000)
-    args = parser.parse_args()
-    trained = load_trained(args.run)
+    args, trained, tokens = open_run(parser)
     model, vocab = trained.model, trained.vocab
-    if model.config.kind != "hmlstm" or len(model.config.hidden_sizes) < 2:
-        raise SystemExit("error: firing_symbols.py needs an HM-LSTM of two layers or more")
-    tokens = np.asarray(open_dataset(trained.config.data.name, trained.config.data.dir).split(args.split))
     ids = tokens[: args.symbols].astype(np.int64)
     with torch.no_grad():
         z = model(torch.from_numpy(ids)[None]).boundaries[0].numpy() > 0.5  # (T, L-1)

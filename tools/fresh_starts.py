@@ -17,10 +17,9 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from study_run import open_run
 from torch import Tensor
 
-from hmlm.checkpoint import load_trained
-from hmlm.data import open_dataset
 from hmlm.model import CharLM, HMLSTMState
 
 SEGMENT = 100  # symbols per forward call, the state carried between calls
@@ -43,16 +42,10 @@ def read(model: CharLM, x: Tensor, y: Tensor, state: HMLSTMState | None) -> tupl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run")
-    parser.add_argument("--split", default="test")
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--symbols", type=int, default=64_000)
-    args = parser.parse_args()
-    trained = load_trained(args.run)
-    model, config = trained.model, trained.config
-    if model.config.kind != "hmlstm" or len(model.config.hidden_sizes) < 2:
-        raise SystemExit("error: fresh_starts.py needs an HM-LSTM of two layers or more")
-    tokens = open_dataset(config.data.name, config.data.dir).split(args.split)
+    args, trained, tokens = open_run(parser)
+    model = trained.model
     n = min(args.symbols, len(tokens) - 1) // args.streams * args.streams
     data = torch.from_numpy(np.asarray(tokens[: n + 1], dtype=np.int64))
     x, y = data[:n].view(args.streams, -1), data[1 : n + 1].view(args.streams, -1)  # (S, P)

@@ -16,10 +16,10 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from study_run import open_run
 from torch import Tensor
 
+from hmlm.cuda_graph import eval_forward
 from hmlm.model import CharLM, HMLSTMState
 
 SEGMENT = 100  # symbols per forward call, the state carried between calls
@@ -29,14 +29,14 @@ TAIL = 200  # the last steps of a stream over which that rate is taken
 
 @torch.no_grad()
 def read(model: CharLM, x: Tensor, y: Tensor, state: HMLSTMState | None) -> tuple[Tensor, Tensor, HMLSTMState]:
-    """Per-symbol bits (S, P), boundaries (S, P, L-1) and the final state of streams x, y (S, P)."""
+    """Per-symbol bits (S, P), boundaries (S, P, L-1) and the final state of streams x, y (S, P), read as
+    evaluation reads a batch (hmlm.cuda_graph.eval_forward)."""
     bits, boundaries = [], []
     for start in range(0, x.shape[1], SEGMENT):
-        out = model(x[:, start : start + SEGMENT], state)
-        state = out.state
-        nll = F.cross_entropy(out.logits.transpose(1, 2), y[:, start : start + SEGMENT], reduction="none")
-        bits.append(nll / math.log(2))
-        boundaries.append(out.boundaries)
+        batch = eval_forward(model, x[:, start : start + SEGMENT], y[:, start : start + SEGMENT], state, None)
+        state = batch.state
+        bits.append(batch.losses / math.log(2))
+        boundaries.append(batch.boundaries)
     return torch.cat(bits, 1), torch.cat(boundaries, 1), state
 
 

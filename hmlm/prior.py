@@ -23,6 +23,10 @@ What k counts (`prior.count`):
 - "soft": k = sum_t p_t itself. Measured on the synthetic corpus (README, "Boundary study"), the model then meets
   the prior with every p_t near the rate and few zhat above 0: the soft count is on target while the layer
   fires far less often than asked.
+
+`start` and `ramp` delay the prior and grow its weights linearly, a function of the step alone (so a resume
+repeats it). They test whether a layer that first fires freely keeps its word ends when the budget arrives:
+measured on the synthetic corpus (README, "Boundary study"), it does not.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class PriorConfig:
     rates: list[float] = field(default_factory=list)  # target boundary rate per lower layer, e.g. [0.2, 0.03]; []: off
     weights: list[float] = field(default_factory=list)  # weight of each layer's term; []: 1 for every layer
     count: str = "hard"  # hard: the boundaries drawn, with the soft probabilities' gradient; soft: sum of p_t
+    start: int = 0  # the first training step with the prior; before it the boundaries are free
+    ramp: int = 0  # steps from `start` over which the weights grow from 0 to their full value (0: at once)
 
     @property
     def enabled(self) -> bool:
@@ -51,10 +57,19 @@ class PriorConfig:
     def layer_weights(self) -> list[float]:
         return list(self.weights) if self.weights else [1.0] * len(self.rates)
 
+    def scale_at(self, step: int) -> float:
+        """The share of the weights that applies at training step `step` (0 before `start`, 1 after the ramp)."""
+        if not self.enabled or step < self.start:
+            return 0.0
+        return min(1.0, (step - self.start + 1) / self.ramp) if self.ramp else 1.0
+
     def validate(self, model: ModelConfig) -> None:
         """Raise ValueError naming the key when the prior cannot apply to `model`."""
         if self.count not in COUNTS:
             raise ValueError(f"prior.count must be one of {', '.join(COUNTS)}, not {self.count!r}")
+        for key in ("start", "ramp"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"prior.{key} must be zero or positive, not {getattr(self, key)}")
         if not self.rates:  # off: whatever the weights say (so that -s prior.rates=[] turns a config's prior off)
             return
         lower = len(model.hidden_sizes) - 1
@@ -103,11 +118,11 @@ def binomial_nll(count: Tensor, n: int, rate: float) -> Tensor:
 
 
 def boundary_prior(
-    config: PriorConfig, zhat: Tensor, boundaries: Tensor, z0: list[Tensor] | None, slope: float
+    config: PriorConfig, zhat: Tensor, boundaries: Tensor, z0: list[Tensor] | None, slope: float, scale: float = 1.0
 ) -> tuple[Tensor, list[Tensor]]:
-    """The weighted prior term (a scalar) and each layer's unweighted term (for logging)."""
+    """The weighted prior term (a scalar; `scale` multiplies every weight) and each layer's unweighted term."""
     p = soft_boundaries(zhat, boundaries, z0, slope, config.count).double()  # lgamma near n wants the precision
     n = p.shape[1]
     terms = [binomial_nll(p[..., layer].sum(1), n, rate).mean() / n for layer, rate in enumerate(config.rates)]
-    total = sum(w * term for w, term in zip(config.layer_weights(), terms, strict=True))
+    total = sum(scale * w * term for w, term in zip(config.layer_weights(), terms, strict=True))
     return total.to(torch.promote_types(zhat.dtype, torch.float32)), [term.detach() for term in terms]

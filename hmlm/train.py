@@ -217,14 +217,15 @@ class Trainer:
         model = self.ddp or self.model
         cast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
         prior = self.config.prior
+        prior_scale = prior.scale_at(self.schedule.step)  # 0: off at this step (prior.start), so not computed
         with cast:
-            out = model(x, self.state, slope, with_zhat=prior.enabled)
+            out = model(x, self.state, slope, with_zhat=prior_scale > 0)
         logits = out.logits if out.logits.dtype == torch.float64 else out.logits.float()  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # the LM loss alone: what BPC reports
         objective = loss
-        if prior.enabled:  # a boundary-rate prior, added to what is minimized only (hmlm/prior.py)
+        if prior_scale > 0:  # a boundary-rate prior, added to what is minimized only (hmlm/prior.py)
             z0 = self.state.z if self.state is not None else None
-            prior_term, self.prior_terms = boundary_prior(prior, out.zhat, out.boundaries, z0, slope)
+            prior_term, self.prior_terms = boundary_prior(prior, out.zhat, out.boundaries, z0, slope, prior_scale)
             objective = loss + prior_term
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_hmlm, small_config, write_config
+from helpers import params_equal, run_hmlm, small_config, write_config
 
 from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig
 from hmlm.cell import gate_layer_norm, preactivation
+from hmlm.checkpoint import load_trained
 from hmlm.config import from_dict
 from hmlm.data import prepare_dataset
 from hmlm.errors import UserError
@@ -213,6 +214,8 @@ BASE = {"model": {"hidden_sizes": [8, 8, 8]}}
         ({"rates": [0.2]}, {"hidden_sizes": [8]}, "prior.rates: a boundary-rate prior needs"),
         ({"rates": [0.2]}, {"kind": "lstm", "hidden_sizes": [8, 8]}, "prior.rates: a boundary-rate prior needs"),
         ({"rates": [0.2, 0.03], "count": "both"}, {}, "prior.count"),
+        ({"rates": [0.2, 0.03], "start": -1}, {}, "prior.start"),
+        ({"rates": [0.2, 0.03], "ramp": -5}, {}, "prior.ramp"),
     ],
 )
 def test_a_bad_prior_fails_naming_the_key(prior: dict, model: dict, key: str):
@@ -228,6 +231,14 @@ def test_the_prior_is_off_by_default_and_shown_by_config_show():
     assert "boundary_bias: 0.0" in shown.stdout
     bad = run_hmlm("config", "show", "-c", "configs/tiny.yaml", "-s", "prior.rates=[0.2,1.5]", cwd=REPO, check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "prior.rates[1]" in bad.stderr
+
+
+def test_the_prior_starts_at_its_step_and_ramps_its_weight_up():
+    prior = PriorConfig(rates=[0.2, 0.03], start=10, ramp=4)
+    assert [prior.scale_at(step) for step in (0, 9, 10, 11, 12, 13, 14, 500)] == [0, 0, 0.25, 0.5, 0.75, 1, 1, 1]
+    assert [PriorConfig(rates=[0.2], start=3).scale_at(step) for step in (2, 3, 4)] == [0, 1, 1]
+    assert PriorConfig(rates=[0.2]).scale_at(0) == 1
+    assert PriorConfig(start=0).scale_at(5) == 0  # off: no rates
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +274,24 @@ def test_a_prior_on_a_one_layer_model_exits_2(data_dir, tmp_path):
                       "--run-dir", "r", cwd=tmp_path, check=False)  # fmt: skip
     assert result.returncode == 2 and "prior.rates" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_a_prior_that_has_not_started_leaves_training_as_without_it(data_dir, tmp_path):
+    """Before prior.start the boundaries are free: 4 steps with a prior from step 100 give exactly the weights of 4
+    steps without a prior, and log no prior term; the same prior from step 2 changes them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def weights(name: str, prior: PriorConfig) -> dict:
+        config = small_config(data_dir, max_steps=4, eval_every=4, log_every=2, sample_length=0)
+        config.prior = prior
+        train(config, tmp_path / name, progress=False)
+        return load_trained(tmp_path / name).model.state_dict()
+
+    free = weights("free", PriorConfig())
+    late = weights("late", PriorConfig(rates=[0.01, 0.01], weights=[1000.0, 1000.0], start=100))
+    early = weights("early", PriorConfig(rates=[0.01, 0.01], weights=[1000.0, 1000.0], start=2))
+    assert params_equal(free, late)
+    assert not params_equal(free, early)
+    tags = set(EventAccumulator(str(tmp_path / "late")).Reload().Tags()["scalars"])
+    assert "train/loss" in tags and "train/boundary_prior_layer1" not in tags
+    assert "train/boundary_prior_layer1" in EventAccumulator(str(tmp_path / "early")).Reload().Tags()["scalars"]

@@ -93,7 +93,7 @@ CHOICES = {
     "slope.schedule": ("epoch", "step"),
 }
 POSITIVE = ("train.batch_size", "train.seq_len", "train.lr", "train.eval_every", "train.log_every")
-NONNEGATIVE = ("train.reset_every",)
+NONNEGATIVE = ("train.reset_every", "prior.start", "prior.ramp")
 
 
 def from_dict(raw: dict[str, Any] | None) -> Config:

@@ -67,9 +67,6 @@ class PriorConfig:
         """Raise ValueError naming the key when the prior cannot apply to `model`."""
         if self.count not in COUNTS:
             raise ValueError(f"prior.count must be one of {', '.join(COUNTS)}, not {self.count!r}")
-        for key in ("start", "ramp"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"prior.{key} must be zero or positive, not {getattr(self, key)}")
         if not self.rates:  # off: whatever the weights say (so that -s prior.rates=[] turns a config's prior off)
             return
         lower = len(model.hidden_sizes) - 1

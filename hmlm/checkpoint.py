@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hmlm.config import Config, from_dict
+from hmlm.config import Config, from_saved
 from hmlm.data import Vocab
 from hmlm.devices import resolve_device
 from hmlm.errors import UserError
@@ -90,7 +90,7 @@ def state_from_lists(parts: list[list[torch.Tensor]], device: torch.device | str
 
 
 def config_from_payload(payload: dict[str, Any]) -> Config:
-    return from_dict(payload["config"])
+    return from_saved(payload["config"])
 
 
 @dataclass

@@ -187,10 +187,15 @@ def evaluate_command(
     report |= {f"boundary_rate_layer{i + 1}": rate for i, rate in enumerate(result.boundary_rate)}
     if result.boundary_stats is not None:  # boundary_f1_word_layer1, ..., _surprisal_peak (`hmlm boundaries` adds more)
         report |= result.boundary_stats.flat(baselines=False, rates=False)
+    locks = result.locks
+    if locks is not None and locks.layer:  # streams read from the zero state, locked into a layer firing every step
+        report |= {"streams": locks.streams, "locked_streams": locks.locked, "locked_bpc": locks.bpc}
     if json_:
         typer.echo(json.dumps(report))
     else:
         typer.echo(f"{split} bpc {result.bpc:.4f} over {result.tokens:,} tokens ({path})")
+    if locks is not None and locks.warning():
+        typer.echo(locks.warning(), err=True)
 
 
 @app.command()

@@ -36,13 +36,13 @@ class TrainConfig:
     seq_len: int = 100  # truncated-BPTT length
     lr: float = 0.002
     lr_decay: float = 50.0  # divide the learning rate by this when validation loss stops improving
-    lr_patience: int = 0  # evaluations without improvement tolerated before dividing (the paper: 0)
+    lr_patience: int = 1  # evaluations without improvement tolerated before dividing: 1, so one bad one cannot
     min_lr: float = 1e-6  # stop dividing below this
     grad_clip: float = 1.0  # gradient-norm clip
     max_epochs: int = 100
     max_steps: int = 0  # 0: no limit
     max_time: float = 0.0  # seconds of training before stopping cleanly; 0: no limit
-    reset_every: int = 0  # steps between fresh starts (zero state) of each stream, staggered; 0: never (hmlm/train.py)
+    reset_every: int = 50  # steps between fresh starts (zero state) of each stream, staggered; 0: never (hmlm/train.py)
     eval_every: int = 1000  # steps between evaluations (and checkpoints); also at the end of every epoch
     eval_tokens: int = 0  # validation tokens per evaluation during training; 0: the whole split
     log_every: int = 10  # steps between TensorBoard points
@@ -101,6 +101,16 @@ def from_dict(raw: dict[str, Any] | None) -> Config:
     config = _build(Config, raw or {}, prefix="")
     _validate(config)
     return config
+
+
+# Defaults that changed: a saved config (a checkpoint's) from before a key existed was trained with these values.
+SAVED_DEFAULTS = {"train": {"reset_every": 0, "lr_patience": 0}}
+
+
+def from_saved(raw: dict[str, Any]) -> Config:
+    """The config a checkpoint was trained with: absent keys whose default has changed since take the old value."""
+    raw = {**raw, **{section: {**keys, **(raw.get(section) or {})} for section, keys in SAVED_DEFAULTS.items()}}
+    return from_dict(raw)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -3,7 +3,8 @@
 The split is cut into contiguous streams (the same batchify as training) and the recurrent state is carried
 across the whole split, so every prediction sees its full history. No autograd state is kept. The split goes to
 the device once and the batches are slices of it there, so on a GPU nothing waits for the host until the end.
-Given reference boundaries, the same pass scores each layer's boundaries against them (hmlm/boundaries.py).
+Given reference boundaries, the same pass scores each layer's boundaries against them (hmlm/boundaries.py), and
+it always finds the streams that locked into their highest layer firing on every step (hmlm/locks.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from hmlm.boundaries import BoundaryStats, score
 from hmlm.cuda_graph import capture_eval, eval_forward
 from hmlm.data import StreamBatcher
+from hmlm.locks import Locks, LockWatch
 from hmlm.model import CharLM
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]
@@ -30,6 +32,7 @@ class EvalResult:
     tokens: int  # predicted tokens
     boundary_rate: list[float] = field(default_factory=list)  # per lower layer: fraction of steps with z = 1
     boundary_stats: BoundaryStats | None = None  # with `references` and a model that has boundaries
+    locks: Locks | None = None  # the streams locked into their highest layer firing on every step
 
     @property
     def bpc(self) -> float:
@@ -74,6 +77,7 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     boundary_sum = None
+    watch = LockWatch()
     state = None
     graph = None
     if device.type == "cuda" and len(batcher):
@@ -90,6 +94,7 @@ def evaluate(
         count += y.numel()
         rates = batch.boundary_sum  # (L-1,)
         boundary_sum = rates.clone() if boundary_sum is None else boundary_sum + rates
+        watch.add(batch.boundaries, batch.losses)
         if references is not None:
             kept.append(batch.boundaries.to(torch.float32, copy=True))
             kept_surprisal.append(batch.losses.clone())  # a replayed graph overwrites its buffers
@@ -106,9 +111,11 @@ def evaluate(
         if reduce_sum is not None:
             numbers = reduce_sum(torch.tensor(stats.numbers(), dtype=torch.float64, device=device))
             stats = stats.with_numbers(numbers.tolist())
+    locks = watch.result(reduce_sum)
     n = max(count.item(), 1.0)
     rate = (boundary_sum / n).tolist()
-    return EvalResult(loss=loss_sum.item() / n, tokens=int(count.item()), boundary_rate=rate, boundary_stats=stats)
+    return EvalResult(loss=loss_sum.item() / n, tokens=int(count.item()), boundary_rate=rate, boundary_stats=stats,
+                      locks=locks)  # fmt: skip
 
 
 def device_batches(batcher: StreamBatcher, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

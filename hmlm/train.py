@@ -40,7 +40,7 @@ from hmlm.checkpoint import (
     state_from_lists,
     state_to_lists,
 )
-from hmlm.config import Config, apply_override, from_dict, load_config
+from hmlm.config import Config, TrainConfig, apply_override, from_saved, load_config
 from hmlm.cuda_graph import GraphTrainStep, resolve_mode, set_capturable
 from hmlm.data import Dataset, StreamBatcher, open_dataset
 from hmlm.devices import resolve_device, to_device
@@ -266,20 +266,15 @@ class Trainer:
 
     def after_evaluation(self, result: EvalResult) -> bool:
         """Keep the best model; divide the learning rate when validation stops improving. True if best."""
-        cfg, schedule = self.config.train, self.schedule
-        improved = result.loss < schedule.best_valid_loss
-        if improved:
-            schedule.best_valid_loss, schedule.bad_evaluations = result.loss, 0
-            return True
-        schedule.bad_evaluations += 1
-        if schedule.bad_evaluations > cfg.lr_patience and schedule.lr > cfg.min_lr:
-            schedule.bad_evaluations = 0
-            schedule.lr = max(schedule.lr / cfg.lr_decay, cfg.min_lr)
+        improved, cut = plateau(self.schedule, result.loss, self.config.train)
+        if cut:
             for group in self.optimizer.param_groups:
-                group["lr"] = schedule.lr
+                group["lr"] = self.schedule.lr
             if self.process.is_main:
-                tqdm.write(f"step {schedule.step}: validation did not improve; learning rate now {schedule.lr:.3g}")
-        return False
+                evaluations = self.config.train.lr_patience + 1
+                tqdm.write(f"step {self.schedule.step}: validation did not improve for {evaluations} evaluations; "
+                           f"learning rate now {self.schedule.lr:.3g}")  # fmt: skip
+        return improved
 
     # ---- logging ----------------------------------------------------------------------------------------------
 
@@ -414,12 +409,18 @@ class Trainer:
         if result.boundary_stats is not None:  # precision, recall, F1 per layer; mean segment length
             scores = result.boundary_stats.flat(baselines=False, rates=False)
             self.log_scalars("valid", {key: value for key, value in scores.items() if value is not None})
+        locks = result.locks
+        if locks is not None and locks.layer:  # streams locked into their highest layer firing on every step
+            self.log_scalars("valid", {"locked_streams": locks.locked}
+                             | ({"locked_bpc": locks.bpc} if locks.bpc is not None else {}))  # fmt: skip
         if self.process.is_main:
             self.log_sample()
             tqdm.write(
                 f"step {self.schedule.step} epoch {self.schedule.epoch}: valid bpc {result.bpc:.4f}"
                 + (" (best)" if improved else "")
             )
+            if locks is not None and locks.warning():
+                tqdm.write(locks.warning())
         payload = self.save("last")
         if improved:
             self.save("best", payload)
@@ -444,9 +445,25 @@ def resolve_run(config: Config | None, run_dir: Path, resume: bool, overrides: l
     payload = load_checkpoint(last)
     for item in overrides:  # e.g. -s train.max_steps=20000 to train a finished run for longer
         apply_override(payload["config"], item)
-    resumed = from_dict(payload["config"])
+    resumed = from_saved(payload["config"])
     payload["config"] = resumed.to_dict()
     return resumed, payload
+
+
+def plateau(schedule: Schedule, loss: float, cfg: TrainConfig) -> tuple[bool, bool]:
+    """The paper's rule, "divide the learning rate by 50 when validation stops improving", with "stops improving"
+    read as `lr_patience + 1` evaluations in a row that do not beat the best one. With a patience of 1 (the
+    shipped configs) one bad evaluation cannot cut the rate: it takes a second one, and the next good evaluation
+    clears the count. Updates `schedule`; returns (this evaluation is the best so far, the rate was cut)."""
+    if loss < schedule.best_valid_loss:
+        schedule.best_valid_loss, schedule.bad_evaluations = loss, 0
+        return True, False
+    schedule.bad_evaluations += 1
+    if schedule.bad_evaluations <= cfg.lr_patience or schedule.lr <= cfg.min_lr:
+        return False, False
+    schedule.bad_evaluations = 0
+    schedule.lr = max(schedule.lr / cfg.lr_decay, cfg.min_lr)
+    return False, True
 
 
 def restarting_rows(step: int, every: int, batch_size: int, first: int, count: int) -> list[int]:

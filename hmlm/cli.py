@@ -216,11 +216,13 @@ def sample(
 
     from hmlm.checkpoint import load_model as load
     from hmlm.devices import resolve_device
+    from hmlm.locks import LOCK_RATE, LOCK_TAIL, LockWatch
     from hmlm.memory import out_of_memory_in
     from hmlm.sample import generate
 
     model, vocab = load(run, checkpoint, resolve_device(device))
-    pieces = generate(model, vocab, prompt, length, temperature, top_k, torch.Generator().manual_seed(seed))
+    watch = LockWatch()
+    pieces = generate(model, vocab, prompt, length, temperature, top_k, torch.Generator().manual_seed(seed), watch)
     pieces = out_of_memory_in(pieces, f"sampling after a prompt of {len(prompt):,} characters", "--prompt's length")
     first = next(pieces, "")  # encode the prompt (and fail on unknown characters) before printing anything
     sys.stdout.write(prompt + first)
@@ -228,6 +230,11 @@ def sample(
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    locks = watch.result()
+    if locks.locked:
+        typer.echo(f"warning: the sample locked: layer {locks.layer} fired on more than {LOCK_RATE:.0%} of its "
+                   f"last {min(watch.steps, LOCK_TAIL)} steps, so the text after that point is degraded; a model "
+                   "trained with train.reset_every (the shipped configs) does not lock", err=True)  # fmt: skip
 
 
 @app.command("boundaries")

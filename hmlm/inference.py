@@ -413,6 +413,11 @@ class Stepper:
         self.slot = n
         return self.output()
 
+    @property
+    def boundaries(self) -> Tensor:
+        """(1, 1, L-1): the lower layers' z at the last step, a view that the next step overwrites."""
+        return self.Z[self.slot, :, None, :-1]
+
     def output(self) -> Tensor:
         """The output module on the current state, reusing W^e_l h^l of the layers whose h did not change."""
         h_all = self.h_all[self.slot]  # (1, sum H)

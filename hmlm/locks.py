@@ -13,7 +13,8 @@ A stream is *locked* when its highest boundary layer fires on more than `LOCK_RA
 symbols (the paper's models fire layer 1 on 60-85% of them), while the highest one closes the longest segments.
 
 `LockWatch` follows the streams of an evaluation (or a sample) batch by batch, from what that pass computes anyway
-(each step's boundaries and each symbol's loss), so finding the locks costs no second pass.
+(each step's boundaries and each symbol's loss), so finding the locks costs no second pass. `fresh_starts` reads
+the same streams from the zero state and from a warm one, the check that a model copes with fresh starts.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from torch import Tensor
+
+from hmlm.cuda_graph import eval_forward
+from hmlm.model import CharLM, HMLSTMState
 
 LOCK_RATE = 0.9  # a stream whose highest boundary layer fires more often than this at its end is locked
 LOCK_TAIL = 200  # the last steps of a stream over which that rate is taken
@@ -47,9 +53,10 @@ class Locks:
         """One line for the user where a stream locked, else None."""
         if not self.locked:
             return None
-        return (f"warning: {self.locked} of {self.streams} streams locked (layer {self.layer} fires on every step "
-                f"from some point on, {self.bpc:.2f} bpc on them): the model never learned to start from the zero "
-                f"state; train with train.reset_every (e.g. 50) so that training meets fresh starts")  # fmt: skip
+        return (f"warning: {self.locked} of {self.streams} streams locked: layer {self.layer} fires on more than "
+                f"{LOCK_RATE:.0%} of their last {LOCK_TAIL} steps, keeping no memory ({self.bpc:.2f} bpc on them); "
+                f"a trained model that does this never learned to start from the zero state: train it with "
+                f"train.reset_every (e.g. 50) so that training meets fresh starts")  # fmt: skip
 
 
 def locked_rows(top: torch.Tensor) -> torch.Tensor:
@@ -62,11 +69,11 @@ ReduceSum = Callable[[torch.Tensor], torch.Tensor]
 
 
 class LockWatch:
-    """Keeps, per stream, the highest layer's boundaries of the last LOCK_TAIL steps and the summed loss, as the
-    batches of a pass go by. Nothing is read back from the device until `result`."""
+    """Keeps, per stream, the boundaries of the last LOCK_TAIL steps and the summed loss, as the batches of a pass
+    go by. Nothing is read back from the device until `result`."""
 
     def __init__(self) -> None:
-        self.tail: torch.Tensor | None = None  # (S, <= LOCK_TAIL)
+        self.tail: torch.Tensor | None = None  # (S, <= LOCK_TAIL, L-1)
         self.nll: torch.Tensor | None = None  # (S,) float64
         self.steps = 0  # steps per stream so far
         self.layer = 0  # the highest boundary layer, 1-based
@@ -77,18 +84,22 @@ class LockWatch:
         if boundaries.shape[-1] == 0:  # an LSTM, or an HM-LSTM of one layer: nothing can lock
             return
         self.layer = boundaries.shape[-1]
-        top = boundaries[..., -1]  # (S, T)
-        joined = top if self.tail is None else torch.cat([self.tail, top], dim=1)
-        self.tail = joined[:, -LOCK_TAIL:].clone()
+        joined = boundaries if self.tail is None else torch.cat([self.tail, boundaries], dim=1)
+        self.tail = joined[:, -LOCK_TAIL:].clone()  # (S, <= LOCK_TAIL, L-1)
         sums = losses.double().sum(dim=1)  # (S,)
         self.nll = sums if self.nll is None else self.nll + sums
-        self.steps += top.shape[1]
+        self.steps += boundaries.shape[1]
+
+    def tail_rates(self) -> torch.Tensor:
+        """(S, L-1): each stream's firing rate per layer over its last LOCK_TAIL steps."""
+        assert self.tail is not None
+        return self.tail.double().mean(dim=1)
 
     def result(self, reduce_sum: ReduceSum | None = None) -> Locks:
         """The locks over every stream so far; `reduce_sum` adds the counts of several processes."""
         if self.tail is None or self.nll is None:  # no boundaries
             return Locks(streams=0, locked=0, layer=0, tokens=0, nll=0.0)
-        locked = locked_rows(self.tail)  # (S,)
+        locked = locked_rows(self.tail[..., -1])  # (S,)
         numbers = torch.stack([
             torch.tensor(float(len(locked)), dtype=torch.float64, device=self.nll.device),
             locked.double().sum(),
@@ -99,3 +110,44 @@ class LockWatch:
             numbers = reduce_sum(numbers)
         streams, count, tokens, nll = numbers.tolist()
         return Locks(streams=int(streams), locked=int(count), layer=self.layer, tokens=int(tokens), nll=nll)
+
+
+@dataclass
+class FreshStarts:
+    """The same streams read from the zero state (as evaluation reads them) and from a warm state."""
+
+    zero_bpc: float
+    warm_bpc: float
+    zero: Locks
+    warm: Locks
+
+
+@torch.no_grad()
+def fresh_starts(model: CharLM, tokens: np.ndarray, streams: int = 64, symbols: int = 64_000,
+                 seq_len: int = 100) -> FreshStarts:  # fmt: skip
+    """Cut the first `symbols` of `tokens` into `streams` contiguous streams and read them twice: from the zero
+    state, and with every stream starting from the state in which the first pass left stream 0 (the model has been
+    reading text for a while). A model that copes with fresh starts locks no stream and reads both alike."""
+    model.eval()
+    device = next(model.parameters()).device
+    n = min(symbols, len(tokens) - 1) // streams * streams
+    data = torch.from_numpy(np.asarray(tokens[: n + 1], dtype=np.int64)).to(device)
+    x, y = data[:n].view(streams, -1), data[1 : n + 1].view(streams, -1)  # (S, P)
+    zero_bpc, zero, final = _read(model, x, y, None, seq_len)
+    warm_state = HMLSTMState(*[[t[:1].expand_as(t).clone() for t in part] for part in final])  # stream 0's state
+    warm_bpc, warm, _ = _read(model, x, y, warm_state, seq_len)
+    return FreshStarts(zero_bpc, warm_bpc, zero, warm)
+
+
+def _read(model: CharLM, x: Tensor, y: Tensor, state: HMLSTMState | None, seq_len: int
+          ) -> tuple[float, Locks, HMLSTMState]:  # fmt: skip
+    """BPC and locks of streams x, y (S, P) read as evaluation reads batches, from `state`; the final state."""
+    watch = LockWatch()
+    nll = 0.0
+    for start in range(0, x.shape[1], seq_len):
+        batch = eval_forward(model, x[:, start : start + seq_len], y[:, start : start + seq_len], state, None)
+        state = batch.state
+        watch.add(batch.boundaries, batch.losses)
+        nll += batch.nll.item()
+    assert state is not None
+    return nll / y.numel() / math.log(2), watch.result(), state

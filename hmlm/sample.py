@@ -10,6 +10,7 @@ import torch
 from hmlm import inference
 from hmlm.data import Vocab
 from hmlm.errors import UserError
+from hmlm.locks import LockWatch
 from hmlm.model import CharLM
 
 
@@ -21,6 +22,7 @@ def generate_ids(
     temperature: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
+    watch: LockWatch | None = None,
 ) -> Iterator[int]:
     """Yield `length` token ids drawn after `prompt_ids`. The prompt is read once; then only the newest
     symbol goes in, with the recurrent state carried (through an inference.Stepper where there is one: the same
@@ -29,7 +31,10 @@ def generate_ids(
     The draw is made on the generator's device (the CPU for a plain `torch.Generator()`, and the CPU's global
     RNG when there is none), whatever device the model runs on: each symbol has to come back to the host to be
     yielded anyway, so drawing there costs no extra wait, and one seed draws the same uniform numbers on every
-    device (the text differs only where the probabilities differ by rounding)."""
+    device (the text differs only where the probabilities differ by rounding).
+
+    `watch` (hmlm/locks.py) is given the boundaries of every step read, the prompt's and the generated symbols',
+    so that a caller can tell whether the sample locked into a layer firing on every step."""
     if temperature <= 0:
         raise UserError(f"--temperature must be positive, not {temperature}")
     if top_k < 0:
@@ -39,6 +44,7 @@ def generate_ids(
     draw_on = generator.device if generator is not None else torch.device("cpu")
     out = model(torch.tensor([prompt_ids], device=device))  # (1, P)
     state, logits = out.state, out.logits[:, -1]  # (1, V)
+    _watch(watch, out.boundaries)
     stepper = inference.stepper(model, state) if length > 1 else None
     for _ in range(length):
         logits = logits.float() / temperature
@@ -50,9 +56,16 @@ def generate_ids(
         yield int(next_id)
         if stepper is not None:
             logits = stepper.step(int(next_id))
+            _watch(watch, stepper.boundaries)
             continue
         out = model(next_id.to(device), state)
         state, logits = out.state, out.logits[:, -1]
+        _watch(watch, out.boundaries)
+
+
+def _watch(watch: LockWatch | None, boundaries: torch.Tensor) -> None:
+    if watch is not None:  # the loss is not a sample's concern: LockWatch's per-stream sums get zeros
+        watch.add(boundaries, torch.zeros(boundaries.shape[:2], dtype=torch.float64, device=boundaries.device))
 
 
 def generate(
@@ -63,11 +76,12 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
+    watch: LockWatch | None = None,
 ) -> Iterator[str]:
     """Yield the text generated after `prompt`, piece by piece (bytes are decoded as UTF-8 as they complete)."""
     if not prompt:
         raise UserError("--prompt must hold at least one character for the model to start from")
-    ids = generate_ids(model, vocab.encode(prompt), length, temperature, top_k, generator)
+    ids = generate_ids(model, vocab.encode(prompt), length, temperature, top_k, generator, watch)
     if vocab.kind != "bytes":
         for symbol in ids:
             yield vocab.decode([symbol])

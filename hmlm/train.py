@@ -48,6 +48,7 @@ from hmlm.distributed import Process, all_gather, all_reduce_sum, barrier, init_
 from hmlm.errors import UserError
 from hmlm.evaluate import EvalResult, evaluate
 from hmlm.limits import check_not_finished, check_training, out_of_memory_in_training
+from hmlm.locks import LOCK_RATE
 from hmlm.model import CharLM, HMLSTMState
 from hmlm.precision import apply_precision
 from hmlm.prior import boundary_prior
@@ -137,6 +138,7 @@ class Trainer:
         self.writer = None
         self.window = LogWindow(device)
         self.prior_terms: list[torch.Tensor] = []  # the boundary prior's per-layer terms at the last step
+        self.train_rates: list[float] = []  # each boundary layer's firing rate in the last logged window
         # On CUDA the training step is captured once as a CUDA graph and replayed (train.cuda_graph, hmlm/cuda_graph.py)
         self.graph_step: GraphTrainStep | None = None
         if resolve_mode(cfg.cuda_graph, device, process.distributed, tqdm.write) and not self.graph_declined():
@@ -391,6 +393,7 @@ class Trainer:
         """Means over the steps since the last check, of the global batch (all processes' sums)."""
         loss, grad_norm = self.means(totals)
         rates = [fired / (totals.positions * self.process.world_size) for fired in totals.boundaries]
+        self.train_rates = rates
         bar.set_postfix(loss=f"{loss:.3f}", bpc=f"{loss / LN2:.3f}", chars_s=f"{speed:,.0f}")
         self.log_scalars(
             "train",
@@ -419,7 +422,10 @@ class Trainer:
                 f"step {self.schedule.step} epoch {self.schedule.epoch}: valid bpc {result.bpc:.4f}"
                 + (" (best)" if improved else "")
             )
-            if locks is not None and locks.warning():
+            # A layer that fires on nearly every step in training as well (early in a run) is not a lock that
+            # fresh starts cause: the count is logged, the warning is kept for a regime that training does not have.
+            rates = self.train_rates
+            if locks is not None and locks.warning() and (not rates or rates[locks.layer - 1] <= LOCK_RATE):
                 tqdm.write(locks.warning())
         payload = self.save("last")
         if improved:

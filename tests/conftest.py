@@ -33,3 +33,13 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "ptb" / "ptb.char.valid.txt").exists():
         pytest.skip(f"real corpora not found at {SHARED_DATA} (set HMLM_SHARED_DATA to the shared/data folder)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The synthetic corpus, prepared once for the session (modules that need their own copy define their own)."""
+    from hmlm.data import prepare_dataset
+
+    data = tmp_path_factory.mktemp("data")
+    prepare_dataset("synthetic", data)
+    return data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -238,7 +239,7 @@ def test_streams_restart_from_zeros_and_a_resume_repeats_it(data_dir, tmp_path, 
 
 
 def test_the_study_tools_read_a_run(data_dir, tmp_path):
-    """tools/fresh_starts.py and tools/firing_symbols.py (README, "Boundary study") on a trained run."""
+    """The study tools (README, "Boundary study"; docs/locked-streams.md) on a trained run."""
     train(small_config(data_dir, max_steps=4, eval_every=4), tmp_path / "run", progress=False)
     tools = Path(__file__).parents[1] / "tools"
 
@@ -252,3 +253,12 @@ def test_the_study_tools_read_a_run(data_dir, tmp_path):
     lines = tool("firing_symbols.py", "--symbols", "2000")
     assert [line.split(" (")[0] for line in lines] == ["layer 1", "layer 2"]  # the 3-layer model's lower layers
     assert all("' ' " in line and "',' " in line for line in lines)  # the space and the comma, with their fractions
+    lines = tool("sample_locks.py", "--seeds", "2", "--length", "250", "--prompt", "se ")
+    assert [line.split(":")[0] for line in lines[:2]] == ["seed 0", "seed 1"]
+    assert lines[-1].startswith("highest rate of any layer in any sample: ")
+    lines = tool("valid_noise.py", "--split", "valid", "--slice", "2000", "--streams", "4", "--checkpoint", "last")
+    assert lines[0].startswith("slice 1 (symbols 0-2,000): zero state ")
+    assert [line.split(":")[0] for line in lines[-3:]] == ["zero state", "warm state", "warm minus zero per slice"]
+    lines = tool("lock_anatomy.py", "--streams", "4", "--symbols", "800")
+    assert re.match(r"[0-4] of 4 streams of 200 symbols locked; detector bias b_z = [-+]\d", lines[0])
+    assert any(line.startswith(("healthy: zhat^2 ", "locked: zhat^2 ")) for line in lines)

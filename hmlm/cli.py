@@ -193,7 +193,11 @@ def evaluate_command(
     if json_:
         typer.echo(json.dumps(report))
     else:
-        typer.echo(f"{split} bpc {result.bpc:.4f} over {result.tokens:,} tokens ({path})")
+        locked = ""
+        if locks is not None and locks.layer:
+            locked = f", {locks.locked} of {locks.streams} streams locked"
+            locked += f" (at {locks.bpc:.3f} bpc)" if locks.bpc is not None else ""
+        typer.echo(f"{split} bpc {result.bpc:.4f} over {result.tokens:,} tokens{locked} ({path})")
     if locks is not None and locks.warning():
         typer.echo(locks.warning(), err=True)
 

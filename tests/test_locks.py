@@ -157,7 +157,8 @@ def test_hmlm_eval_and_sample_report_a_lock(data_dir, tmp_path):
     assert len(warnings) == 1 and "8 of 8 streams locked: layer 2" in warnings[0]
 
     text = run_hmlm("eval", str(tmp_path / "run"), "--batch-size", "8", cwd=tmp_path)
-    assert text.stdout.startswith("valid bpc ") and "8 of 8 streams locked" in text.stderr
+    assert text.stdout.startswith("valid bpc ") and ", 8 of 8 streams locked (at " in text.stdout
+    assert "8 of 8 streams locked" in text.stderr
 
     sample = run_hmlm("sample", str(tmp_path / "run"), "--prompt", "se ", "--length", "300", cwd=tmp_path)
     assert "warning: the sample locked: layer 2 fired on more than 90% of its last 200 steps" in sample.stderr

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ class Locks:
     layer: int  # the layer judged (1-based), 0 for a model without boundaries
     tokens: int  # predicted tokens in the locked streams
     nll: float  # their summed negative log-likelihood, nats
+    rows: list[bool] = field(default_factory=list)  # per stream of this process: locked
 
     @property
     def bpc(self) -> float | None:
@@ -109,7 +110,8 @@ class LockWatch:
         if reduce_sum is not None:
             numbers = reduce_sum(numbers)
         streams, count, tokens, nll = numbers.tolist()
-        return Locks(streams=int(streams), locked=int(count), layer=self.layer, tokens=int(tokens), nll=nll)
+        return Locks(streams=int(streams), locked=int(count), layer=self.layer, tokens=int(tokens), nll=nll,
+                     rows=locked.tolist())  # fmt: skip
 
 
 @dataclass
@@ -127,14 +129,16 @@ def fresh_starts(model: CharLM, tokens: np.ndarray, streams: int = 64, symbols: 
                  seq_len: int = 100) -> FreshStarts:  # fmt: skip
     """Cut the first `symbols` of `tokens` into `streams` contiguous streams and read them twice: from the zero
     state, and with every stream starting from the state in which the first pass left stream 0 (the model has been
-    reading text for a while). A model that copes with fresh starts locks no stream and reads both alike."""
+    reading text for a while; the first stream that did not lock, where one locked). A model that copes with fresh
+    starts locks no stream and reads both alike."""
     model.eval()
     device = next(model.parameters()).device
     n = min(symbols, len(tokens) - 1) // streams * streams
     data = torch.from_numpy(np.asarray(tokens[: n + 1], dtype=np.int64)).to(device)
     x, y = data[:n].view(streams, -1), data[1 : n + 1].view(streams, -1)  # (S, P)
     zero_bpc, zero, final = _read(model, x, y, None, seq_len)
-    warm_state = HMLSTMState(*[[t[:1].expand_as(t).clone() for t in part] for part in final])  # stream 0's state
+    donor = next((row for row, locked in enumerate(zero.rows) if not locked), 0)  # a stream that did not lock
+    warm_state = HMLSTMState(*[[t[donor : donor + 1].expand_as(t).clone() for t in part] for part in final])
     warm_bpc, warm, _ = _read(model, x, y, warm_state, seq_len)
     return FreshStarts(zero_bpc, warm_bpc, zero, warm)
 

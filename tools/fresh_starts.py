@@ -3,9 +3,10 @@
     .venv/bin/python tools/fresh_starts.py runs/ptb [--split test] [--streams 64] [--symbols 64000]
 
 Cuts the first `symbols` of the split into `streams` contiguous streams and reads them twice: from the zero state
-(what `hmlm eval` does), and with every stream starting from the state in which the first pass left stream 0 (a
-"warm" start: the model has been reading text for a while). It prints the BPC of both, and the streams that are
-"locked": whose highest boundary layer fires on more than 90% of their last 200 steps (hmlm/locks.py).
+(what `hmlm eval` does), and with every stream starting from the state in which the first pass left the first
+stream that did not lock (a "warm" start: the model has been reading text for a while). It prints the BPC of both,
+and the streams that are "locked": whose highest boundary layer fires on more than 90% of their last 200 steps
+(hmlm/locks.py).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ a time, and splits the pre-activation of layer l = L-1's boundary detector (neve
 
 It prints, for the locked streams (hmlm/locks.py) and the others: the mean of each term over the streams' last
 200 steps, each layer's firing rate there, and the norm of the top layer's cell; then the first steps of the first
-locked stream. The docs' "Locked streams" section reads these figures.
+locked stream (or of stream 0, where none locked). The docs' "Locked streams" section reads these figures.
 """
 
 from __future__ import annotations
@@ -73,14 +73,13 @@ def main() -> None:
         print(f"{name}: zhat^{layer + 1} {mean[3]:+.3f} = bottom-up {mean[0]:+.3f} + recurrent {mean[1]:+.3f} "
               f"+ top-down {mean[2]:+.3f} + bias; rates " + " ".join(f"z{i + 1} {r:.3f}" for i, r in enumerate(rates))
               + f"; |c^{L}| {float(top_cell[rows][:, tail].mean()):.2f}")  # fmt: skip
-    if locked.any():
-        s = int(locked.nonzero()[0])
-        print(f"stream {s} from the zero state (t: zhat^{layer + 1} = bottom-up + recurrent + top-down + bias; z):")
-        for t in range(min(args.first, n)):
-            b, r, d, zhat = (float(terms[i, s, t]) for i in range(4))
-            zs = " ".join(str(int(fired[i, s, t])) for i in range(L - 1))
-            print(f"  {t:3d}: {zhat:+.3f} = {b:+.3f} {r:+.3f} {d:+.3f} {bias:+.3f}; z {zs}; |c^{L}| "
-                  f"{float(top_cell[s, t]):.2f}")  # fmt: skip
+    s = int(locked.nonzero()[0]) if locked.any() else 0  # the first locked stream, else the first
+    print(f"stream {s} from the zero state (t: zhat^{layer + 1} = bottom-up + recurrent + top-down + bias; z):")
+    for t in range(min(args.first, n)):
+        b, r, d, zhat = (float(terms[i, s, t]) for i in range(4))
+        zs = " ".join(str(int(fired[i, s, t])) for i in range(L - 1))
+        print(f"  {t:3d}: {zhat:+.3f} = {b:+.3f} {r:+.3f} {d:+.3f} {bias:+.3f}; z {zs}; |c^{L}| "
+              f"{float(top_cell[s, t]):.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

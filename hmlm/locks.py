@@ -1,12 +1,13 @@
 """Locked streams: a boundary layer that fires on every step and never stops.
 
-An HM-LSTM can have a second, degenerate regime besides the one it learned. Once the highest boundary layer fires
-(z = 1), the next step is a FLUSH, which takes the top-down input from the layer above; the layer above, updated
-on every step instead of at the ends of segments, moves to states it never had in training, and from those the
-detector fires again. The layer then fires on every step, its cell keeps no memory (every step flushes it), and
-the stream reads at several bits per character for as long as it runs. Read from the zero state, which training
-meets only at step 0 unless `train.reset_every` restarts streams, some streams of a model can fall into it
-(docs: "Locked streams").
+An HM-LSTM can have a second, degenerate regime besides the one it learned. From the zero state the highest
+boundary detector sits on its threshold (every term but its bias is zero). Once it fires, the next step is a FLUSH,
+which takes the top-down input of the layer above; that layer is young (its cell has barely grown), a state that
+training never met, and its top-down input can push the detector to fire again. Firing on every step, the layer
+keeps no memory (every step flushes it) and updates the layer above on every step, which keeps that layer young:
+a fixed point that the stream never leaves, reading at several bits per character. Training meets the zero state
+only at step 0 unless `train.reset_every` restarts streams, while evaluation and sampling start from it every time
+(docs/locked-streams.md measures all of this).
 
 A stream is *locked* when its highest boundary layer fires on more than `LOCK_RATE` of its last `LOCK_TAIL` steps
 (all its steps when it is shorter). Only the highest layer is judged: a lower layer can legitimately fire on most
@@ -128,9 +129,9 @@ class FreshStarts:
 def fresh_starts(model: CharLM, tokens: np.ndarray, streams: int = 64, symbols: int = 64_000,
                  seq_len: int = 100) -> FreshStarts:  # fmt: skip
     """Cut the first `symbols` of `tokens` into `streams` contiguous streams and read them twice: from the zero
-    state, and with every stream starting from the state in which the first pass left stream 0 (the model has been
-    reading text for a while; the first stream that did not lock, where one locked). A model that copes with fresh
-    starts locks no stream and reads both alike."""
+    state, and with every stream starting from the state in which the first pass left its first stream that did not
+    lock (a warm state: the model has been reading text for a while). A model that copes with fresh starts locks no
+    stream and reads both alike."""
     model.eval()
     device = next(model.parameters()).device
     n = min(symbols, len(tokens) - 1) // streams * streams

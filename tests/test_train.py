@@ -142,8 +142,8 @@ def test_cli_end_to_end(tmp_path):
     first, second = (run_hmlm(*args, cwd=tmp_path).stdout for _ in range(2))
     assert first == second and first.startswith("se toranu ")
     assert len(first.rstrip("\n")) >= 40
-    other = run_hmlm(*args[:-1], "4", cwd=tmp_path).stdout
-    assert other != first
+    other = run_hmlm("sample", "runs/c/checkpoints", *args[2:-1], "4", cwd=tmp_path).stdout  # the folder works too
+    assert other != first and other.startswith("se toranu ")
 
     model, vocab = load_model(tmp_path / "runs" / "c")
     assert not model.training and len(vocab) == model.vocab_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close64
 
 from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig, kernels
 from hmlm.cell import reference_step
@@ -286,14 +287,10 @@ def test_charlm_forward_does_not_depend_on_the_slope(impl: str):
 # --- The fast path is the reference, in float64 ------------------------------------------------------------
 
 
-# "Equal in float64": to F64_RTOL of each tensor's largest magnitude (at least F64_RTOL absolute), far tighter than
-# torch's float64 default of 1e-7. Rounding in a sum is relative to its largest terms, so a gradient element that
-# cancels to near zero carries the rounding of terms ~100x its size: measured, the two paths differ by at most
-# ~1e-13 of a tensor's largest element (gradients of size 30-100 by 2-4e-12). SLOPE has no float32 value (2.1 is
-# 2.0999999046 in float32): a path that rounded the slope to float32 would move the soft boundaries and the
-# straight-through gradients and fail here (test_the_comparison_sees_a_slope_rounded_to_float32), where with a
-# slope exact in float32 (2.0) it would pass whatever the tolerance.
-F64_RTOL = 1e-12
+# SLOPE has no float32 value (2.1 is 2.0999999046 in float32): a path that rounded the slope to float32 would move
+# the soft boundaries and the straight-through gradients and fail the float64 comparisons below (assert_close64;
+# test_the_comparison_sees_a_slope_rounded_to_float32), where with a slope exact in float32 (2.0) it would pass
+# whatever the tolerance.
 SLOPE = 2.1
 
 
@@ -317,12 +314,6 @@ def run_both(
     fast path gets `slope` as given (a number, or a 0-dim tensor as the CUDA graph step passes it), the reference
     the same value as a number."""
     return {impl: run_one(rnn, impl, x, state, seed, slope if impl == "fast" else float(slope)) for impl in IMPLS}
-
-
-def assert_close64(mine: torch.Tensor, theirs: torch.Tensor, msg=None) -> None:
-    """Equal in float64, to F64_RTOL of `theirs`' largest magnitude (see F64_RTOL)."""
-    scale = max(1.0, theirs.abs().max().item()) if theirs.numel() else 1.0
-    torch.testing.assert_close(mine, theirs, rtol=F64_RTOL, atol=F64_RTOL * scale, msg=msg)
 
 
 def assert_same(results, names: list[str], **tolerance: float) -> None:

@@ -43,6 +43,28 @@ def params_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def record_steps(monkeypatch) -> list[int]:
+    """The number of every training step run in this process from now on (Trainer.train_step, wrapped): a resumed
+    run that continues runs the steps after its checkpoint's only, where one started again would run from 1."""
+    from hmlm.train import Trainer
+
+    steps: list[int] = []
+    original = Trainer.train_step
+
+    def train_step(self, *args, **kwargs):
+        steps.append(self.schedule.step + 1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    return steps
+
+
+def adam_steps(payload: dict) -> set[int]:
+    """The step counts in a checkpoint's Adam state (one per parameter): the steps the optimizer took over the whole
+    run, which a resume that lost the optimizer state would start again from 0."""
+    return {int(state["step"]) for state in payload["optimizer"]["state"].values()}
+
+
 # "Equal in float64": to F64_RTOL of each tensor's largest magnitude (at least F64_RTOL absolute), far tighter than
 # torch's float64 default of 1e-7. Rounding in a sum is relative to its largest terms, so a gradient element that
 # cancels to near zero carries the rounding of terms ~100x its size: measured, the fast path and the reference

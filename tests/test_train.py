@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import params_equal, run_hmlm, small_config, write_config
+from helpers import adam_steps, params_equal, record_steps, run_hmlm, small_config, write_config
 
 from hmlm import CharLM, ModelConfig, load_model
 from hmlm.data import prepare_dataset
@@ -100,9 +100,12 @@ def test_killed_run_resumes_to_the_same_result(data_dir, tmp_path):
     stopped_at = torch.load(last, weights_only=True)["schedule"]["step"]
     assert 15 <= stopped_at < 40, "the kill must land mid-run"
 
-    run_hmlm("train", "--run-dir", "killed", "--resume", "-q", cwd=tmp_path)
+    resumed_output = run_hmlm("train", "--run-dir", "killed", "--resume", "-q", cwd=tmp_path).stdout
+    # The resumed process evaluated after the step it resumed from only: a run started again would from step 5.
+    evaluated = [int(step) for step in re.findall(r"^step (\d+) epoch", resumed_output, re.MULTILINE)]
+    assert evaluated == list(range(stopped_at + 5, 41, 5)), resumed_output
     whole, resumed = (torch.load(tmp_path / r / "checkpoints/last.pt", weights_only=True) for r in ("whole", "killed"))
-    assert resumed["schedule"]["step"] == 40
+    assert resumed["schedule"]["step"] == 40 and adam_steps(resumed) == {40}
     assert params_equal(whole["model"], resumed["model"])
     carried = zip(sum(whole["recurrent_state"], []), sum(resumed["recurrent_state"], []), strict=True)
     assert all(torch.equal(a, b) for a, b in carried)
@@ -192,12 +195,17 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_p
         assert all(torch.isfinite(t).all() for t in payload["model"].values())
 
 
-def test_resume_with_new_limits(data_dir, tmp_path):
-    """A finished run trained on with a larger max_steps continues from where it stopped."""
-    config = small_config(data_dir, max_steps=8, eval_every=4)
-    train(config, tmp_path / "r", progress=False)
+def test_resume_with_new_limits(data_dir, tmp_path, monkeypatch):
+    """A finished run trained on with a larger max_steps continues from where it stopped: it runs steps 9-12 only,
+    and ends with the weights and the optimizer state of a run of 12 steps that never stopped."""
+    train(small_config(data_dir, max_steps=8, eval_every=4), tmp_path / "r", progress=False)
+    steps = record_steps(monkeypatch)
     summary = train(None, tmp_path / "r", resume=True, overrides=["train.max_steps=12"], progress=False)
-    assert summary.step == 12
+    assert summary.step == 12 and steps == [9, 10, 11, 12]
+    train(small_config(data_dir, max_steps=12, eval_every=4), tmp_path / "whole", progress=False)
+    whole, resumed = (torch.load(tmp_path / r / "checkpoints/last.pt", weights_only=True) for r in ("whole", "r"))
+    assert params_equal(whole["model"], resumed["model"])
+    assert adam_steps(resumed) == {12}
 
 
 def test_restarts_are_spread_and_each_stream_restarts_once_a_period():

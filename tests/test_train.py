@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from data_fixtures import run_cli
 from helpers import adam_steps, params_equal, record_steps, run_hmlm, small_config, write_config
 
 from hmlm import CharLM, ModelConfig, load_model
 from hmlm.data import prepare_dataset
-from hmlm.train import restarting_rows, train
+from hmlm.train import Trainer, restarting_rows, train
 
 
 @pytest.fixture(scope="module")
@@ -185,14 +186,42 @@ def test_bad_inputs_give_one_line(data_dir, tmp_path):
     assert "vocabulary" in fails("sample", "r", "--prompt", "se \u00e9\u00e9")
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
-    config = write_config(tmp_path / "c.yaml", data_dir, max_steps=50, eval_every=2, lr=1e30, grad_clip=1e30)
-    result = run_hmlm("train", "-c", str(config), "--run-dir", "r", "-q", cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "loss became" in result.stderr
-    if (tmp_path / "r/checkpoints/last.pt").exists():
-        payload = torch.load(tmp_path / "r/checkpoints/last.pt", weights_only=True)
-        assert all(torch.isfinite(t).all() for t in payload["model"].values())
+@pytest.mark.parametrize(
+    ("spoiled", "found", "kept"),
+    [
+        (5, "the training loss became non-finite .* in steps 5-8", "the last good checkpoint is .*last.pt"),
+        (8, "the validation loss became non-finite at step 8", "the last good checkpoint is .*last.pt"),
+        (1, "the training loss became non-finite .* in steps 1-4", "no checkpoint was written yet"),
+    ],
+)
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
+    data_dir, tmp_path, capsys, monkeypatch, spoiled, found, kept
+):
+    """Adam at a learning rate of 1e30 from step `spoiled` on: that step's update makes the weights huge and every
+    later loss non-finite. The check of step 8 (log_every 4) finds it in the losses of the steps after it; where the
+    spoiling step is the one checked before an evaluation (8), the validation loss finds it. Either way the run
+    stops with one line and exit status 2 before anything is saved: last.pt stays step 4's (or none exists)."""
+    original = Trainer.train_step
+
+    def train_step(self, *args):
+        if self.schedule.step + 1 == spoiled:
+            for group in self.optimizer.param_groups:
+                group["lr"] = 1e30
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    config = write_config(tmp_path / "c.yaml", data_dir, max_steps=12, eval_every=4, log_every=4)
+    result = run_cli(capsys, "train", "-c", str(config), "--run-dir", str(tmp_path / "r"), "-q")
+    assert result.code == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert re.fullmatch(f"error: {found}; {kept}. Lower train.lr .*", line), line
+    last = tmp_path / "r/checkpoints/last.pt"
+    if spoiled == 1:
+        assert not last.exists()
+        return
+    payload = torch.load(last, weights_only=True)
+    assert payload["schedule"]["step"] == 4
+    assert all(torch.isfinite(t).all() for t in payload["model"].values())
 
 
 def test_resume_with_new_limits(data_dir, tmp_path, monkeypatch):

@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from hmlm.config import Config, from_dict
+from hmlm.kernels import cpu
 
 SMALL = {
     "model": {"embed_dim": 8, "hidden_sizes": [16, 16, 16], "output_embed_dim": 16},
@@ -76,3 +78,13 @@ def assert_close64(mine: torch.Tensor, theirs: torch.Tensor, msg=None) -> None:
     """Equal in float64, to F64_RTOL of `theirs`' largest magnitude (see F64_RTOL)."""
     scale = max(1.0, theirs.abs().max().item()) if theirs.numel() else 1.0
     torch.testing.assert_close(mine, theirs, rtol=F64_RTOL, atol=F64_RTOL * scale, msg=msg)
+
+
+def require_cpu_kernels() -> None:
+    """For a test of the fused CPU kernels: skip where no C++ compiler is installed (no build can work there), and
+    fail where one is but the build failed, which would otherwise leave training on the slower path unnoticed."""
+    if cpu.load() is not None:
+        return
+    if cpu.compiler() is None:
+        pytest.skip(f"no C++ compiler here, so no fused CPU kernels: {cpu.failure()}")
+    pytest.fail(f"the fused CPU kernels failed to build although a C++ compiler is installed: {cpu.failure()}")

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close64, small_config
+from helpers import assert_close64, require_cpu_kernels, small_config
 
 from hmlm import CharLM, ModelConfig, fast, inference, kernels
 from hmlm.data import prepare_dataset
 from hmlm.evaluate import evaluate
-from hmlm.kernels import cpu as cpu_kernels
 from hmlm.sample import generate_ids
 from hmlm.train import train
 
@@ -26,8 +25,8 @@ VOCAB = 11
 def fast_kernels(request, monkeypatch):
     """Every test runs with the C++ CPU kernels and with torch ops (as on CUDA): both cell steps of fast.py."""
     monkeypatch.setenv("HMLM_KERNELS", request.param)
-    if request.param == "cpu" and cpu_kernels.load() is None:
-        pytest.skip(f"the fused CPU kernels could not be built here: {cpu_kernels.failure()}")
+    if request.param == "cpu":
+        require_cpu_kernels()
     return request.param
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close64
+from helpers import assert_close64, require_cpu_kernels
 
 from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig, kernels
 from hmlm.cell import reference_step
@@ -25,8 +25,7 @@ def fast_kernels(request, monkeypatch):
     monkeypatch.delenv("HMLM_FUSED", raising=False)
     if request.param == "fused":
         monkeypatch.setenv("HMLM_KERNELS", "cpu")
-        if cpu.load() is None:
-            pytest.skip(f"the fused CPU kernels could not be built here: {cpu.failure()}")
+        require_cpu_kernels()
     else:
         monkeypatch.setenv("HMLM_KERNELS", "torch")
     return request.param

@@ -19,7 +19,7 @@ from helpers import adam_steps, params_equal, record_steps, run_hmlm, small_conf
 
 from hmlm import CharLM, ModelConfig, load_model
 from hmlm.data import prepare_dataset
-from hmlm.train import Trainer, restarting_rows, train
+from hmlm.train import StopFlag, Trainer, restarting_rows, train
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +130,47 @@ def test_sigterm_saves_a_checkpoint(data_dir, tmp_path):
     assert "interrupted" in out + err
     step = torch.load(tmp_path / "r/checkpoints/last.pt", weights_only=True)["schedule"]["step"]
     assert step > 0
+
+
+def test_a_second_ctrl_c_raises_at_once_and_the_handlers_are_restored():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with StopFlag() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested  # the first asks the loop to stop at the end of its step, and raises nothing
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    with StopFlag() as stop:
+        signal.raise_signal(signal.SIGTERM)  # SIGTERM asks the same
+        assert stop.requested
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_a_step_stops_after_it_and_a_second_stops_at_once(data_dir, tmp_path, monkeypatch, presses):
+    """Ctrl-C while step 3 runs: the run ends after step 3 and saves it; pressed twice, it stops right there, with
+    step 3 unfinished and nothing saved (the command line then exits with status 130)."""
+    steps: list[int] = []
+    original = Trainer.train_step
+
+    def train_step(self, *args):
+        steps.append(self.schedule.step + 1)
+        if self.schedule.step + 1 == 3:
+            for _ in range(presses):
+                signal.raise_signal(signal.SIGINT)
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    config = small_config(data_dir, max_steps=20, eval_every=10, sample_length=0)
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    if presses == 1:
+        summary = train(config, tmp_path / "r", progress=False)
+        assert summary.stopped == "interrupted" and summary.step == 3
+        assert torch.load(last, weights_only=True)["schedule"]["step"] == 3
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            train(config, tmp_path / "r", progress=False)
+        assert not last.exists()
+    assert steps == [1, 2, 3]
 
 
 def test_cli_end_to_end(tmp_path):

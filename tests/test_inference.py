@@ -99,6 +99,32 @@ def test_a_sequence_equals_the_path_without_skipping_in_float64(mode, layer_norm
     assert min(counts["skipped"][1:]) > 0.1  # ...and skip it
 
 
+@pytest.mark.parametrize("mode", ["step", "sample"])
+def test_a_batch_that_gathers_on_some_steps_and_not_on_others_equals_the_path_without_skipping(mode, monkeypatch):
+    """GATHER_FRACTION 0.5: a layer step gathers where at most half of the 8 rows compute, and runs on the full batch
+    where more do, so one layer's state passes between both kinds of step within a sequence. Equal in float64."""
+    monkeypatch.setattr(inference, "GATHER_FRACTION", 0.5)
+    steps = {"gathered": 0, "full": 0}  # upper-layer steps with skipping on
+    gathered_step, layer_step = inference.SkippingStep.gathered_step, fast.layer_step
+
+    def gathered(self, *args):
+        steps["gathered"] += 1
+        return gathered_step(self, *args)
+
+    def full(plan, tape, below, *args):
+        steps["full"] += below is not None and inference.enabled()
+        return layer_step(plan, tape, below, *args)
+
+    monkeypatch.setattr(inference.SkippingStep, "gathered_step", gathered)
+    monkeypatch.setattr(fast, "layer_step", full)
+    model = sparse_lm(True, mode, F64)
+    tokens = torch.randint(0, VOCAB, (8, 20), generator=torch.Generator().manual_seed(1))
+    plain, skipping, counts = both(model, monkeypatch, lambda: forward_twice(model, tokens))
+    assert_outputs_equal(plain, skipping, exact=False)
+    assert steps["gathered"] > 0 and steps["full"] > 0, steps
+    assert min(counts["skipped"][1:]) > 0.1
+
+
 def use_engine(engine: str, monkeypatch) -> None:
     """The gates' matmuls of an inference call on MKL (what small models get) or on oneDNN (large ones: fast.py)."""
     monkeypatch.setattr(fast, "ONEDNN_MIN_WEIGHT", 0 if engine == "onednn" else float("inf"))

@@ -102,7 +102,7 @@ def test_killed_run_resumes_to_the_same_result(data_dir, tmp_path):
     assert 15 <= stopped_at < 40, "the kill must land mid-run"
 
     resumed_output = run_hmlm("train", "--run-dir", "killed", "--resume", "-q", cwd=tmp_path).stdout
-    # The resumed process evaluated after the step it resumed from only: a run started again would from step 5.
+    # The resumed process evaluates only after the step it resumed from (a run started again would from step 5 on).
     evaluated = [int(step) for step in re.findall(r"^step (\d+) epoch", resumed_output, re.MULTILINE)]
     assert evaluated == list(range(stopped_at + 5, 41, 5)), resumed_output
     whole, resumed = (torch.load(tmp_path / r / "checkpoints/last.pt", weights_only=True) for r in ("whole", "killed"))
@@ -148,7 +148,7 @@ def test_a_second_ctrl_c_raises_at_once_and_the_handlers_are_restored():
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_during_a_step_stops_after_it_and_a_second_stops_at_once(data_dir, tmp_path, monkeypatch, presses):
     """Ctrl-C while step 3 runs: the run ends after step 3 and saves it; pressed twice, it stops right there, with
-    step 3 unfinished and nothing saved (the command line then exits with status 130)."""
+    step 3 unfinished and nothing saved."""
     steps: list[int] = []
     original = Trainer.train_step
 
@@ -239,7 +239,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
     data_dir, tmp_path, capsys, monkeypatch, spoiled, found, kept
 ):
     """Adam at a learning rate of 1e30 from step `spoiled` on: that step's update makes the weights huge and every
-    later loss non-finite. The check of step 8 (log_every 4) finds it in the losses of the steps after it; where the
+    later loss non-finite. The next check (log_every 4) finds it in the losses of the steps after it; where the
     spoiling step is the one checked before an evaluation (8), the validation loss finds it. Either way the run
     stops with one line and exit status 2 before anything is saved: last.pt stays step 4's (or none exists)."""
     original = Trainer.train_step

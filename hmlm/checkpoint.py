@@ -64,16 +64,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def resolve_checkpoint(run_or_file: str | Path, which: str = "best") -> Path:
-    """A run directory (runs/NAME, using checkpoints/{best,last}.pt) or a checkpoint file."""
+    """The checkpoint file `which` (best or last) of a run directory (runs/NAME, holding checkpoints/), of that
+    checkpoints/ folder itself (what a shell completes to), or a checkpoint file as given."""
     path = Path(run_or_file)
     if path.is_dir():
         if which not in CHECKPOINT_NAMES:
             raise UserError(f"--checkpoint must be one of {', '.join(CHECKPOINT_NAMES)}, not {which!r}")
-        found = path / "checkpoints" / f"{which}.pt"
-        if not found.is_file() and which == "best" and (path / "checkpoints" / "last.pt").is_file():
-            found = path / "checkpoints" / "last.pt"  # a run stopped before its first evaluation
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = folder / f"{which}.pt"
+        if not found.is_file() and which == "best" and (folder / "last.pt").is_file():
+            found = folder / "last.pt"  # a run stopped before its first evaluation
         if not found.is_file():
-            raise UserError(f"{path} holds no checkpoint {found.name}: is it a run directory made by `hmlm train`?")
+            raise UserError(
+                f"{path} holds no checkpoint {which}.pt: pass a run directory made by `hmlm train` (runs/NAME), "
+                "its checkpoints/ folder, or a checkpoint file"
+            )
         return found
     if not path.exists():
         raise UserError(f"{path} does not exist: pass a run directory (runs/NAME) or a checkpoint file")

@@ -23,6 +23,7 @@ app.add_typer(config_app, name="config")
 
 SET_HELP = "Override a config key, e.g. -s model.hidden_sizes=[256,256,256] (value parsed as YAML). Repeatable."
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
+RUN_HELP = "A run directory (runs/NAME), its checkpoints/ folder, or a checkpoint file."
 
 
 def _version(value: bool) -> None:
@@ -154,7 +155,7 @@ def train(
 
 @app.command("eval")
 def evaluate_command(
-    run: Path = typer.Argument(..., help="A run directory (runs/NAME) or a checkpoint file."),
+    run: Path = typer.Argument(..., help=RUN_HELP),
     split: str = typer.Option("valid", "--split", help="valid or test."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
     batch_size: int = typer.Option(64, "--batch-size", help="Contiguous streams evaluated together."),
@@ -204,7 +205,7 @@ def evaluate_command(
 
 @app.command()
 def sample(
-    run: Path = typer.Argument(..., help="A run directory (runs/NAME) or a checkpoint file."),
+    run: Path = typer.Argument(..., help=RUN_HELP),
     prompt: str = typer.Option(
         ..., "--prompt", "-p", help="Text to start from; its characters must be in the vocabulary."
     ),
@@ -243,7 +244,7 @@ def sample(
 
 @app.command("boundaries")
 def boundaries_command(
-    run: Path = typer.Argument(..., help="A run directory (runs/NAME) or a checkpoint file."),
+    run: Path = typer.Argument(..., help=RUN_HELP),
     text: str | None = typer.Option(
         None, "--text", help="The text to read, from a fresh state (a typed space stands for the dataset's space)."
     ),

@@ -375,14 +375,18 @@ class Trainer:
         self.window.reset(after_step=self.schedule.step)
         if totals.bad_steps or not math.isfinite(totals.loss):
             loss, norm = self.means(totals)
-            last = self.checkpoint_dir / "last.pt"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
             steps = f"{totals.after_step + 1}-{totals.after_step + totals.steps}"
-            raise UserError(
-                f"the training loss became non-finite (mean {loss:.4g}, gradient norm {norm:.4g}) in steps {steps}; "
-                f"{kept}. Lower train.lr or train.grad_clip, then resume with --resume or start a new run"
+            raise self.diverged(
+                f"the training loss became non-finite (mean {loss:.4g}, gradient norm {norm:.4g}) in steps {steps}"
             )
         return totals
+
+    def diverged(self, what: str) -> UserError:
+        """The error that stops a run whose weights became non-finite, naming the checkpoint that is kept."""
+        last = self.checkpoint_dir / "last.pt"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        advice = "Lower train.lr or train.grad_clip, then resume with --resume or start a new run"
+        return UserError(f"{what}; {kept}. {advice}")
 
     def means(self, totals: WindowTotals) -> tuple[float, float]:
         """The mean loss (nats) and gradient norm per step of the global batch, over the window."""
@@ -406,6 +410,11 @@ class Trainer:
 
     def evaluate_and_save(self) -> None:
         result = self.validate()
+        # The check before an evaluation reads the losses of the steps up to it, each computed before its own update:
+        # an update that spoiled the weights at the last of them shows here first. Nothing is logged, sampled (its
+        # probabilities would be NaN) or saved from such weights. Under torchrun every process has the same sum.
+        if not math.isfinite(result.loss):
+            raise self.diverged(f"the validation loss became non-finite at step {self.schedule.step}")
         improved = self.after_evaluation(result)
         self.log_scalars("valid", {"bpc": result.bpc, "loss": result.loss})
         self.log_scalars("valid", {f"boundary_rate_layer{i + 1}": r for i, r in enumerate(result.boundary_rate)})

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_hmlm, small_config, write_config
+from helpers import require_cpu_kernels, run_hmlm, small_config, write_config
 from test_model import loss_of, loss_weights, make_rnn, random_state
 
 from hmlm import CharLM, ModelConfig
@@ -29,7 +29,6 @@ from hmlm.data import StreamBatcher, prepare_dataset
 from hmlm.distributed import Process
 from hmlm.errors import UserError
 from hmlm.evaluate import evaluate
-from hmlm.kernels import cpu
 from hmlm.train import Trainer
 from hmlm.window import StepResult
 
@@ -44,8 +43,8 @@ def kernels(request, monkeypatch):
     tensor, the Triton kernels (interpreted on the CPU) through its pointer, in the compute dtype: each is checked."""
     monkeypatch.delenv("HMLM_FUSED", raising=False)
     monkeypatch.setenv("HMLM_KERNELS", request.param)
-    if request.param == "cpu" and cpu.load() is None:
-        pytest.skip(f"the fused CPU kernels could not be built here: {cpu.failure()}")
+    if request.param == "cpu":
+        require_cpu_kernels()
     if request.param == "triton":
         module, why = backends.load_triton(F64)
         if module is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import Archives, build_archives, run_cli
+from data_fixtures import Archives, UnsafeArchives, build_archives, build_unsafe_archives, run_cli
 from data_server import DataServer, Fault
 
 import hmlm.data.download as download_module
@@ -33,6 +33,11 @@ def server() -> Iterator[DataServer]:
 @pytest.fixture(scope="session")
 def archives(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Archives:
     return build_archives(shared_data, tmp_path_factory.mktemp("archives"))
+
+
+@pytest.fixture(scope="session")
+def unsafe_archives(tmp_path_factory: pytest.TempPathFactory) -> UnsafeArchives:
+    return build_unsafe_archives(tmp_path_factory.mktemp("unsafe"))
 
 
 @pytest.fixture(autouse=True)
@@ -222,15 +227,21 @@ def archive_error_cases(server: DataServer, archives: Archives) -> dict[str, tup
         "corrupt zip": (["enwik8", "--source", str(archives.enwik8_corrupt), "--no-verify"], "truncated or corrupt"),
         "missing member": (["text8", "--source", str(archives.text8_missing_member)], "no file named text8"),
         "checksum": (["text8", "--source", str(archives.text8)], "checksum mismatch"),
+    }
+
+
+def unsafe_error_cases(unsafe: UnsafeArchives) -> dict[str, tuple[list[str], str]]:
+    """The same for the archives holding a path out of their folder, which need no corpus."""
+    return {
         "escaping tgz": (
-            ["ptb", "--source", str(archives.ptb_escaping)],
+            ["ptb", "--source", str(unsafe.ptb_escaping)],
             "'../../evil.txt': its path escapes the folder",
         ),
         "escaping zip": (
-            ["text8", "--source", str(archives.text8_escaping), "--no-verify"],
+            ["text8", "--source", str(unsafe.text8_escaping), "--no-verify"],
             "'../evil': its path escapes the folder",
         ),
-        "link out of the folder": (["ptb", "--source", str(archives.ptb_link_out)], "a link to outside the folder"),
+        "link out of the folder": (["ptb", "--source", str(unsafe.ptb_link_out)], "a link to outside the folder"),
     }
 
 
@@ -251,18 +262,18 @@ ARCHIVE_CASES = [
     "corrupt zip",
     "missing member",
     "checksum",
-    "escaping tgz",
-    "escaping zip",
-    "link out of the folder",
 ]
+UNSAFE_CASES = ["escaping tgz", "escaping zip", "link out of the folder"]
 
 
-@pytest.mark.parametrize("case", PLAIN_CASES + ARCHIVE_CASES)
+@pytest.mark.parametrize("case", PLAIN_CASES + UNSAFE_CASES + ARCHIVE_CASES)
 def test_errors_are_one_line_exit_2_and_leave_nothing(
     case: str, server: DataServer, tmp_path: Path, capsys: pytest.CaptureFixture, request: pytest.FixtureRequest
 ) -> None:
     if case in ARCHIVE_CASES:  # only these skip without ../shared/data
         args, fragment = archive_error_cases(server, request.getfixturevalue("archives"))[case]
+    elif case in UNSAFE_CASES:
+        args, fragment = unsafe_error_cases(request.getfixturevalue("unsafe_archives"))[case]
     else:
         args, fragment = plain_error_cases(server, tmp_path)[case]
     data_dir = tmp_path / "data"
@@ -282,11 +293,14 @@ def test_errors_are_one_line_exit_2_and_leave_nothing(
         assert Path(args[args.index("--source") + 1]).exists()
 
 
-def test_escaping_member_is_never_written(archives: Archives, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "archive"), [("ptb", "ptb_escaping"), ("text8", "text8_escaping"),
+                                                ("ptb", "ptb_link_out")])  # fmt: skip
+def test_escaping_member_is_never_written(unsafe_archives: UnsafeArchives, tmp_path: Path, name: str, archive: str):
     data_dir = tmp_path / "deep" / "data"
-    with pytest.raises(UserError):
-        prepare_dataset("ptb", data_dir, source=str(archives.ptb_escaping))
-    assert not any(p.name == "evil.txt" for p in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match="holds an unsafe member"):
+        prepare_dataset(name, data_dir, source=str(getattr(unsafe_archives, archive)), verify=False)
+    assert not any(p.name in ("evil.txt", "evil", "passwd") for p in tmp_path.rglob("*"))
+    assert leftovers(data_dir, name) == []
 
 
 def test_the_real_command_line_prints_one_line_without_traceback(tmp_path: Path) -> None:

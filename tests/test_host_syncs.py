@@ -66,7 +66,7 @@ def count_reads_per_step(monkeypatch, config, run_dir: Path) -> dict[int, int]:
     return {step: end - begin for (step, begin), end in zip(starts, ends, strict=True)}
 
 
-def test_at_most_one_host_read_per_step_outside_checks(data_dir, tmp_path, monkeypatch):
+def test_no_host_read_outside_checks_and_one_per_logging_check(data_dir, tmp_path, monkeypatch):
     assert_quiet_between_checks(count_reads_per_step(monkeypatch, check_config(data_dir), tmp_path / "run"))
 
 
@@ -90,7 +90,6 @@ def test_the_captured_step_reads_nothing_back_either(data_dir, tmp_path, monkeyp
     assert len(graphs) == 1 and graphs[0].verified and graphs[0].given_up is None and graphs[0].static is not None
     assert per_step[1] >= 2  # the first replay's check reads the eager and the replayed loss (and norms)
     assert_quiet_between_checks(per_step | {1: 0})
-    assert all(per_step[step] == 0 for step in (2, 3, 4, 6, 7, 8, 9, 11, 12, 14, 16, 21, 22, 23, 24)), per_step
 
 
 def check_config(data_dir: Path):
@@ -100,12 +99,18 @@ def check_config(data_dir: Path):
 
 
 def assert_quiet_between_checks(per_step: dict[int, int]) -> None:
+    """The exact reads of check_config's run: none on a step without a check, one at a check that only logs, more at
+    an evaluation."""
     assert sorted(per_step) == list(range(1, 27))
-    checks = {5, 10, 13, 15, 20, 25, 26}
-    quiet = {step: n for step, n in per_step.items() if step not in checks}
-    assert max(quiet.values()) <= 1, f"host reads per step outside checks: {quiet}"
-    # The counting sees reads: every check reads the log window (and evaluations read much more).
-    assert all(per_step[step] >= 1 for step in checks), per_step
+    logging, evaluations = {5, 10, 15, 20, 25}, {13, 26}
+    quiet = {step: n for step, n in per_step.items() if step not in logging | evaluations}
+    # None: a step leaves its loss, gradient norm, finite flag and boundary counts on the device in the log window
+    # (hmlm/window.py), the slope it is given is a Python number, and the stop flag and the clock are host values.
+    assert set(quiet.values()) == {0}, f"host reads on steps without a check: {quiet}"
+    # One: LogWindow.read, which reads the window's sums with the stop flags in one copy.
+    assert {step: per_step[step] for step in logging} == dict.fromkeys(logging, 1), per_step
+    # An evaluation reads its results (and the counting sees them), at a check too.
+    assert all(per_step[step] > 1 for step in evaluations), per_step
 
 
 TORCHRUN_SCRIPT = """

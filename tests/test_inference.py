@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import small_config
+from helpers import assert_close64, require_cpu_kernels, small_config
 
 from hmlm import CharLM, ModelConfig, fast, inference, kernels
 from hmlm.data import prepare_dataset
 from hmlm.evaluate import evaluate
-from hmlm.kernels import cpu as cpu_kernels
 from hmlm.sample import generate_ids
 from hmlm.train import train
 
@@ -26,8 +25,8 @@ VOCAB = 11
 def fast_kernels(request, monkeypatch):
     """Every test runs with the C++ CPU kernels and with torch ops (as on CUDA): both cell steps of fast.py."""
     monkeypatch.setenv("HMLM_KERNELS", request.param)
-    if request.param == "cpu" and cpu_kernels.load() is None:
-        pytest.skip(f"the fused CPU kernels could not be built here: {cpu_kernels.failure()}")
+    if request.param == "cpu":
+        require_cpu_kernels()
     return request.param
 
 
@@ -57,15 +56,16 @@ def both(model: CharLM, monkeypatch, fn):
     return plain, skipping, inference.COUNTS.fractions()
 
 
-def forward_twice(model: CharLM, tokens: torch.Tensor):
+def forward_twice(model: CharLM, tokens: torch.Tensor, slope: float = 1.0):
     """Two calls with the state carried, as evaluation makes them."""
     with torch.no_grad():
-        first = model(tokens[:, :7])
-        second = model(tokens[:, 7:], first.state)
+        first = model(tokens[:, :7], slope=slope)
+        second = model(tokens[:, 7:], first.state, slope=slope)
     return first, second
 
 
 def assert_outputs_equal(plain, skipping, exact: bool) -> None:
+    """The same boundaries; the same logits, gates and state bit for bit (exact), or equal in float64."""
     for a, b in zip(plain, skipping, strict=True):
         assert torch.equal(a.boundaries, b.boundaries)
         states = zip([*a.state.h, *a.state.c], [*b.state.h, *b.state.c], strict=True)
@@ -74,30 +74,55 @@ def assert_outputs_equal(plain, skipping, exact: bool) -> None:
             if exact:
                 assert torch.equal(mine, theirs)
             else:
-                torch.testing.assert_close(mine, theirs)
+                assert_close64(mine, theirs)
 
 
 @pytest.mark.parametrize("mode", ["step", "sample", "soft"])
 @pytest.mark.parametrize("layer_norm", [False, True])
 @pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("gather", ["always", "default"])
-def test_a_sequence_equals_the_path_without_skipping_in_float64(mode, layer_norm, batch, gather, monkeypatch):
-    if gather == "always":  # every batch step gathers its computing rows, however many
-        monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
+def test_a_sequence_equals_the_path_without_skipping_in_float64(mode, layer_norm, batch, monkeypatch):
+    """One stream skips a layer that copies; a batch gathers the rows that compute, wherever some copy
+    (GATHER_FRACTION 1.0: the default sizes would not gather at this small size, and the run would be the path
+    without skipping, compared with itself). The counts show the skipping in every case. The slope, 2.1, has no
+    float32 value: soft boundaries read it unrounded on both paths."""
+    monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
     model = sparse_lm(layer_norm, mode, F64)
     if mode == "soft":  # z = hard_sigm(zhat) is exactly 0 only below -1/slope: push the detectors there
         with torch.no_grad():
             for layer, H in enumerate(model.rnn.hidden_sizes[:-1]):
                 model.rnn.bias[layer][4 * H] -= 1.5
     tokens = torch.randint(0, VOCAB, (batch, 20), generator=torch.Generator().manual_seed(1))
+    plain, skipping, counts = both(model, monkeypatch, lambda: forward_twice(model, tokens, slope=2.1))
+    assert_outputs_equal(plain, skipping, exact=False)
+    assert counts["copy"][0] == 0 and counts["skipped"][0] == 0  # layer 1 never copies
+    assert min(counts["copy"][1:]) > 0.2  # the upper layers copy often...
+    assert min(counts["skipped"][1:]) > 0.1  # ...and skip it
+
+
+@pytest.mark.parametrize("mode", ["step", "sample"])
+def test_a_batch_that_gathers_on_some_steps_and_not_on_others_equals_the_path_without_skipping(mode, monkeypatch):
+    """GATHER_FRACTION 0.5: a layer step gathers where at most half of the 8 rows compute, and runs on the full batch
+    where more do, so one layer's state passes between both kinds of step within a sequence. Equal in float64."""
+    monkeypatch.setattr(inference, "GATHER_FRACTION", 0.5)
+    steps = {"gathered": 0, "full": 0}  # upper-layer steps with skipping on
+    gathered_step, layer_step = inference.SkippingStep.gathered_step, fast.layer_step
+
+    def gathered(self, *args):
+        steps["gathered"] += 1
+        return gathered_step(self, *args)
+
+    def full(plan, tape, below, *args):
+        steps["full"] += below is not None and inference.enabled()
+        return layer_step(plan, tape, below, *args)
+
+    monkeypatch.setattr(inference.SkippingStep, "gathered_step", gathered)
+    monkeypatch.setattr(fast, "layer_step", full)
+    model = sparse_lm(True, mode, F64)
+    tokens = torch.randint(0, VOCAB, (8, 20), generator=torch.Generator().manual_seed(1))
     plain, skipping, counts = both(model, monkeypatch, lambda: forward_twice(model, tokens))
     assert_outputs_equal(plain, skipping, exact=False)
-    if batch == 1 or gather == "always":
-        assert counts["copy"][0] == 0 and counts["skipped"][0] == 0  # layer 1 never copies
-        assert min(counts["copy"][1:]) > 0.2  # the upper layers copy often...
-        assert min(counts["skipped"][1:]) > 0.1  # ...and skip it
-    else:  # a batch this small computes every row, as without skipping: checking would cost more than it saves
-        assert counts == {"copy": [], "skipped": []}
+    assert steps["gathered"] > 0 and steps["full"] > 0, steps
+    assert min(counts["skipped"][1:]) > 0.1
 
 
 def use_engine(engine: str, monkeypatch) -> None:

@@ -1,13 +1,18 @@
 """The fused CPU kernels (hmlm/kernels/cpu.py): built where a compiler is, imported without the builder once built, a
-clear fallback where they cannot be built, and the float32 build (AVX2/FMA where the CPU has it) against the
-reference. tests/test_model.py runs every model test with and without them, in float64."""
+clear fallback where they cannot be built (and a non-zero exit status from `python -m hmlm.kernels.cpu`, which make
+install runs), and the float32 build (AVX2/FMA where the CPU has it) against the reference. tests/test_model.py
+runs every model test with and without them, in float64. A test that needs them skips only where no C++ compiler
+is installed: where one is, a failed build fails it (helpers.require_cpu_kernels)."""
 
 from __future__ import annotations
 
-import shutil
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from helpers import require_cpu_kernels
 from torch.utils import cpp_extension
 
 from hmlm import HMLSTM, kernels
@@ -22,16 +27,26 @@ def fresh_state(monkeypatch):
     monkeypatch.setattr(fused, "_failed", None)
 
 
-def test_the_kernels_build_where_there_is_a_compiler():
+def test_the_kernels_build_where_there_is_a_compiler(capsys):
     """Where a C++ compiler is installed the build must work: otherwise training silently runs the slower path."""
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler here: the fast path runs on torch ops alone")
-    assert fused.load() is not None, fused.failure()
+    require_cpu_kernels()
+    assert fused.main([]) == 0
+    assert capsys.readouterr().out.startswith("hmlm: fused CPU kernels ready: ")
+
+
+def test_a_failed_build_exits_non_zero(tmp_path):
+    """`python -m hmlm.kernels.cpu` (make install's last step) with a compiler that does not exist, into an empty
+    build folder: exit status 1, and a line that says why."""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "builds")}
+    done = subprocess.run([sys.executable, "-m", "hmlm.kernels.cpu"], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "hmlm: fused CPU kernels not built (no C++ compiler found: install g++, or name one in CXX)" in done.stderr
+    assert "ready" not in done.stdout
 
 
 def test_a_built_extension_is_imported_without_the_builder(fresh_state, monkeypatch):
-    if fused.load() is None:
-        pytest.skip(f"the fused CPU kernels could not be built here: {fused.failure()}")
+    require_cpu_kernels()
     monkeypatch.setattr(fused, "_module", None)
 
     def no_builder(*args, **kwargs):
@@ -42,17 +57,32 @@ def test_a_built_extension_is_imported_without_the_builder(fresh_state, monkeypa
     assert module is not None and callable(module.cell_forward)
 
 
-def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(fresh_state, monkeypatch):
+def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(fresh_state, monkeypatch, capsys):
     def failing_build(verbose: bool = False):
         raise RuntimeError("Error building extension 'hmlm_cell_cpu'\nc++: not found")
 
     monkeypatch.setattr(fused, "build", failing_build)
     with pytest.warns(RuntimeWarning, match="could not build the fused CPU kernels .*c\\+\\+: not found"):
         assert fused.load() is None
+    assert fused.main([]) == 1  # what `python -m hmlm.kernels.cpu` exits with
+    assert "hmlm: fused CPU kernels not built" in capsys.readouterr().err
     assert kernels.select(torch.device("cpu"), torch.float32) == "torch"
     assert "c++: not found" in fused.failure()
     rnn = HMLSTM(4, [5, 3], layer_norm=True)  # and the model still runs, on torch ops, without warning again
     rnn(torch.randn(2, 3, 4)).hidden[-1].sum().backward()
+
+
+def test_a_failed_build_fails_the_tests_that_need_it_unless_no_compiler_is_installed(fresh_state, monkeypatch):
+    def failing_build(verbose: bool = False):
+        raise RuntimeError("cell_cpu.cpp:1:1: error: a compile error")
+
+    monkeypatch.setattr(fused, "build", failing_build)
+    monkeypatch.setattr(fused, "compiler", lambda: "/usr/bin/c++")
+    with pytest.warns(RuntimeWarning), pytest.raises(pytest.fail.Exception, match="although a C.. compiler is"):
+        require_cpu_kernels()
+    monkeypatch.setattr(fused, "compiler", lambda: None)
+    with pytest.raises(pytest.skip.Exception, match="no C.. compiler here"):
+        require_cpu_kernels()
 
 
 def test_hmlm_fused_0_turns_them_off(monkeypatch):
@@ -86,8 +116,7 @@ def test_hmlm_kernels_chooses_the_backend(monkeypatch):
 def test_float32_kernels_match_the_reference(layer_norm: bool, monkeypatch):
     """tests/test_model.py holds the kernels to the reference in float64; this is the float32 build, vectorized
     differently (FMA, sums in a different order), at a size where the vector loops have full lanes and tails."""
-    if fused.load() is None:
-        pytest.skip(f"the fused CPU kernels could not be built here: {fused.failure()}")
+    require_cpu_kernels()
     monkeypatch.setenv("HMLM_KERNELS", "cpu")
     torch.manual_seed(0)
     rnn = HMLSTM(24, [67, 40, 33], layer_norm=layer_norm)

@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_close64
 from test_model import (
     F64,
     assert_same,
@@ -95,10 +96,10 @@ def test_without_gradients_equals_the_reference(device: torch.device):
             rnn.impl = impl
             outs[impl] = rnn(x, state)
     for mine, theirs in zip(outs["fast"].hidden, outs["reference"].hidden, strict=True):
-        torch.testing.assert_close(mine, theirs)
+        assert_close64(mine, theirs)
     for part_f, part_r in zip(outs["fast"].state, outs["reference"].state, strict=True):
         for mine, theirs in zip(part_f, part_r, strict=True):
-            torch.testing.assert_close(mine, theirs)
+            assert_close64(mine, theirs)
 
 
 def test_charlm_equals_the_reference(device: torch.device):

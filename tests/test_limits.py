@@ -29,7 +29,7 @@ from hmlm.memory import (
 )
 from hmlm.model import CharLM, ModelConfig
 from hmlm.train import Trainer, train
-from tests.helpers import run_hmlm, small_config, write_config
+from tests.helpers import adam_steps, record_steps, run_hmlm, small_config, write_config
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,10 @@ def test_out_of_memory_after_a_checkpoint_keeps_it(data_dir, tmp_path, monkeypat
     payload = torch.load(tmp_path / "r/checkpoints/last.pt", weights_only=True)
     assert payload["schedule"]["step"] == 4
     monkeypatch.undo()
-    assert train(None, tmp_path / "r", resume=True, progress=False).step == 8  # and the run resumes from it
+    steps = record_steps(monkeypatch)
+    assert train(None, tmp_path / "r", resume=True, progress=False).step == 8  # and the run resumes from it:
+    assert steps == [5, 6, 7, 8]  # the steps after the checkpoint's, and no other
+    assert adam_steps(torch.load(tmp_path / "r/checkpoints/last.pt", weights_only=True)) == {8}
 
 
 def test_eval_refuses_a_batch_larger_than_the_split(data_dir, tmp_path):
@@ -258,7 +261,7 @@ def snapshot(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
-def test_resuming_a_finished_run_changes_nothing(data_dir, tmp_path):
+def test_resuming_a_finished_run_changes_nothing(data_dir, tmp_path, monkeypatch):
     config = small_config(data_dir, max_steps=4, eval_every=2)
     train(config, tmp_path / "r", progress=False)
     before = snapshot(tmp_path / "r")
@@ -267,7 +270,9 @@ def test_resuming_a_finished_run_changes_nothing(data_dir, tmp_path):
     assert "already finished" in line and "-s train.max_steps=8" in line, line
     assert result.stdout == ""
     assert snapshot(tmp_path / "r") == before  # checkpoints, config, event files: byte for byte
+    steps = record_steps(monkeypatch)  # a larger limit: the run continues from step 4
     assert train(None, tmp_path / "r", resume=True, overrides=["train.max_steps=6"], progress=False).step == 6
+    assert steps == [5, 6] and adam_steps(torch.load(tmp_path / "r/checkpoints/last.pt", weights_only=True)) == {6}
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close64, require_cpu_kernels
 
 from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig, kernels
 from hmlm.cell import reference_step
@@ -24,8 +25,7 @@ def fast_kernels(request, monkeypatch):
     monkeypatch.delenv("HMLM_FUSED", raising=False)
     if request.param == "fused":
         monkeypatch.setenv("HMLM_KERNELS", "cpu")
-        if cpu.load() is None:
-            pytest.skip(f"the fused CPU kernels could not be built here: {cpu.failure()}")
+        require_cpu_kernels()
     else:
         monkeypatch.setenv("HMLM_KERNELS", "torch")
     return request.param
@@ -174,10 +174,11 @@ def test_model_is_the_reference_step_wired_as_the_paper_says(impl: str):
                 weights[layer], h_below, z_below, h[layer], c[layer], z[layer], h_above[layer], 1.0
             )
             h_below, z_below = h[layer], z[layer]
-            torch.testing.assert_close(out.hidden[layer][:, t], h[layer])
-        torch.testing.assert_close(out.boundaries[:, t], torch.cat(z[:-1], 1))
+            assert_close64(out.hidden[layer][:, t], h[layer])
+        assert_close64(out.boundaries[:, t], torch.cat(z[:-1], 1))
     for mine, theirs in zip(out.state, (h, c, z), strict=True):
-        torch.testing.assert_close(mine, theirs)
+        for a, b in zip(mine, theirs, strict=True):
+            assert_close64(a, b)
 
 
 # --- Chunking, the slope -----------------------------------------------------------------------------------
@@ -231,12 +232,13 @@ def test_chunked_run_with_carried_state_equals_one_long_run(impl: str, layer_nor
     chunk_grads = param_grads(chunk_loss, rnn)
 
     for mine, theirs in zip(hidden, long.hidden, strict=True):
-        torch.testing.assert_close(mine, theirs)
+        assert_close64(mine, theirs)
     assert torch.equal(torch.cat(boundaries, 1), long.boundaries)
     for mine, theirs in zip(chunk_state, long.state, strict=True):
-        torch.testing.assert_close(mine, theirs)
+        for a, b in zip(mine, theirs, strict=True):
+            assert_close64(a, b)
     for mine, theirs in zip(chunk_grads, long_grads, strict=True):
-        torch.testing.assert_close(mine, theirs)
+        assert_close64(mine, theirs)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -284,42 +286,57 @@ def test_charlm_forward_does_not_depend_on_the_slope(impl: str):
 # --- The fast path is the reference, in float64 ------------------------------------------------------------
 
 
+# SLOPE has no float32 value (2.1 is 2.0999999046 in float32): a path that rounded the slope to float32 would move
+# the soft boundaries and the straight-through gradients and fail the float64 comparisons below (assert_close64;
+# test_the_comparison_sees_a_slope_rounded_to_float32), where with a slope exact in float32 (2.0) it would pass
+# whatever the tolerance.
+SLOPE = 2.1
+
+
+def run_one(rnn: HMLSTM, impl: str, x: torch.Tensor, state: HMLSTMState, seed: int | None, slope):
+    """The outputs of one implementation, and the gradients of loss_of them (parameters, input, initial state)."""
+    rnn.impl = impl
+    x_ = x.clone().requires_grad_()
+    state_ = HMLSTMState(*([t.clone().requires_grad_() for t in part] for part in state))
+    if seed is not None:
+        torch.manual_seed(seed)  # sample mode: both implementations draw the same Bernoulli numbers
+    out = rnn(x_, state_, slope=slope)
+    loss = loss_of(out, loss_weights(out))
+    leaves = list(rnn.parameters()) + [x_] + [t for part in state_ for t in part]
+    return out, torch.autograd.grad(loss, leaves, allow_unused=True)
+
+
 def run_both(
-    rnn: HMLSTM, x: torch.Tensor, state: HMLSTMState, seed: int | None = None, slope: float | torch.Tensor = 2.0
+    rnn: HMLSTM, x: torch.Tensor, state: HMLSTMState, seed: int | None = None, slope: float | torch.Tensor = SLOPE
 ):
     """Outputs and gradients (parameters, input, initial state) of both implementations on the same module. The
     fast path gets `slope` as given (a number, or a 0-dim tensor as the CUDA graph step passes it), the reference
     the same value as a number."""
-    results = {}
-    for impl in IMPLS:
-        rnn.impl = impl
-        x_ = x.clone().requires_grad_()
-        state_ = HMLSTMState(*([t.clone().requires_grad_() for t in part] for part in state))
-        if seed is not None:
-            torch.manual_seed(seed)  # sample mode: both implementations draw the same Bernoulli numbers
-        out = rnn(x_, state_, slope=slope if impl == "fast" else float(slope))
-        loss = loss_of(out, loss_weights(out))
-        leaves = list(rnn.parameters()) + [x_] + [t for part in state_ for t in part]
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        results[impl] = (out, grads)
-    return results
+    return {impl: run_one(rnn, impl, x, state, seed, slope if impl == "fast" else float(slope)) for impl in IMPLS}
 
 
 def assert_same(results, names: list[str], **tolerance: float) -> None:
-    """assert_close on every output and gradient (its float64 tolerances, or rtol and atol as given)."""
+    """assert_close on every output and gradient: equal in float64 (assert_close64), or to the rtol and atol given."""
+
+    def close(mine: torch.Tensor, theirs: torch.Tensor, msg=None) -> None:
+        if tolerance:
+            torch.testing.assert_close(mine, theirs, msg=msg, **tolerance)
+        else:
+            assert_close64(mine, theirs, msg=msg)
+
     (out_f, grads_f), (out_r, grads_r) = results["fast"], results["reference"]
     for mine, theirs in zip(out_f.hidden, out_r.hidden, strict=True):
-        torch.testing.assert_close(mine, theirs, **tolerance)
-    torch.testing.assert_close(out_f.boundaries, out_r.boundaries, **tolerance)
+        close(mine, theirs)
+    close(out_f.boundaries, out_r.boundaries)
     for part_f, part_r in zip(out_f.state, out_r.state, strict=True):
         for mine, theirs in zip(part_f, part_r, strict=True):
-            torch.testing.assert_close(mine, theirs, **tolerance)
+            close(mine, theirs)
     for name, mine, theirs in zip(names, grads_f, grads_r, strict=True):
         if theirs is None:  # e.g. the top layer's initial z, which nothing reads
             assert mine is None or not mine.any(), name
             continue
         assert mine is not None, name
-        torch.testing.assert_close(mine, theirs, msg=lambda m, name=name: f"gradient of {name}: {m}", **tolerance)
+        close(mine, theirs, msg=lambda m, name=name: f"gradient of {name}: {m}")
 
 
 SIZES = [[5], [7, 5], [7, 5, 3], [4, 4, 4]]
@@ -342,7 +359,7 @@ def compare_with_reference(sizes: list[int], layer_norm: bool, mode: str, B: int
     state = random_state(rnn, B)
     if boundary_mode == "soft":  # soft boundaries carry fractions from step to step
         state = HMLSTMState(state.h, state.c, [z * 0.6 for z in state.z])
-    names = [n for n, _ in rnn.named_parameters()] + ["x"] + [f"state.{p}{i}" for p in "hcz" for i in range(len(sizes))]
+    names = names_of(rnn)
     if device is not None:
         rnn, x = rnn.to(device), x.to(device)
         state = HMLSTMState(*([t.to(device) for t in part] for part in state))
@@ -354,6 +371,27 @@ def compare_with_reference(sizes: list[int], layer_norm: bool, mode: str, B: int
     return results
 
 
+def names_of(rnn: HMLSTM) -> list[str]:
+    """What run_one differentiates, in its order: the parameters, the input, the initial state."""
+    layers = range(rnn.num_layers)
+    return [n for n, _ in rnn.named_parameters()] + ["x"] + [f"state.{p}{i}" for p in "hcz" for i in layers]
+
+
+@pytest.mark.parametrize("mode", ["step", "soft"])
+def test_the_comparison_sees_a_slope_rounded_to_float32(mode: str):
+    """The reference against itself with the slope rounded to float32: assert_same tells them apart (the soft
+    boundaries and the straight-through gradients move), so the comparisons above prove the slope unrounded."""
+    rounded = float(torch.tensor(SLOPE, dtype=torch.float32))
+    assert rounded != SLOPE
+    rnn = make_rnn([7, 5, 3], layer_norm=True, mode=mode)
+    x = torch.randn(3, 5, rnn.input_size, dtype=F64)
+    state = random_state(rnn, 3)
+    exact = run_one(rnn, "reference", x, state, None, SLOPE)
+    assert_same({"fast": exact, "reference": run_one(rnn, "reference", x, state, None, SLOPE)}, names_of(rnn))
+    with pytest.raises(AssertionError):
+        assert_same({"fast": exact, "reference": run_one(rnn, "reference", x, state, None, rounded)}, names_of(rnn))
+
+
 def test_fast_path_equals_reference_on_two_threads():
     """The fused kernels hand rows to torch's threads in chunks (at least 64 rows at H = 64) and sum the chunks'
     layer norm gradients under a lock; the rest of the suite runs on one thread, so here two threads get a
@@ -361,7 +399,7 @@ def test_fast_path_equals_reference_on_two_threads():
     rnn = make_rnn([64, 64], layer_norm=True, input_size=8)
     x = torch.randn(130, 6, 8, dtype=F64)
     state = random_state(rnn, 130)
-    names = [n for n, _ in rnn.named_parameters()] + ["x"] + [f"state.{p}{i}" for p in "hcz" for i in range(2)]
+    names = names_of(rnn)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -386,15 +424,15 @@ def compare_charlm_with_reference(layer_norm: bool, B: int, T: int, device=None)
     results = {}
     for impl in IMPLS:
         model.rnn.impl = impl
-        out = model(tokens, slope=3.0)
+        out = model(tokens, slope=SLOPE)
         loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
         results[impl] = (out, param_grads(loss, model))
     (out_f, grads_f), (out_r, grads_r) = results["fast"], results["reference"]
-    torch.testing.assert_close(out_f.logits, out_r.logits)
-    torch.testing.assert_close(out_f.gates, out_r.gates)
+    assert_close64(out_f.logits, out_r.logits)
+    assert_close64(out_f.gates, out_r.gates)
     assert torch.equal(out_f.boundaries, out_r.boundaries)
     for (name, _), mine, theirs in zip(model.named_parameters(), grads_f, grads_r, strict=True):
-        torch.testing.assert_close(mine, theirs, msg=lambda m, name=name: f"gradient of {name}: {m}")
+        assert_close64(mine, theirs, msg=lambda m, name=name: f"gradient of {name}: {m}")
 
 
 # --- Boundary modes, layer norm, evaluation ----------------------------------------------------------------
@@ -450,7 +488,7 @@ def test_evaluation_keeps_no_graph(impl: str):
     assert all(t.grad_fn is None and not t.requires_grad for t in [*out.hidden, out.boundaries, *out.state.h])
     with torch.inference_mode():
         out2 = rnn(x)
-    torch.testing.assert_close(out.hidden[-1], out2.hidden[-1])
+    assert_close64(out.hidden[-1], out2.hidden[-1])
 
 
 def test_state_detach_cuts_the_graph_and_keeps_the_values():
@@ -528,9 +566,10 @@ def test_stepping_one_symbol_at_a_time_equals_one_call():
         out = rnn(x[:, t : t + 1], state)
         state = out.state
         hidden.append(out.hidden[-1])
-    torch.testing.assert_close(torch.cat(hidden, 1), whole.hidden[-1])
+    assert_close64(torch.cat(hidden, 1), whole.hidden[-1])
     for mine, theirs in zip(state, whole.state, strict=True):
-        torch.testing.assert_close(mine, theirs)
+        for a, b in zip(mine, theirs, strict=True):
+            assert_close64(a, b)
 
 
 def test_a_second_backward_through_the_fast_path_fails_clearly():

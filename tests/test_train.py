@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import params_equal, run_hmlm, small_config, write_config
+from data_fixtures import run_cli
+from helpers import adam_steps, params_equal, record_steps, run_hmlm, small_config, write_config
 
 from hmlm import CharLM, ModelConfig, load_model
 from hmlm.data import prepare_dataset
-from hmlm.train import restarting_rows, train
+from hmlm.train import StopFlag, Trainer, restarting_rows, train
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +101,12 @@ def test_killed_run_resumes_to_the_same_result(data_dir, tmp_path):
     stopped_at = torch.load(last, weights_only=True)["schedule"]["step"]
     assert 15 <= stopped_at < 40, "the kill must land mid-run"
 
-    run_hmlm("train", "--run-dir", "killed", "--resume", "-q", cwd=tmp_path)
+    resumed_output = run_hmlm("train", "--run-dir", "killed", "--resume", "-q", cwd=tmp_path).stdout
+    # The resumed process evaluates only after the step it resumed from (a run started again would from step 5 on).
+    evaluated = [int(step) for step in re.findall(r"^step (\d+) epoch", resumed_output, re.MULTILINE)]
+    assert evaluated == list(range(stopped_at + 5, 41, 5)), resumed_output
     whole, resumed = (torch.load(tmp_path / r / "checkpoints/last.pt", weights_only=True) for r in ("whole", "killed"))
-    assert resumed["schedule"]["step"] == 40
+    assert resumed["schedule"]["step"] == 40 and adam_steps(resumed) == {40}
     assert params_equal(whole["model"], resumed["model"])
     carried = zip(sum(whole["recurrent_state"], []), sum(resumed["recurrent_state"], []), strict=True)
     assert all(torch.equal(a, b) for a, b in carried)
@@ -128,6 +132,47 @@ def test_sigterm_saves_a_checkpoint(data_dir, tmp_path):
     assert step > 0
 
 
+def test_a_second_ctrl_c_raises_at_once_and_the_handlers_are_restored():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with StopFlag() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested  # the first asks the loop to stop at the end of its step, and raises nothing
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    with StopFlag() as stop:
+        signal.raise_signal(signal.SIGTERM)  # SIGTERM asks the same
+        assert stop.requested
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_a_step_stops_after_it_and_a_second_stops_at_once(data_dir, tmp_path, monkeypatch, presses):
+    """Ctrl-C while step 3 runs: the run ends after step 3 and saves it; pressed twice, it stops right there, with
+    step 3 unfinished and nothing saved."""
+    steps: list[int] = []
+    original = Trainer.train_step
+
+    def train_step(self, *args):
+        steps.append(self.schedule.step + 1)
+        if self.schedule.step + 1 == 3:
+            for _ in range(presses):
+                signal.raise_signal(signal.SIGINT)
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    config = small_config(data_dir, max_steps=20, eval_every=10, sample_length=0)
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    if presses == 1:
+        summary = train(config, tmp_path / "r", progress=False)
+        assert summary.stopped == "interrupted" and summary.step == 3
+        assert torch.load(last, weights_only=True)["schedule"]["step"] == 3
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            train(config, tmp_path / "r", progress=False)
+        assert not last.exists()
+    assert steps == [1, 2, 3]
+
+
 def test_cli_end_to_end(tmp_path):
     """The quick start: data, train, eval, sample, as a user types them."""
     run_hmlm("data", "synthetic", "--data-dir", "data", cwd=tmp_path)
@@ -142,8 +187,8 @@ def test_cli_end_to_end(tmp_path):
     first, second = (run_hmlm(*args, cwd=tmp_path).stdout for _ in range(2))
     assert first == second and first.startswith("se toranu ")
     assert len(first.rstrip("\n")) >= 40
-    other = run_hmlm(*args[:-1], "4", cwd=tmp_path).stdout
-    assert other != first
+    other = run_hmlm("sample", "runs/c/checkpoints", *args[2:-1], "4", cwd=tmp_path).stdout  # the folder works too
+    assert other != first and other.startswith("se toranu ")
 
     model, vocab = load_model(tmp_path / "runs" / "c")
     assert not model.training and len(vocab) == model.vocab_size
@@ -182,22 +227,55 @@ def test_bad_inputs_give_one_line(data_dir, tmp_path):
     assert "vocabulary" in fails("sample", "r", "--prompt", "se \u00e9\u00e9")
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
-    config = write_config(tmp_path / "c.yaml", data_dir, max_steps=50, eval_every=2, lr=1e30, grad_clip=1e30)
-    result = run_hmlm("train", "-c", str(config), "--run-dir", "r", "-q", cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "loss became" in result.stderr
-    if (tmp_path / "r/checkpoints/last.pt").exists():
-        payload = torch.load(tmp_path / "r/checkpoints/last.pt", weights_only=True)
-        assert all(torch.isfinite(t).all() for t in payload["model"].values())
+@pytest.mark.parametrize(
+    ("spoiled", "found", "kept"),
+    [
+        (5, "the training loss became non-finite .* in steps 5-8", "the last good checkpoint is .*last.pt"),
+        (8, "the validation loss became non-finite at step 8", "the last good checkpoint is .*last.pt"),
+        (1, "the training loss became non-finite .* in steps 1-4", "no checkpoint was written yet"),
+    ],
+)
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
+    data_dir, tmp_path, capsys, monkeypatch, spoiled, found, kept
+):
+    """Adam at a learning rate of 1e30 from step `spoiled` on: that step's update makes the weights huge and every
+    later loss non-finite. The next check (log_every 4) finds it in the losses of the steps after it; where the
+    spoiling step is the one checked before an evaluation (8), the validation loss finds it. Either way the run
+    stops with one line and exit status 2 before anything is saved: last.pt stays step 4's (or none exists)."""
+    original = Trainer.train_step
+
+    def train_step(self, *args):
+        if self.schedule.step + 1 == spoiled:
+            for group in self.optimizer.param_groups:
+                group["lr"] = 1e30
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    config = write_config(tmp_path / "c.yaml", data_dir, max_steps=12, eval_every=4, log_every=4)
+    result = run_cli(capsys, "train", "-c", str(config), "--run-dir", str(tmp_path / "r"), "-q")
+    assert result.code == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert re.fullmatch(f"error: {found}; {kept}. Lower train.lr .*", line), line
+    last = tmp_path / "r/checkpoints/last.pt"
+    if spoiled == 1:
+        assert not last.exists()
+        return
+    payload = torch.load(last, weights_only=True)
+    assert payload["schedule"]["step"] == 4
+    assert all(torch.isfinite(t).all() for t in payload["model"].values())
 
 
-def test_resume_with_new_limits(data_dir, tmp_path):
-    """A finished run trained on with a larger max_steps continues from where it stopped."""
-    config = small_config(data_dir, max_steps=8, eval_every=4)
-    train(config, tmp_path / "r", progress=False)
+def test_resume_with_new_limits(data_dir, tmp_path, monkeypatch):
+    """A finished run trained on with a larger max_steps continues from where it stopped: it runs steps 9-12 only,
+    and ends with the weights and the optimizer state of a run of 12 steps that never stopped."""
+    train(small_config(data_dir, max_steps=8, eval_every=4), tmp_path / "r", progress=False)
+    steps = record_steps(monkeypatch)
     summary = train(None, tmp_path / "r", resume=True, overrides=["train.max_steps=12"], progress=False)
-    assert summary.step == 12
+    assert summary.step == 12 and steps == [9, 10, 11, 12]
+    train(small_config(data_dir, max_steps=12, eval_every=4), tmp_path / "whole", progress=False)
+    whole, resumed = (torch.load(tmp_path / r / "checkpoints/last.pt", weights_only=True) for r in ("whole", "r"))
+    assert params_equal(whole["model"], resumed["model"])
+    assert adam_steps(resumed) == {12}
 
 
 def test_restarts_are_spread_and_each_stream_restarts_once_a_period():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import sys
 import threading
 import warnings
@@ -108,6 +109,25 @@ def failure() -> str | None:
     return _failed
 
 
-if __name__ == "__main__":  # `python -m hmlm.kernels.cpu`: build now (make install does), rather than on first use
-    module = load(verbose="-v" in sys.argv)
-    print(f"hmlm: fused CPU kernels {'ready: ' + str(module.__file__) if module else 'not built: ' + str(failure())}")
+def compiler() -> str | None:
+    """The C++ compiler torch's builder calls (CXX, else c++), where it is installed; None where it is not, the one
+    place the build is expected to fail."""
+    from torch.utils import cpp_extension
+
+    return shutil.which(cpp_extension.get_cxx_compiler())
+
+
+def main(argv: list[str]) -> int:
+    """`python -m hmlm.kernels.cpu [-v]`: build now (make install does), rather than on first use. Exit status 1
+    where the build fails, so that an install notices: the package still works, on the slower torch-op path."""
+    module = load(verbose="-v" in argv)
+    if module is not None:
+        print(f"hmlm: fused CPU kernels ready: {module.__file__}")
+        return 0
+    missing = "" if compiler() else " (no C++ compiler found: install g++, or name one in CXX)"
+    print(f"hmlm: fused CPU kernels not built{missing}: {failure()}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """What each layer's boundary detector learns: statistics, scores against word (and phrase) boundaries, the figure.
 
-A lower layer l < L closes a segment at step t when z^l_t = 1 (DESIGN section 1). This module measures
+A lower layer l < L closes a segment at step t when z^l_t = 1 (docs/design.md, "The model"). This module measures
 
 - each layer's firing rate (the mean of z; soft boundaries count with their value) and its mean segment length
   (symbols per closed segment: z = 1 thresholded at 0.5, the first segment starting with the text);

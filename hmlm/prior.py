@@ -13,9 +13,9 @@ count that is not a whole number.
 p_t = keep_t * sigm(a * zhat_t): the logistic counterpart of the hard sigmoid ztilde = hard_sigm(a * zhat), with
 the same crossing of 1/2 at zhat = 0 (where the step boundary switches), but never flat, so the prior can still
 move a layer that has stopped firing, or fires everywhere (hard_sigm's gradient is 0 there). keep_t = 1 - copy_t
-(a boundary can only open on a step that is not a COPY, DESIGN section 1) comes from the hard boundaries and is
-a constant here: the prior's gradient goes only through zhat. The term is a training loss only: BPC stays the LM
-loss alone.
+(a boundary can only open on a step that is not a COPY: docs/design.md, "Choices made here") comes from the hard
+boundaries and is a constant here: the prior's gradient goes only through zhat. The term is a training loss only:
+BPC stays the LM loss alone.
 
 What k counts (`prior.count`):
 - "hard" (the default): k is the number of boundaries the layer actually drew, with the gradient of the soft

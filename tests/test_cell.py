@@ -1,4 +1,4 @@
-"""The reference cell (DESIGN.md section 1), checked one step at a time with the boundaries set by hand."""
+"""The reference cell (docs/design.md, "The model"), checked one step at a time with the boundaries set by hand."""
 
 from __future__ import annotations
 

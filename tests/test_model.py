@@ -1,5 +1,5 @@
-"""The HM-LSTM stack and the character LM: the table of DESIGN.md section 1 on inputs nobody chose, the
-fast path against the reference (float64, forward and gradients), chunking, the slope, the boundary modes."""
+"""The HM-LSTM stack and the character LM: the table of docs/design.md ("The model") on inputs nobody chose,
+the fast path against the reference (float64, forward and gradients), chunking, the slope, the boundary modes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A prepared dataset on disk (DATA_DIR/NAME/, DESIGN section 4), opened without reading it into memory."""
+"""A prepared dataset on disk (DATA_DIR/NAME/, docs/design.md, "Data format"), opened without reading it into memory."""
 
 from __future__ import annotations
 

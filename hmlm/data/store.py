@@ -60,8 +60,8 @@ def write_dataset(
     extra: Mapping[str, np.ndarray] | None = None,
     meta_extra: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write DATA_DIR/NAME/{train,valid,test}.bin, vocab.json, meta.json (DESIGN section 4), replacing any
-    older version of the dataset only once the new one is complete.
+    """Write DATA_DIR/NAME/{train,valid,test}.bin, vocab.json, meta.json (docs/design.md, "Data format"),
+    replacing any older version of the dataset only once the new one is complete.
 
     splits: token ids of each split (all one dtype). source: {"name": ..., "sha256": ...}. extra: more arrays
     to store beside the splits, by file name (the synthetic data's true boundaries, e.g. "train.word.bin").

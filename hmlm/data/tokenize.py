@@ -37,7 +37,7 @@ def code_counts(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
-    """uint8 when every id fits in a byte, else uint16 (DESIGN section 4)."""
+    """uint8 when every id fits in a byte, else uint16 (docs/design.md, "Data format")."""
     if vocab_size <= 256:
         return np.dtype(np.uint8)
     if vocab_size <= 65536:

@@ -19,7 +19,7 @@ Where the time goes, and what this file does about it (measure with `hmlm bench`
 - Evaluation and sampling (no gradient needed) keep nothing but the outputs, and reuse their scratch buffers
   from one call to the next. On the CPU a large layer's gates matmul then runs on oneDNN (ONEDNN_MIN_WEIGHT),
   and hmlm/inference.py skips the steps that COPY.
-What that buys is in the README's Speed section (`hmlm bench`). In short, on a 2-core CPU: at small widths
+What that buys is in docs/performance.md (`hmlm bench`). In short, on a 2-core CPU: at small widths
 (3x128), where dispatch dominated, training runs ~2.4x the reference on one thread and ~3x on two; at the
 paper's PTB width (3x512) matmuls are ~80% of a step, most of them of 64 rows at the BLAS's speed for that,
 and leave the fast path at about half of nn.LSTM's speed for ~1.5x its arithmetic.

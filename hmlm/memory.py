@@ -15,7 +15,7 @@ The estimate counts the tensors alive at the highest point of a training step, a
 The step's activations and the evaluation's are never alive together (evaluation runs between steps).
 
 `hmlm bench` measures the rise of a fresh process's resident memory during its first training step (the model
-already built): `first_step` is the estimate of that figure. The README's "Memory" table compares the two.
+already built): `first_step` is the estimate of that figure. docs/performance.md compares the two.
 """
 
 from __future__ import annotations

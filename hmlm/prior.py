@@ -20,13 +20,13 @@ BPC stays the LM loss alone.
 What k counts (`prior.count`):
 - "hard" (the default): k is the number of boundaries the layer actually drew, with the gradient of the soft
   count (straight-through: z + p - p.detach(), per step), as Nawrot et al. count their hard boundaries.
-- "soft": k = sum_t p_t itself. Measured on the synthetic corpus (README, "Boundary study"), the model then meets
+- "soft": k = sum_t p_t itself. Measured on the synthetic corpus (docs/boundary-study.md), the model then meets
   the prior with every p_t near the rate and few zhat above 0: the soft count is on target while the layer
   fires far less often than asked.
 
 `start` and `ramp` delay the prior and grow its weights linearly, a function of the step alone (so a resume
 repeats it). They test whether a layer that first fires freely keeps its word ends when the budget arrives:
-measured on the synthetic corpus (README, "Boundary study"), it does not.
+measured on the synthetic corpus (docs/boundary-study.md), it does not.
 """
 
 from __future__ import annotations

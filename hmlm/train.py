@@ -6,12 +6,11 @@ next symbol, and backpropagates through those `seq_len` steps only. The recurren
 layer) is carried to the next batch but detached there, so the model sees the whole history in its state while
 the gradient stops at the batch edge.
 
-The carried state runs on from one epoch into the next, so without `train.reset_every` a stream starts from the
-zero state only at step 0, while evaluation starts every stream from zeros. An HM-LSTM trained that way can meet a
-fresh start in a regime it never learned: measured on PTB (README, "Boundary study"), 2 to 3 of 32-64 streams
-started from zeros with a sparse layer 2 (the prior or sampled boundaries) locked into layer 2 firing on every
-step at over 5 bits per character, for the rest of the stream. `train.reset_every: N` restarts each stream from
-zeros every N steps (stream g at the steps s with (s + g N // B) % N == 0: spread over the steps), a
+The carried state runs on from one epoch into the next, so without restarts a stream starts from the zero state
+only at step 0, while evaluation and sampling start every stream from zeros. An HM-LSTM trained that way can meet
+a fresh start in a regime it never learned: some streams lock into their highest boundary layer firing on every
+step, at 5 to 8 bits per character (docs/locked-streams.md). `train.reset_every: N` (50 by default) restarts each
+stream from zeros every N steps (stream g at the steps s with (s + g N // B) % N == 0: spread over the steps), a
 deterministic function of the step, so a resume repeats it.
 
 The trainer knows the model only through `model(x, state, slope) -> (logits, boundaries, state, gates)`.

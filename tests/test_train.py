@@ -317,7 +317,7 @@ def test_streams_restart_from_zeros_and_a_resume_repeats_it(data_dir, tmp_path, 
 
 
 def test_the_study_tools_read_a_run(data_dir, tmp_path):
-    """The study tools (README, "Boundary study"; docs/locked-streams.md) on a trained run."""
+    """The study tools (docs/boundary-study.md, docs/locked-streams.md) on a trained run."""
     train(small_config(data_dir, max_steps=4, eval_every=4), tmp_path / "run", progress=False)
     tools = Path(__file__).parents[1] / "tools"
 

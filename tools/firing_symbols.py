@@ -3,8 +3,8 @@ occurrences on which the layer closes a segment (z = 1), over the start of a spl
 
     .venv/bin/python tools/firing_symbols.py runs/study/prior1sample-s1 [--split test] [--symbols 20000]
 
-A layer that has learned words fires on the symbol that ends each word or on the space after it; README,
-"Boundary study", has what it found.
+A layer that has learned words fires on the symbol that ends each word or on the space after it;
+docs/boundary-study.md has what it found.
 """
 
 from __future__ import annotations

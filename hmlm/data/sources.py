@@ -1,6 +1,6 @@
 """The registry of downloadable datasets: where each one comes from, which files it needs, how to check them.
 
-Checksums are those of the official files (../shared/data/README.md). PTB has no published checksum of its
+Checksums are those of the official files (docs/data.md lists them). PTB has no published checksum of its
 archive, so it is checked by the sha256 of its valid and test files (the original files) and by the token
 counts of all three splits, the numbers every paper reports.
 """

@@ -114,10 +114,24 @@ def mismatch(eager: tuple[float, float], replay: tuple[float, float], dtype: tor
 # --- Copies of what a step changes, put back in place -----------------------------------------------------------
 
 
+def get_rng_state(device: torch.device) -> Tensor:
+    """The generator that `sample` boundaries draw from on this device."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(state: Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 class Snapshot:
-    """Parameters, optimizer state and carried state, copied now and written back by `restore` into the same
-    tensors (a captured graph knows them by address). Optimizer state that does not exist yet (a fresh Adam) is
-    zeroed on restore, which is how Adam starts it."""
+    """Parameters, optimizer state, carried state and the device's random generator, copied now and written back by
+    `restore` into the same tensors (a captured graph knows them by address). Optimizer state that does not exist
+    yet (a fresh Adam) is zeroed on restore, which is how Adam starts it. The generator comes back too, so that a
+    warm-up, a capture or a checked replay that is undone leaves `sample` boundaries drawing what they would have
+    drawn without it."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: HMLSTMState):
         self.model, self.optimizer = model, optimizer
@@ -125,6 +139,8 @@ class Snapshot:
         self.tensors += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
         self.copies = [t.detach().clone() for t in self.tensors]
         self.fresh = [p for p in model.parameters() if not optimizer.state.get(p)]
+        self.device = next(model.parameters()).device
+        self.rng = get_rng_state(self.device)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -134,6 +150,7 @@ class Snapshot:
             for value in self.optimizer.state.get(p, {}).values():
                 if torch.is_tensor(value):
                     value.zero_()
+        set_rng_state(self.rng, self.device)
 
 
 # --- The step on static buffers ---------------------------------------------------------------------------------
@@ -234,8 +251,7 @@ class CudaGraphReplay:
 
     def capture(self) -> None:
         step = self.step
-        snapshot = Snapshot(step.model, step.optimizer, step.state)
-        rng = torch.cuda.get_rng_state(step.device)  # warm-up must not move the random numbers of `sample` mode
+        snapshot = Snapshot(step.model, step.optimizer, step.state)  # the generator too: for `sample` boundaries
         self.stream.wait_stream(torch.cuda.current_stream(step.device))
         with torch.cuda.stream(self.stream):
             for _ in range(WARMUP_STEPS):
@@ -243,7 +259,6 @@ class CudaGraphReplay:
                 step.compute()
         torch.cuda.current_stream(step.device).wait_stream(self.stream)
         snapshot.restore()
-        torch.cuda.set_rng_state(rng, step.device)
         # No gradients before capture: backward then allocates them from the graph's pool, and every replay writes
         # (not accumulates) them there.
         step.optimizer.zero_grad(set_to_none=True)
@@ -318,7 +333,8 @@ class GraphTrainStep:
         recapture = self.replay is None or lrs != self.captured_lrs
         if recapture and self.device.type == "cuda":
             set_capturable(self.optimizer, True)  # before the snapshot: it may move Adam's step counts
-        # What to put back if capture or the check fails: warm-up and the checked replay change the weights.
+        # What to put back if capture or the check fails: warm-up and the checked replay change the weights, and
+        # draw random numbers.
         snapshot = Snapshot(self.model, self.optimizer, static.state) if recapture or not self.verified else None
         try:
             if recapture:
@@ -331,21 +347,19 @@ class GraphTrainStep:
             return self.replay.replay(), static.state
         except Exception as error:  # a kernel that cannot be captured, out of memory in the graph's pool, ...
             if self.mode == "on":
+                if snapshot is not None:
+                    snapshot.restore()
                 raise UserError(f"train.cuda_graph is on but capturing the training step failed: {describe(error)}; "
                                 "use train.cuda_graph=auto or off") from None  # fmt: skip
             return self._give_up(f"capturing the training step failed: {describe(error)}", snapshot)
 
     def _verified_step(self, static: StaticStep, snapshot: Snapshot):
         """The first replay, checked against an eager step from the same weights, state and batch."""
-        cuda = self.device.type == "cuda"
-        rng = torch.cuda.get_rng_state(self.device) if cuda else torch.get_rng_state()
+        rng = get_rng_state(self.device)
         eager = static.eager()
         eager_values = (float(eager.loss), float(eager.grad_norm))  # one host read, once per run
         snapshot.restore()
-        if cuda:  # the same Bernoulli draws for `sample` boundaries
-            torch.cuda.set_rng_state(rng, self.device)
-        else:
-            torch.set_rng_state(rng)
+        set_rng_state(rng, self.device)  # the same Bernoulli draws for `sample` boundaries as the eager step
         result = self.replay.replay()
         reason = mismatch(eager_values, (float(result.loss), float(result.grad_norm)), static.dtype)
         if reason is not None:
@@ -354,8 +368,8 @@ class GraphTrainStep:
         return result, static.state
 
     def _give_up(self, reason: str, snapshot: Snapshot | None):
-        """Graphs off for the rest of the run: undo the replayed step, say why once, and let the caller run eagerly
-        from the carried state."""
+        """Graphs off for the rest of the run: undo the warm-up, capture and replayed step (weights, optimizer,
+        state and random generator), say why once, and let the caller run eagerly from the carried state."""
         if snapshot is not None:
             snapshot.restore()
         self.given_up = reason
@@ -386,11 +400,17 @@ class EvalBatch:
 
 
 def eval_forward(
-    model: nn.Module, x: Tensor, y: Tensor, state: HMLSTMState | None, autocast: torch.dtype | None
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    state: HMLSTMState | None,
+    autocast: torch.dtype | None,
+    slope: float | Tensor = 1.0,
 ) -> EvalBatch:
-    """The forward of one evaluation batch, eagerly (also what the captured graph runs)."""
+    """The forward of one evaluation batch, eagerly (also what the captured graph runs, with the slope as a
+    tensor: the same kernel variants as its warm-up, and the same in float64 as a number)."""
     with autocast_context(x.device, autocast):
-        out = model(x, state)
+        out = model(x, state, slope)
     losses = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)  # (B, T)
     return EvalBatch(losses.sum().double(), out.boundaries.double().sum(dim=(0, 1)), out.boundaries, losses, out.state)
 
@@ -401,11 +421,12 @@ class EvalGraph(StaticInputs):
     def __init__(self, model: nn.Module, batch_shape: tuple[int, int], device: torch.device, autocast):
         super().__init__(model, batch_shape, device)
         self.model, self.autocast = model, autocast
+        self.slope = torch.ones((), dtype=self.dtype, device=device)  # evaluation's slope, 1 (see eval_forward)
         self.out: EvalBatch | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _compute(self) -> EvalBatch:
-        out = eval_forward(self.model, self.x, self.y, self.state, self.autocast)
+        out = eval_forward(self.model, self.x, self.y, self.state, self.autocast, self.slope)
         self.keep_state(out.state)
         return EvalBatch(out.nll, out.boundary_sum, out.boundaries, out.losses, self.state)
 

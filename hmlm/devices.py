@@ -7,6 +7,8 @@ bench), so that they accept the same strings and refuse the same mistakes with t
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -55,3 +57,24 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+_rehearsing = False  # see rehearsing_capture
+
+
+def capturing(tensor: torch.Tensor) -> bool:
+    """Whether work on `tensor` is being captured into a CUDA graph now (or a capture is being rehearsed)."""
+    return _rehearsing or (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+@contextmanager
+def rehearsing_capture() -> Iterator[None]:
+    """Within, `capturing` says yes for any tensor: the code that a captured region runs takes the branches it
+    takes under capture, on the CPU too, so that tests (and the ahead-of-time compile check) see what a capture
+    would launch without a GPU."""
+    global _rehearsing
+    saved, _rehearsing = _rehearsing, True
+    try:
+        yield
+    finally:
+        _rehearsing = saved

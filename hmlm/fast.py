@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hmlm import kernels
+from hmlm import devices, kernels
 from hmlm.cell import hard_sigmoid
 from hmlm.kernels import LN_EPS, ZRAW_MODES, LayerNormParams, torch_ops
 
@@ -582,7 +582,7 @@ def run(
         key = (plan, x_proj.shape[1], x_proj.device, h0[0].dtype)
         # While a CUDA graph is being captured (hmlm/cuda_graph.py), the tapes are the graph's own, from its memory
         # pool: a cached tape could be freed (and its memory reused) while the graph still writes into it.
-        capturing = x_proj.is_cuda and torch.cuda.is_current_stream_capturing()
+        capturing = devices.capturing(x_proj)
         tapes = None if capturing else TAPES.take(key)
         autocast = torch.is_autocast_enabled(x_proj.device.type)  # entering a context costs more than a small step
         with torch.autocast(x_proj.device.type, enabled=False) if autocast else contextlib.nullcontext():

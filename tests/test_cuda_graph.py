@@ -4,6 +4,7 @@ key, the Trainer's wiring); the graph itself is tested by the `cuda` tests, whic
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -214,6 +215,78 @@ def test_a_failed_capture_falls_back_under_auto_and_is_an_error_under_on():
     graph = GraphTrainStep(model, optimizer, 1.0, None, CPU, "on", warnings.append, FailingCapture)
     with pytest.raises(UserError, match="train.cuda_graph is on but capturing the training step failed"):
         graph.step(x, y, 1.0, None)
+
+
+class DrawingThenFailingCapture(EagerReplay):
+    """A warm-up that draws random numbers (as `sample` boundaries do) and changes the weights, then a capture that
+    fails."""
+
+    def capture(self) -> None:
+        self.step.eager()
+        torch.rand(5)
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_a_failed_capture_leaves_the_run_as_it_was_random_generator_included(mode: str):
+    model = tiny_model(boundary="sample")
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(11)
+    rng = torch.get_rng_state()
+    graph = GraphTrainStep(model, optimizer, 1.0, None, CPU, mode, lambda message: None, DrawingThenFailingCapture)
+    x, y = next(batches([(3, 8)]))
+    if mode == "on":
+        with pytest.raises(UserError, match="capturing the training step failed: RuntimeError: CUDA error"):
+            graph.step(x, y, 1.0, None)
+    else:
+        assert graph.step(x, y, 1.0, None)[0] is None
+    assert torch.equal(torch.get_rng_state(), rng), "the failed warm-up's draws were not undone"
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_a_mismatched_replay_leaves_the_random_generator_as_it_was():
+    """Under `auto` the checked replay and the eager step it is checked against both draw; after the fallback the
+    caller's eager step must draw what it would have drawn without graphs (a resumed run depends on it)."""
+    model = tiny_model(boundary="sample")
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    torch.manual_seed(12)
+    rng = torch.get_rng_state()
+    graph = GraphTrainStep(model, optimizer, 1.0, None, CPU, "auto", lambda message: None,
+                           lambda static: EagerReplay(static, perturb=0.01))  # fmt: skip
+    x, y = next(batches([(3, 8)]))
+    assert graph.step(x, y, 1.0, None)[0] is None
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_capture_launches_only_kernel_variants_its_warm_up_compiled(dtype: torch.dtype, monkeypatch):
+    """A kernel compiled inside torch.cuda.graph would fail the capture. The captured regions (the training step and
+    evaluation's forward) are run here on the CPU, once plainly (as the warm-up runs) and once with the branches a
+    capture takes (devices.rehearsing_capture), and the Triton launches of both recorded (interpreted)."""
+    monkeypatch.delenv("HMLM_FUSED", raising=False)
+    monkeypatch.setenv("HMLM_KERNELS", "triton")
+    module, why = backends.load_triton(dtype)
+    if module is None or module.DEVICE != "cpu":
+        pytest.skip(f"the Triton kernels are not interpreted on the CPU here: {why or module.MODE}")
+    from hmlm.cuda_graph import EvalGraph
+    from hmlm.devices import rehearsing_capture
+
+    model = tiny_model(boundary="soft").to(dtype)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    static = StaticStep(model, optimizer, 1.0, None, (2, 4), CPU)
+    evaluation = EvalGraph(model, (2, 4), CPU, None)
+    variants = {}
+    for phase, context in (("warm-up", contextlib.nullcontext()), ("capture", rehearsing_capture())):
+        with module.recording() as launches, context:
+            static.eager()
+            with torch.no_grad():
+                model.eval()
+                evaluation._compute()
+                model.train()
+        variants[phase] = set(launches)
+        assert launches, "the Triton kernels did not run"
+    assert variants["capture"] <= variants["warm-up"]
 
 
 def test_mismatch_tolerances():

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from types import ModuleType
 from typing import Protocol
 
@@ -135,7 +137,7 @@ def choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
 
 
 def load(backend: str) -> FusedKernels:
-    """The kernels of a fused backend that `select` chose (so known to load)."""
+    """The kernels of a fused backend that `select` chose (so known to load); watched while `observing`."""
     if backend == "cpu":
         from hmlm.kernels import cpu
 
@@ -144,7 +146,46 @@ def load(backend: str) -> FusedKernels:
         module = _triton
     if module is None:
         raise RuntimeError(f"the {backend} kernels were chosen but are not loaded")  # select() said they were
-    return module
+    return module if _observer is None else Observed(module, backend, _observer)
+
+
+# Called as observer(backend, function name) around each call of a fused backend's function; what it returns is
+# the context the call runs in. hmlm/launches.py counts the calls (one kernel launch each) this way.
+Observer = Callable[[str, str], AbstractContextManager]
+_observer: Observer | None = None
+
+
+@contextmanager
+def observing(observer: Observer) -> Iterator[None]:
+    """Within, every call of a fused backend's functions goes through `observer` (one observer at a time)."""
+    global _observer
+    if _observer is not None:
+        raise RuntimeError("the fused kernels are already being observed")
+    _observer = observer
+    try:
+        yield
+    finally:
+        _observer = None
+
+
+class Observed:
+    """A fused backend whose calls go through an observer."""
+
+    def __init__(self, module: FusedKernels, backend: str, observer: Observer):
+        self.module, self.backend, self.observer = module, backend, observer
+
+    def _call(self, name: str, *args) -> None:
+        with self.observer(self.backend, name):
+            getattr(self.module, name)(*args)
+
+    def cell_forward(self, *args) -> None:
+        self._call("cell_forward", *args)
+
+    def cell_backward(self, *args) -> None:
+        self._call("cell_backward", *args)
+
+    def route_backward(self, *args) -> None:
+        self._call("route_backward", *args)
 
 
 _triton: ModuleType | None = None

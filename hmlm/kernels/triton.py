@@ -27,6 +27,9 @@ a numeric slope goes by pointer too (`_slope_arg`), so float64 results do not de
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -36,6 +39,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from hmlm.devices import capturing  # noqa: E402
 from hmlm.kernels import LN_EPS, ZRAW_MODES  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
@@ -74,10 +78,13 @@ def _tanh(x):
 @device_function
 def _slope(slope, like, SLOPE_PTR: tl.constexpr):
     """The slope in the dtype of `like`: read from the device (a 1-element tensor: a captured CUDA graph's, which
-    a new slope updates without a new graph), or the number Triton passed."""
+    a new slope updates without a new graph), or the number Triton passed. One return: Triton's compiler types a
+    function's returns together, even across a constexpr branch, and a pointer is not a float."""
     if SLOPE_PTR:
-        return tl.load(slope).to(like.dtype)
-    return slope
+        value = tl.load(slope).to(like.dtype)
+    else:
+        value = slope
+    return value
 
 
 @device_function
@@ -357,6 +364,50 @@ def _route_backward(
 # --- The interface (hmlm.kernels.FusedKernels) -----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Launch:
+    """What one launch hands a kernel, as Triton specializes on it: per argument, by name in the kernel's order, a
+    tensor's dtype and its address modulo 16 (Triton specializes on 16-byte alignment), an integer (its
+    divisibility by 16, and being 1, are specialized on), a float, or a constexpr's value; and the warps.
+    tools/compile_kernels.py compiles each distinct one for real GPU targets."""
+
+    kernel: str
+    args: tuple[tuple[str, str, object], ...]  # (name, "tensor" | "int" | "float" | "constexpr", value)
+    num_warps: int
+
+
+_recorded: list[Launch] | None = None
+
+
+@contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Within, every launch is also recorded into the list this yields (and still runs)."""
+    global _recorded
+    saved, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = saved
+
+
+def _describe(name: str, value) -> tuple[str, str, object]:
+    if isinstance(value, torch.Tensor):
+        return name, "tensor", f"{str(value.dtype).removeprefix('torch.')}:{value.data_ptr() % 16}"
+    if isinstance(value, int):
+        return name, "int", value
+    return name, "float", float(value)
+
+
+def _launch(kernel, grid: tuple[int], args: tuple, constexprs: dict, num_warps: int) -> None:
+    """Every launch of this module's kernels goes through here: `args` in the kernel's order, then constexprs."""
+    if _recorded is not None:
+        names = kernel.arg_names
+        described = [_describe(name, value) for name, value in zip(names, args, strict=False)]
+        described += [(name, "constexpr", constexprs[name]) for name in names[len(args) :]]
+        _recorded.append(Launch(kernel.fn.__name__, tuple(described), num_warps))
+    kernel[grid](*args, **constexprs, num_warps=num_warps)
+
+
 def _rows(t: torch.Tensor | None, stand_in: torch.Tensor) -> tuple[torch.Tensor, int]:
     """A tensor and its row stride, or a stand-in the kernel never touches."""
     return (stand_in, 0) if t is None else (t, t.stride(0))
@@ -378,12 +429,15 @@ def _slope_arg(slope: float | torch.Tensor, like: torch.Tensor) -> tuple[float |
     and graph-capturable). A number goes as Triton's float scalar, which is float32 (compiled and interpreted):
     exact for float32 work; for float64 work the number goes by pointer too, from a 0-dim float64 tensor made once
     per value and device (a fill, no host read), so that an eager step with a number and a captured step with a
-    tensor compute the same. Under capture (where the slope comes as a tensor) no tensor is made for a number."""
+    tensor compute the same, with the same kernel variant. Under capture no tensor can be made that way: hmlm's
+    captured regions (hmlm/cuda_graph.py) give the slope as a tensor."""
     if isinstance(slope, torch.Tensor):
         return slope, True
     slope = float(slope)
-    if like.dtype != torch.float64 or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if like.dtype != torch.float64:
         return slope, False
+    if capturing(like):  # a fill made now would run only at replay, and a float32 scalar is another variant
+        raise RuntimeError("in float64 under CUDA graph capture the slope must come as a tensor, not a number")
     key = (slope, like.device)
     tensor = _slope_tensors.get(key)
     if tensor is None:
@@ -400,7 +454,7 @@ def cell_forward(
     B, H = c.shape
     block = _block(H)
     slope, slope_ptr = _slope_arg(slope, gates)
-    _cell_forward[(B,)](
+    _launch(_cell_forward, (B,), (
         *_rows(gates, gates), *_rows(zhat, gates),
         ln_gain if ln_gain is not None else gates, ln_bias if ln_bias is not None else gates,
         cell_gain if cell_gain is not None else gates, cell_bias if cell_bias is not None else gates,
@@ -409,10 +463,10 @@ def cell_forward(
         *_rows(neg_dh, gates), *_rows(neg_dc, gates), *_rows(zraw, gates), *_rows(z, gates),
         *_rows(gates_mean, gates), *_rows(gates_rstd, gates), *_rows(cell_mean, gates), *_rows(cell_rstd, gates),
         H, slope, float(eps),
+    ), dict(
         BLOCK=block, BOTTOM=z_below is None, TOP=zhat is None, LN=ln_gain is not None,
         STATS=gates_mean is not None, SAVE_COPY=neg_dh is not None, ZRAW_MODE=int(zraw_mode), SLOPE_PTR=slope_ptr,
-        num_warps=_warps(block),
-    )  # fmt: skip
+    ), _warps(block))  # fmt: skip
 
 
 def cell_backward(
@@ -424,7 +478,7 @@ def cell_backward(
     B, H = tc.shape
     block = _block(H)
     slope, slope_ptr = _slope_arg(slope, pair)
-    _cell_backward[(B,)](
+    _launch(_cell_backward, (B,), (
         *_rows(pair, pair), *_rows(g_z, pair), *_rows(act, pair), *_rows(tc, pair), *_rows(c_prev, pair),
         *_rows(c, pair), *_rows(keep_f, pair), *_rows(neg_d_copy, pair), *_rows(zraw, pair), *_rows(zhat, pair),
         *_rows(gates, pair), *_rows(gates_mean, pair), *_rows(gates_rstd, pair), *_rows(cell_mean, pair),
@@ -432,9 +486,8 @@ def cell_backward(
         *_rows(ln_grad, pair), *_rows(z_prev, pair), *_rows(z_below, pair), *_rows(ds, pair),
         *_rows(dc_prev, pair), *_rows(gz_prev, pair), *_rows(gz_below, pair),
         H, slope,
-        BLOCK=block, BOTTOM=z_below is None, TOP=zraw is None, LN=ln_gain is not None, SLOPE_PTR=slope_ptr,
-        num_warps=_warps(block),
-    )  # fmt: skip
+    ), dict(BLOCK=block, BOTTOM=z_below is None, TOP=zraw is None, LN=ln_gain is not None, SLOPE_PTR=slope_ptr),
+    _warps(block))  # fmt: skip
 
 
 def route_backward(
@@ -443,13 +496,13 @@ def route_backward(
     B, H = pair_next.shape[0], pair_next.shape[1] // 2
     A = above_pair.shape[1] // 2 if above_pair is not None else 0
     block = _block(H)
-    _route_backward[(B,)](
+    _launch(_route_backward, (B,), (
         *_rows(dx, dx), D, *_rows(pair, dx), *_rows(z_prev, dx), *_rows(z_below, dx), *_rows(pair_next, dx),
         *_rows(above_pair, dx), *_rows(h_above, dx), *_rows(below_pair, dx), *_rows(h_below, dx),
         *_rows(gz_prev, dx), *_rows(gz_below, dx), *_rows(below_dz, dx), H, A,
+    ), dict(
         BLOCK=block, BLOCK_A=_block(A), BLOCK_D=_block(D), BOTTOM=z_below is None, TOP=above_pair is None,
-        num_warps=_warps(max(block, _block(A), _block(D))),
-    )  # fmt: skip
+    ), _warps(max(block, _block(A), _block(D))))  # fmt: skip
 
 
 def self_test(dtype: torch.dtype = torch.float32) -> None:

@@ -73,6 +73,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(together: bool = True) -> None:
+    """Leave the process group. `together` (every process got here without an error) first waits for the others,
+    so no process closes its connections while a peer still uses them; after an error it would wait forever."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

@@ -18,6 +18,7 @@ The trainer knows the model only through `model(x, state, slope) -> (logits, bou
 
 from __future__ import annotations
 
+import gc
 import math
 import signal
 import time
@@ -511,6 +512,8 @@ def train(
         check_not_finished(config, payload["schedule"], run_dir)
     existed = run_dir.exists()
     process, device = init_process(resolve_device(config.train.device, "train.device"))
+    trainer: Trainer | None = None
+    finished = False
     try:
         # Split lengths and the memory estimate, before anything is allocated
         dataset = open_dataset(config.data.name, config.data.dir)
@@ -525,6 +528,12 @@ def train(
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "config.yaml").write_text(config.to_yaml())
             with StopFlag() as stop:
-                return trainer.run(stop)
+                summary = trainer.run(stop)
+        finished = True
+        return summary
     finally:
-        shutdown()
+        # DistributedDataParallel keeps the process group alive: left to the interpreter's exit, gloo's threads can
+        # be torn down mid-flight (an abort). Drop it first, then close the group together.
+        trainer = None
+        gc.collect()
+        shutdown(together=finished)

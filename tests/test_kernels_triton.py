@@ -169,6 +169,30 @@ def test_bf16_autocast_runs_on_the_kernels_with_fp32_state(device: torch.device)
     torch.testing.assert_close(out.logits.float(), reference.logits, atol=0.1, rtol=0.1)
 
 
+def test_the_bf16_arrangement_equals_the_torch_op_loop_under_autocast(device: torch.device, monkeypatch):
+    """Under bf16 autocast the kernels add the step's bf16 product into the fp32 pre-activations (addend), write h
+    into the bf16 matmul input (h_rec) and ds again in bf16 (ds_mm), and route a bf16 dx: the arithmetic of the
+    torch-op loop, which casts and adds with torch ops. Soft boundaries, so that no boundary flips; what differs is
+    the order of fp32 sums in the layer norms (~1e-6), far below what a wrong term gives (bf16 steps: ~1e-2)."""
+    torch.manual_seed(0)
+    model = CharLM(11, ModelConfig(embed_dim=8, hidden_sizes=[6, 5, 4], output_embed_dim=8, boundary="soft"))
+    model = model.to(device)
+    tokens = torch.randint(0, 11, (3, 5), device=device)
+    results = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("HMLM_KERNELS", backend)
+        model.zero_grad()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(tokens, slope=1.3)
+        out.logits.float().logsumexp(-1).mean().backward()
+        results[backend] = (out.logits.float(), [p.grad.clone() for p in model.parameters()])
+    monkeypatch.setenv("HMLM_KERNELS", "triton")  # the fixture checks that the Triton kernels ran
+    (logits_t, grads_t), (logits_r, grads_r) = results["triton"], results["torch"]
+    torch.testing.assert_close(logits_t, logits_r, rtol=1e-4, atol=1e-5)
+    for (name, _), mine, theirs in zip(model.named_parameters(), grads_t, grads_r, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-5 * max(theirs.abs().max().item(), 1.0), msg=name)
+
+
 def test_a_triton_that_cannot_compile_falls_back_with_one_warning(monkeypatch):
     monkeypatch.delenv("HMLM_FUSED", raising=False)
     monkeypatch.setenv("HMLM_KERNELS", "triton")

@@ -20,7 +20,7 @@ It binds the launcher's argument specialization through Triton internals (triton
 to the Triton versions it is tested with (TESTED) and says why it cannot run on others (exit 3); `make test`
 runs it (tests/test_compile_kernels.py), where CI makes that a failure, not a skip.
 
-    python tools/compile_kernels.py [--targets 80,90] [--json FILE]
+    python tools/compile_kernels.py [--targets 80,90] [--json FILE] [--launches FILE]
 """
 
 from __future__ import annotations
@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated (default 80,90)")
     parser.add_argument("--json", type=Path, help="write every result here as JSON")
+    parser.add_argument(
+        "--launches", type=Path, help="the recorded launches: read from this file if it exists, else recorded into it"
+    )
     parser.add_argument("--record", action="store_true", help=argparse.SUPPRESS)  # step 1, run by step 2
     args = parser.parse_args(argv)
     if args.record:
@@ -249,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     os.environ["TRITON_INTERPRET"] = "0"  # before hmlm.kernels.triton imports triton: JIT functions, not Python
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton runs ptxas with -v; this prints the log (read_ptxas_log)
-    launches = run_recorder()
+    if args.launches is not None and args.launches.exists():
+        launches = json.loads(args.launches.read_text())
+    else:
+        launches = run_recorder()
+        if args.launches is not None:
+            args.launches.write_text(json.dumps(launches))
     recorded = time.perf_counter() - start
     import warnings
 

@@ -88,6 +88,21 @@ def _slope(slope, like, SLOPE_PTR: tl.constexpr):
 
 
 @device_function
+def _to(x, ptr):
+    """x in the element type of ptr. To bfloat16 (the matmuls' under autocast) rounded to the nearest, ties to even,
+    as torch casts, in integer arithmetic: compiled, Triton's own cast rounds so too, but its interpreter truncates
+    (which the tests would see as a different bf16 input, one ulp off, in half the elements). One return: see
+    _slope."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        value = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        value = x.to(ptr.dtype.element_ty)
+    return value
+
+
+@device_function
 def _normalize(x, mask, n, eps):
     """(x - mean) * rstd over the n unmasked lanes (zero on the others), the mean, and rstd (biased variance)."""
     mean = tl.sum(tl.where(mask, x, 0.0), axis=0) / n
@@ -216,9 +231,9 @@ def _cell_forward(
     # h where the next matmuls read it, in their dtype: this layer's own next input (where h does not live there),
     # and the layer below's next top-down input z_below * h (the z_below of this step is that layer's z_t).
     if H_REC:
-        tl.store(h_rec + b * s_h_rec + k, hv.to(h_rec.dtype.element_ty), mask=mask)
+        tl.store(h_rec + b * s_h_rec + k, _to(hv, h_rec), mask=mask)
     if H_DOWN:
-        tl.store(h_down + b * s_h_down + k, (hv * zb).to(h_down.dtype.element_ty), mask=mask)
+        tl.store(h_down + b * s_h_down + k, _to(hv * zb, h_down), mask=mask)
 
     # The boundary: z = keep*zraw, zraw = 1[zhat > 0] (whatever the slope), hard_sigmoid(zhat), or given: ZRAW_MODE
     # 0, 1 or 2 (hmlm.kernels.ZRAW_MODES).
@@ -239,7 +254,7 @@ def _cell_forward(
         z_new = keep * zr
         tl.store(z + b * s_z, z_new)
         if H_UP:  # the layer above's next bottom-up input, z * h
-            tl.store(h_up + b * s_h_up + k, (hv * z_new).to(h_up.dtype.element_ty), mask=mask)
+            tl.store(h_up + b * s_h_up + k, _to(hv * z_new, h_up), mask=mask)
 
 
 @triton.jit
@@ -329,10 +344,10 @@ def _cell_backward(
     tl.store(out + 3 * H + k, dg, mask=mask)
     if DS_MM:  # ds again, in the dtype of the matmul that takes it back to the step's inputs
         out_mm = ds_mm + b * s_ds_mm
-        tl.store(out_mm + k, df.to(ds_mm.dtype.element_ty), mask=mask)
-        tl.store(out_mm + H + k, di.to(ds_mm.dtype.element_ty), mask=mask)
-        tl.store(out_mm + 2 * H + k, d_o.to(ds_mm.dtype.element_ty), mask=mask)
-        tl.store(out_mm + 3 * H + k, dg.to(ds_mm.dtype.element_ty), mask=mask)
+        tl.store(out_mm + k, _to(df, ds_mm), mask=mask)
+        tl.store(out_mm + H + k, _to(di, ds_mm), mask=mask)
+        tl.store(out_mm + 2 * H + k, _to(d_o, ds_mm), mask=mask)
+        tl.store(out_mm + 3 * H + k, _to(dg, ds_mm), mask=mask)
 
     # Into the choice of operation (z_prev, z_below), and through z = keep*zraw into zhat (straight-through: the
     # hard sigmoid's derivative as torch.clamp defines it, the bounds counting as inside).
@@ -355,7 +370,7 @@ def _cell_backward(
         d_zhat = tl.load(g_z + b * s_g_z) * keep * st
         tl.store(out + 4 * H, d_zhat)
         if DS_MM:
-            tl.store(ds_mm + b * s_ds_mm + 4 * H, d_zhat.to(ds_mm.dtype.element_ty))
+            tl.store(ds_mm + b * s_ds_mm + 4 * H, _to(d_zhat, ds_mm))
 
 
 @triton.jit

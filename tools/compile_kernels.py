@@ -4,14 +4,14 @@ Triton's interpreter (how the tests run the kernels on the CPU) executes them as
 compiler rejects. This check compiles them as a user's GPU would:
 
 1. Record. hmlm's own forward, backward and evaluation run at the shape of configs/enwik8.yaml (its model, a
-   batch of 2 over 3 steps) with HMLM_KERNELS=triton, interpreted on the CPU, and hmlm.kernels.triton records what
+   batch of 2 over 2 steps) with HMLM_KERNELS=triton, interpreted on the CPU, and hmlm.kernels.triton records what
    each launch hands its kernel, as Triton specializes on it (argument types, 16-byte alignment, integers' values
    divisible by 16 or equal to 1, constexprs, warps). Covered: float32 and float64; step, soft and sample
    boundaries; the slope as a number and as a tensor; training (forward and backward) and evaluation without
    gradients, batched and one stream; bf16 autocast; and what the CUDA-graph regions (hmlm/cuda_graph.py) launch
    under capture (rehearsed on the CPU: hmlm.devices.rehearsing_capture). The list comes from the code that
    launches, so it cannot drift from it.
-2. Compile each distinct variant for each target (default sm_80, an A100, and sm_90, an H100) with
+2. Compile each distinct variant for each target (default sm_80, an A100, and sm_90, an H100; `--jobs` at a time) with
    `triton.compile`, as Triton's launcher would (its own argument specialization, through a backend made for the
    target), whose last stage runs the ptxas that Triton ships with `-v`: its log gives registers, spills and
    shared memory per kernel. Any compile error fails the check; so does a register spill on sm_90 in float32.
@@ -29,19 +29,22 @@ import argparse
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's hmlm, in this process and (PYTHONPATH) the recorder's
 TESTED = ("3.6", "3.9")  # Triton versions (major.minor) this check is tested with
 UNTESTED_EXIT = 3  # exit status where the installed Triton is not among them
-BATCH, STEPS = 2, 3
+BATCH, STEPS = 2, 2  # a first step (from the initial state) and one after it
 CONFIG = ROOT / "configs" / "enwik8.yaml"
 
 
@@ -68,12 +71,12 @@ def record() -> list[dict]:
         for launch in launches:
             seen.setdefault(launch, None)
 
-    base = load_config(CONFIG).model
+    config = load_config(CONFIG).model
     for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        model = CharLM(205, config).to(dtype)
         for mode in ("step", "soft", "sample"):
-            torch.manual_seed(0)
-            config = type(base)(**{**asdict(base), "boundary": mode})
-            model = CharLM(205, config).to(dtype)
+            model.rnn.boundary_mode = mode  # as model.boundary in the config would make it
             tokens = torch.randint(0, 205, (BATCH, STEPS + 1))
             x, y = tokens[:, :-1], tokens[:, 1:]
             casts = [None, torch.bfloat16] if dtype == torch.float32 else [None]
@@ -143,41 +146,75 @@ SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 SHARED = re.compile(r"(\d+) bytes smem")
 
 
-def compile_one(launch: dict, capability: int) -> Compiled:
+@dataclass
+class Variant:
+    """One kernel specialization for one target, as Triton's launcher would compile it."""
+
+    kernel: object  # the JIT function
+    target: object  # triton's GPUTarget
+    signature: dict
+    constants: dict
+    attrs: dict
+    options: object
+    summary: dict  # the constexprs and warps that tell variants apart, and the dtype
+
+    @property
+    def key(self) -> str:
+        return repr((self.kernel.__name__, self.target, self.signature, self.constants, self.attrs, self.options))
+
+
+def specialize(launch: dict, capability: int) -> Variant:
+    """What Triton's launcher makes of a recorded launch on this target: its own argument specialization, through
+    a backend made for the target (triton.runtime.jit's binder, as JITFunction.run uses it)."""
     import torch
-    import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     from hmlm.kernels import triton as kernels_module
 
     kernel = getattr(kernels_module, launch["kernel"])
-    args, constexprs, dtype = [], {}, ""
+    args, constexprs, dtypes = [], {}, []
     for name, kind, value in launch["args"]:
         if kind == "tensor":
             dtype_name, address = value.split(":")
             args.append(MockTensor(getattr(torch, dtype_name), int(address)))
-            dtype = dtype or dtype_name
+            dtypes.append(dtype_name)
         elif kind == "constexpr":
             constexprs[name] = value
         else:
             args.append(value)
-    variant = {**constexprs, "num_warps": launch["num_warps"], "dtype": dtype}
     target = GPUTarget("cuda", capability, 32)
-    result = Compiled(launch["kernel"], f"sm_{capability}", variant, ok=False)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {**constexprs, "num_warps": launch["num_warps"]}
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constants, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    # The state's dtype (that of every tensor but the matmuls' bf16 operands), and "+bf16" where there are those.
+    dtype = next((d for d in dtypes if d != "bfloat16"), dtypes[0]) + ("+bf16" if "bfloat16" in dtypes else "")
+    summary = {**constexprs, "num_warps": launch["num_warps"], "dtype": dtype}
+    return Variant(kernel, target, signature, constants, attrs, options, summary)
+
+
+def compile_launch(launch: dict, capability: int) -> Compiled:
+    return compile_variant(specialize(launch, capability))
+
+
+def compile_variant(variant: Variant) -> Compiled:
+    import triton
+    from triton.compiler import ASTSource
+
+    name, target = variant.kernel.__name__, f"sm_{variant.target.arch}"
+    result = Compiled(name, target, variant.summary, ok=False)
     start = time.perf_counter()
     try:
-        backend = make_backend(target)
-        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        kwargs = {**constexprs, "num_warps": launch["num_warps"]}
-        bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constants, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
         log = io.StringIO()
         with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG: Triton prints its own `ptxas -v` log
-            triton.compile(ASTSource(kernel, signature, constants, attrs), target=target, options=options.__dict__)
-        result.ok = True
+            source = ASTSource(variant.kernel, variant.signature, variant.constants, variant.attrs)
+            triton.compile(source, target=variant.target, options=variant.options.__dict__)
         read_ptxas_log(result, log.getvalue())
+        result.ok = result.registers is not None
+        result.error = "" if result.ok else "no `ptxas -v` log from Triton's build"
     except Exception as error:  # a compile error: what a user's GPU would say
         result.error = first_lines(error)
     result.seconds = time.perf_counter() - start
@@ -229,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--launches", type=Path, help="the recorded launches: read from this file if it exists, else recorded into it"
     )
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiles at a time (default 2)")
     parser.add_argument("--record", action="store_true", help=argparse.SUPPRESS)  # step 1, run by step 2
     args = parser.parse_args(argv)
     if args.record:
@@ -248,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"--targets takes compute capabilities such as 80,90, not {args.targets!r}", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        print(f"--jobs must be at least 1, not {args.jobs}", file=sys.stderr)
+        return 2
 
     start = time.perf_counter()
     os.environ["TRITON_INTERPRET"] = "0"  # before hmlm.kernels.triton imports triton: JIT functions, not Python
@@ -262,25 +303,35 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # the default, as a user's launch has it
+    # Distinct specializations: launches that differ only in values Triton does not specialize on (a stride of 4097
+    # or 4099) compile once. Each is compiled in a worker process, `--jobs` at a time.
+    distinct: dict[str, tuple[dict, int]] = {}
+    for capability in capabilities:
+        for launch in launches:
+            distinct.setdefault(specialize(launch, capability).key, (launch, capability))
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # compile every time, not from an earlier run's cache
-        results = [compile_one(launch, capability) for capability in capabilities for launch in launches]
+        context = multiprocessing.get_context("fork")  # the workers inherit this process's imports and settings
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+            results = list(pool.map(compile_launch, *zip(*distinct.values(), strict=True)))
     total = time.perf_counter() - start
 
-    print(f"Triton {version}: {len(launches)} kernel variants recorded in {recorded:.0f} s; compiled for "
-          f"{', '.join(f'sm_{c}' for c in capabilities)}:")  # fmt: skip
-    print(f"{'kernel':16s} {'target':7s} {'dtype':8s} {'variant':52s} {'regs':>5s} {'spills':>7s} {'smem':>6s}")
+    print(f"Triton {version}: {len(launches)} distinct launches recorded in {recorded:.0f} s; {len(results)} kernel "
+          f"variants to compile for {', '.join(f'sm_{c}' for c in capabilities)}:")  # fmt: skip
+    print(f"{'kernel':16s} {'target':7s} {'dtype':13s} {'variant':52s} {'regs':>5s} {'spills':>7s} {'smem':>6s}")
     for r in sorted(results, key=lambda r: (r.kernel, r.target, r.variant["dtype"], str(r.variant))):
         flags = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in r.variant.items() if k != "dtype")
         if r.ok:
             spills = f"{r.spill_stores}/{r.spill_loads}"
-            print(f"{r.kernel:16s} {r.target:7s} {r.variant['dtype']:8s} {flags:52s} {r.registers:5d} {spills:>7s}"
+            print(f"{r.kernel:16s} {r.target:7s} {r.variant['dtype']:13s} {flags:52s} {r.registers:5d} {spills:>7s}"
                   f" {r.shared_bytes:6d}")  # fmt: skip
         else:
-            print(f"{r.kernel:16s} {r.target:7s} {r.variant['dtype']:8s} {flags:52s} FAILED: {r.error}")
+            print(f"{r.kernel:16s} {r.target:7s} {r.variant['dtype']:13s} {flags:52s} FAILED: {r.error}")
     failed = [r for r in results if not r.ok]
     spilled = [
-        r for r in results if r.ok and r.target == "sm_90" and r.variant["dtype"] == "float32" and r.spill_stores
+        r
+        for r in results
+        if r.ok and r.target == "sm_90" and r.variant["dtype"].startswith("float32") and r.spill_stores
     ]
     print(f"{len(results) - len(failed)} of {len(results)} compiled; {len(spilled)} spill on sm_90 in float32; "
           f"{total:.0f} s in all")  # fmt: skip

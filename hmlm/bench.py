@@ -24,6 +24,13 @@ On CUDA (`--precision`, `--models graph`, `--launches`):
   other training steps here do not) and its inference forward captured (which adds the cross entropy).
 - `--launches`: kernel launches of one training step, from the torch profiler: GPU kernels executed, and the
   host's launch calls (cudaLaunchKernel and kin; cudaGraphLaunch counted apart).
+
+`--launches` on the CPU too: what the step would launch on CUDA, by dispatch counting (hmlm/launches.py: the aten
+operators that launch a kernel, and one per fused-kernel call); on CUDA beside the profiler's figures. The count
+does not depend on the sizes, so a small batch gives the figure of a large one. `--precision bf16` is accepted on
+the CPU for this count alone (CPU autocast; with HMLM_KERNELS=triton the kernels run interpreted, as CUDA runs
+them compiled, and the count is CUDA's arrangement). The training step is the Trainer's: forward, loss, backward,
+gradient clipping at 1.0 (train.grad_clip's default) and Adam with foreach kernels (CUDA's default).
 """
 
 from __future__ import annotations
@@ -86,6 +93,7 @@ MODELS = {  # key: (label, model kind, HMLSTM implementation)
     "graph": ("HM-LSTM fast + graph", "hmlstm", "fast"),  # CUDA only: the step captured as one CUDA graph
 }
 PRECISIONS = ("fp32", "fp32-strict", "bf16")  # train.precision's (hmlm/precision.py), less fp64
+GRAD_CLIP = 1.0  # train.grad_clip's default: every training step here clips, as the Trainer's does
 
 
 def build_config(key: str, shape: Shape, layer_norm: bool) -> ModelConfig:
@@ -114,7 +122,8 @@ class Runner:
     ):
         torch.manual_seed(seed)
         self.model = build_model(key, shape, layer_norm, device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        # foreach: a few kernels for all parameters, as Adam runs on CUDA by default (the CPU's default loops)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, foreach=True)
         generator = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq_len + 1), generator=generator).to(device)
         self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
@@ -158,10 +167,13 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             return
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)  # as the Trainer's step (no host read)
         self.optimizer.step()
 
     @torch.no_grad()
@@ -196,13 +208,18 @@ LAUNCH_CALLS = (
 GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
 
 
-def count_launches(step: Callable[[], None], device: torch.device) -> dict[str, int]:
-    """Kernel launches of one call of `step`, from the torch profiler: GPU kernels executed (memory copies and sets
-    apart), the host's kernel launch calls, its graph launches, and the aten operators dispatched (nested ones
-    included; the only count on the CPU)."""
+def count_launches(step: Callable[[], None], device: torch.device) -> dict:
+    """Kernel launches of one call of `step`: by dispatch counting (hmlm/launches.py: `dispatched`, and the largest
+    parts in `dispatched_by_op`), then from the torch profiler on a second call: GPU kernels executed (memory copies
+    and sets apart), the host's kernel launch calls, its graph launches, and the aten operators dispatched (nested
+    ones included)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    from hmlm import launches
+
+    sync(device)
+    counted = launches.count(step)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
     with profile(activities=activities) as prof:
@@ -211,6 +228,8 @@ def count_launches(step: Callable[[], None], device: torch.device) -> dict[str, 
     events = prof.events()
     gpu = [e.name for e in events if e.device_type == DeviceType.CUDA]
     return {
+        "dispatched": counted.total,
+        "dispatched_by_op": dict(counted.counts.most_common(12)),
         "gpu_kernels": sum(1 for name in gpu if not name.startswith(("Memcpy", "Memset"))),
         "gpu_memcpy_memset": sum(1 for name in gpu if name.startswith(("Memcpy", "Memset"))),
         "launch_calls": sum(1 for e in events if e.name in LAUNCH_CALLS),
@@ -238,8 +257,11 @@ def run_bench(
     dev = resolve_device(device)
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if dev.type != "cuda" and precision == "bf16":
-        raise UserError(f"--precision {precision} is for CUDA; on the CPU use --precision fp32")
+    if dev.type != "cuda" and precision == "bf16" and not launches:
+        raise UserError(
+            "--precision bf16 is for CUDA; on the CPU it only goes with --launches (to count what a bf16 step "
+            "launches), else use --precision fp32"
+        )
     unknown = [key for key in models if key not in MODELS]
     if unknown or not models:
         what = f"unknown {', '.join(unknown)}" if unknown else "none named"
@@ -300,6 +322,7 @@ def run_bench(
         if key in counts:
             results[key]["launches_per_train_step"] = counts[key]
     lstm_dtype = runners["lstm"].lstm_dtype if "lstm" in runners else None
+    mm_dtype = torch.bfloat16 if precision == "bf16" else None  # the fast path's matmuls (autocast)
     restore_tf32()
     return {
         "shape": {"name": shape_name, **asdict(shape)},
@@ -309,8 +332,8 @@ def run_bench(
         "measured_rounds": steps,
         "torch": torch.__version__,
         # what the fast path's elementwise work ran on: a backend of hmlm/kernels (triton, cpu or torch)
-        "fast_kernels": kernels.select(dev, torch.float32),
-        "fast_kernels_detail": kernels.describe(dev, torch.float32),
+        "fast_kernels": kernels.select(dev, torch.float32, mm_dtype),
+        "fast_kernels_detail": kernels.describe(dev, torch.float32, mm_dtype),
         "kernels_env": os.environ.get("HMLM_KERNELS"),  # the kernel backend asked for, if any
         "precision": precision,
         "tf32": uses_tf32(precision, dev),
@@ -461,13 +484,14 @@ def launch_lines(results: dict) -> list[str]:
     counted = {key: r["launches_per_train_step"] for key, r in results.items() if "launches_per_train_step" in r}
     if not counted:
         return []
-    header = f"{'per training step':20s} {'GPU kernels':>12s} {'launch calls':>13s} {'graph launches':>15s}"
-    lines = ["", header + f" {'aten ops':>9s}"]
+    header = f"{'per training step':20s} {'dispatched':>11s} {'GPU kernels':>12s} {'launch calls':>13s}"
+    lines = ["", header + f" {'graph launches':>15s} {'aten ops':>9s}"]
     for key, c in counted.items():
         lines.append(
-            f"{results[key]['label']:20s} {c['gpu_kernels']:12,d} {c['launch_calls']:13,d} {c['graph_launches']:15,d}"
-            f" {c['aten_ops']:9,d}"
+            f"{results[key]['label']:20s} {c['dispatched']:11,d} {c['gpu_kernels']:12,d} {c['launch_calls']:13,d}"
+            f" {c['graph_launches']:15,d} {c['aten_ops']:9,d}"
         )
+    lines.append("(dispatched: kernel launches counted by dispatch, hmlm/launches.py; the rest from the profiler)")
     return lines
 
 

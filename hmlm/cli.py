@@ -350,9 +350,15 @@ def bench(
     precision: str = typer.Option(
         "fp32",
         "--precision",
-        help="As train.precision, for every model alike: fp32 (TF32 on CUDA), fp32-strict (no TF32), bf16 (CUDA).",
+        help="As train.precision, for every model alike: fp32 (TF32 on CUDA), fp32-strict (no TF32), bf16 (CUDA; "
+        "on the CPU with --launches).",
     ),
-    launches: bool = typer.Option(False, "--launches", help="Count kernel launches per training step (profiler)."),
+    launches: bool = typer.Option(
+        False,
+        "--launches",
+        help="Count kernel launches per training step: by dispatch (also on the CPU, where it admits "
+        "--precision bf16), and with the profiler on CUDA.",
+    ),
     run: Path = typer.Option(
         None,
         "--run",

@@ -11,11 +11,19 @@ Where the time goes, and what this file does about it (measure with `hmlm bench`
   `layer_step_backward`), each paying microseconds of dispatch. Every way, results go into buffers allocated
   once per call, the per-step views of those buffers are made once per call, and h_t is written straight into
   the slot of the next step's matmul input.
-- Matmuls. One per layer and step, over the concatenated masked inputs [z^{l-1}_t h^{l-1}_t | h^l_{t-1} |
-  z^l_{t-1} h^{l+1}_{t-1}] against the layer's weight [W_below | U_rec | U_above] (masking the inputs rather
-  than the products gives the same numbers: z is one scalar per row). Layer 1's input projection is one matmul
-  over all steps, made by the caller. The weight gradients are one matmul per layer over all B*T rows after
-  the loop, instead of T thin ones accumulated into a large matrix; the layer norm gains likewise.
+- Matmuls. One per layer and step, [gates | zhat] from the concatenated masked inputs [z^{l-1}_t h^{l-1}_t |
+  h^l_{t-1} | z^l_{t-1} h^{l+1}_{t-1}] against the layer's weight [W_below | U_rec | U_above] (masking the
+  inputs rather than the products gives the same numbers: z is one scalar per row), and one backward. Layer 1's
+  input projection is one matmul over all steps, made by the caller. The weight gradients are one matmul per
+  layer over all B*T rows after the loop, instead of T thin ones accumulated into a large matrix; the layer norm
+  gains likewise.
+- Launches. On a GPU each of those calls is a kernel launch, and a step's launches cost more than its work at
+  the paper's shapes, so the fused kernels also do what would be calls of their own: a layer step's kernel writes
+  its h, masked, into the next matmul inputs of its own layer and of the layers above and below (`linked` tapes);
+  the backward's kernel adds the loss's gradient of h in; under autocast the kernels take the matmul's bf16
+  product and write ds again in bf16, so no cast runs per step, and the weights are cast once per call. That is
+  3 matmuls and 3 kernels per step forward and 3 + 3 + 3 backward at 3 layers (hmlm/launches.py counts them;
+  `hmlm bench --launches`).
 - Evaluation and sampling (no gradient needed) keep nothing but the outputs, and reuse their scratch buffers
   from one call to the next. On the CPU a large layer's gates matmul then runs on oneDNN (ONEDNN_MIN_WEIGHT),
   and hmlm/inference.py skips the steps that COPY.
@@ -101,16 +109,23 @@ class LayerTape:
         self.H, self.D, self.layer = H, D, layer
         self.bottom, self.top = layer == 0, layer == L - 1  # the top layer has no boundary and no top-down input
         self.save = save
+        # Whether the fused kernels of this and the neighbouring layers write this layer's next matmul input
+        # (h_rec, h_up, h_down: see fused_cell_step) instead of layer_step's own masking (set per call).
+        self.linked = False
 
-        # The matmul inputs [z_below h_below | h_prev | z_prev h_above] of every step (B, D + H + A). h_t is
-        # written straight into the h_prev part of slot t + 1 (so slot T exists for h_{T-1}), unless the matmuls
-        # run in another dtype (autocast) or only one slot is kept; then h has its own buffer.
+        # The matmul inputs [z_below h_below | h_prev | z_prev h_above] of every step (B, D + H + A), slot t for
+        # step t (slot T: h_{T-1}), or one slot reused. h_t is written straight into the h_prev part of slot t + 1,
+        # unless the matmuls run in another dtype (autocast) or only one slot is kept; then h has its own buffer
+        # and the fused kernels write it into x as well (h_rec).
         self.h_in_x = save and plan.mm_dtype == dtype
-        self.x = torch.empty(T + 1 if self.h_in_x else S, B, D + H + A, device=device, dtype=plan.mm_dtype)
+        self.x = torch.empty(T + 1 if save else 1, B, D + H + A, device=device, dtype=plan.mm_dtype)
         self.c = torch.empty(T + 1 if save else 2, B, H, **like)  # c[t + 1] = c_t, or c_t in slot t % 2
-        # Pre-activations: the gates (contiguous, for layer norm to read in place) and zhat, from two matmuls.
-        self.gates = torch.empty(S, B, 4 * H, **like)
-        self.zhat = torch.empty(S, B, 0 if self.top else 1, **like)
+        # Pre-activations [gates | zhat] (4H + 1 columns, 4H at the top), from one matmul.
+        self.pre = torch.empty(S, B, 4 * H + (0 if self.top else 1), **like)
+        self.gates, self.zhat = self.pre[..., : 4 * H], self.pre[..., 4 * H :]
+        # Under autocast, the step's matmul product in its own dtype, which the fused kernels add in (one slot).
+        mixed = plan.mm_dtype != dtype
+        self.product = torch.empty(B, self.pre.shape[2], device=device, dtype=plan.mm_dtype) if mixed else None
         self.act = torch.empty(S, B, 4 * H, **like)  # sigm(f), sigm(i), sigm(o), tanh(g)
         self.keep_f = torch.empty(S, B, H, **like)  # copy + update*f = d c / d c_prev
         self.tc = torch.empty(S, B, H, **like)  # tanh of (the layer-normalized) c
@@ -127,6 +142,7 @@ class LayerTape:
         # up (~2 us a view), so each path makes only those it reads.
         self.c_slots = self.c.unbind(0)
         self.x_t = self.x.unbind(0)
+        self.pre_t = self.pre.unbind(0)
         self.x_below_t, self.x_rec_t, self.x_above_t = (part.unbind(0) for part in self.x.split((D, H, A), dim=2))
         self.gates_t, self.zhat_t = self.gates.unbind(0), self.zhat.unbind(0)
         self.keep_f_t, self.tc_t = self.keep_f.unbind(0), self.tc.unbind(0)
@@ -207,21 +223,25 @@ def forward_sequence(
     for layer, tape in enumerate(tapes):
         tape.attach(Z)
         tape.h_t[0][:], tape.c_t[0][:], tape.z_t[0][:] = h0[layer], c0[layer], z0[layer]
-    sizes = plan.hidden_sizes
-    w_t = [step_weights(plan, w, H, B, T, save) for w, H in zip(weights, sizes, strict=True)]
-    # What each step's matmuls add to: layer 1's projected input at step t, the bias above it. With a slot per
+    w_t = [step_weights(plan, w, B, T, save) for w in weights]
+    # What each step's matmul adds to: layer 1's projected input at step t, the bias above it. With a slot per
     # step, the pre-activation buffers start out holding it, for all steps in one copy (addmm's out= would copy
     # it at every step, at several times the cost); with one slot, each step adds it.
-    bases = [x_proj[..., : 4 * sizes[0]], *(b[: 4 * H] for b, H in zip(biases[1:], sizes[1:], strict=True))]
-    bases_z = [x_proj[..., 4 * sizes[0] :], *(b[4 * H :] for b, H in zip(biases[1:], sizes[1:], strict=True))]
     if save:
-        for tape, base, base_z in zip(tapes, bases, bases_z, strict=True):
-            tape.gates.copy_(base.expand_as(tape.gates))
-            tape.zhat.copy_(base_z.expand_as(tape.zhat))
-        step_bases = [[(None, None)] * T] * L
+        for tape, base in zip(tapes, [x_proj, *biases[1:]], strict=True):
+            tape.pre.copy_(base.expand_as(tape.pre))
+        step_bases = [[None] * T] * L
     else:
-        step_bases = [list(zip(bases[0].unbind(0), bases_z[0].unbind(0), strict=True))]  # layer 1: per step
-        step_bases += [[(base, base_z)] * T for base, base_z in zip(bases[1:], bases_z[1:], strict=True)]
+        step_bases = [list(x_proj.unbind(0))] + [[bias] * T for bias in biases[1:]]
+    # With the fused kernels and the plain layer step, each step's kernels write the next steps' matmul inputs;
+    # the first step's come from the initial state.
+    linked = plan.fused and step is None
+    for layer, tape in enumerate(tapes):
+        tape.linked = linked
+        if linked and not tape.h_in_x:
+            tape.x_rec_t[0].copy_(tape.h_t[0])
+        if linked and not tape.top:
+            torch.mul(tapes[layer + 1].h_t[0], tape.z_t[0], out=tape.x_above_t[0])
     ones = Z.new_ones(B, 1)  # z^0 = 1, and 1 - z without a slow scalar op
     step = step or layer_step
     for t in range(T):
@@ -247,29 +267,29 @@ ONEDNN_MIN_WEIGHT = 1_000_000
 
 @dataclass(frozen=True)
 class OneDNNWeight:
-    """A layer's gates weight (4H, K), contiguous, for oneDNN: gates = base + x @ w.T."""
+    """A layer's step weight (R, K), contiguous, for oneDNN: [gates | zhat] = base + x @ w.T."""
 
     w: Tensor
 
 
-StepWeights = tuple[Tensor | OneDNNWeight, Tensor]  # a layer step's gates and zhat weights (step_weights)
+StepWeights = Tensor | OneDNNWeight  # a layer step's weight, as its matmul takes it (step_weights)
 
 
 def uses_onednn(plan: Plan, B: int, K: int, N: int, save: bool) -> bool:
-    """Whether a call's (B, K) x (K, N) gates matmuls run on oneDNN (see ONEDNN_MIN_WEIGHT)."""
+    """Whether a call's (B, K) x (K, N) step matmuls run on oneDNN (see ONEDNN_MIN_WEIGHT)."""
     usable = not save and B > 1 and plan.mm_dtype == torch.float32 and K * N >= ONEDNN_MIN_WEIGHT
     return usable and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
-def step_weights(plan: Plan, w: Tensor, H: int, B: int, T: int, save: bool) -> StepWeights:
-    """A layer's per-step weight (R, K) as its step's two matmuls take it: the gates' part (K, 4H) and zhat's
-    (K, 1), transposed (x @ w_t), or the gates' part for oneDNN."""
+def step_weights(plan: Plan, w: Tensor, B: int, T: int, save: bool) -> StepWeights:
+    """A layer's per-step weight (R, K) as its step's matmul takes it, [gates | zhat] = x @ w_t: transposed, in the
+    matmul's dtype (cast once per call, not per step), or for oneDNN."""
+    if w.device.type == "cpu" and uses_onednn(plan, B, w.shape[1], w.shape[0], save):
+        return OneDNNWeight(w.contiguous())
     w_t = w.to(plan.mm_dtype).t()
-    if w.device.type == "cpu" and uses_onednn(plan, B, w.shape[1], 4 * H, save):
-        return OneDNNWeight(w[: 4 * H].contiguous()), w_t[:, 4 * H :]
     # Over a long sequence it pays to make the transpose contiguous once (MKL's matmuls: ~3% at the PTB shape); for
     # a few steps (sampling) the copy would cost more than the steps.
-    return (w_t.contiguous() if T >= 16 else w_t).split(4 * H, dim=1)
+    return w_t.contiguous() if T >= 16 else w_t
 
 
 def matmul_add(base: Tensor | None, x: Tensor, w_t: Tensor | OneDNNWeight, out: Tensor) -> None:
@@ -288,45 +308,55 @@ def matmul_add(base: Tensor | None, x: Tensor, w_t: Tensor | OneDNNWeight, out: 
 
 def layer_step(
     plan: Plan, tape: LayerTape, below: LayerTape | None, above: LayerTape | None, t: int, k: int,
-    base: tuple[Tensor | None, Tensor | None], w_t: StepWeights, ln: LayerNormParams | None, ones: Tensor,
+    base: Tensor | None, w_t: StepWeights, ln: LayerNormParams | None, ones: Tensor,
 ) -> None:  # fmt: skip
     """Step t of one layer (k: its slot in the tape): writes h_t, c_t and z_t."""
     h_prev, z_prev = tape.h_t[t], tape.z_t[t]  # (B, H), (B, 1)
     z_below = below.z_t[t + 1] if below is not None else ones
 
-    # The masked inputs, then the matmul: [gates | zhat] = base + x @ w_t  (B, R), as two matmuls that write the
-    # gates and zhat to buffers of their own.
-    x = tape.x_t[t if tape.h_in_x else k]
-    if below is not None:
-        torch.mul(below.h_t[t + 1], z_below, out=tape.x_below_t[k])
-    if above is not None:
-        torch.mul(above.h_t[t], z_prev, out=tape.x_above_t[k])
-    if not tape.h_in_x:
-        tape.x_rec_t[k].copy_(h_prev)
-    gates = tape.gates_t[k]  # (B, 4H)
-    matmul_add(base[0], x, w_t[0], out=gates)
-    if above is not None:
-        matmul_add(base[1], x, w_t[1], out=tape.zhat_t[k])
-        if plan.mode == "sample" and plan.training:
-            torch.bernoulli(hard_sigmoid(tape.zhat_t[k], plan.slope), out=tape.zraw_t[k])  # the reference's draws
+    # The masked inputs (unless the kernels of the steps before wrote them: tape.linked), then one matmul:
+    # [gates | zhat] = base + x @ w_t  (B, R).
+    x = tape.x_t[k]
+    if not tape.linked:
+        if below is not None:
+            torch.mul(below.h_t[t + 1], z_below, out=tape.x_below_t[k])
+        if above is not None:
+            torch.mul(above.h_t[t], z_prev, out=tape.x_above_t[k])
+        if not tape.h_in_x:
+            tape.x_rec_t[k].copy_(h_prev)
+    drawing = plan.mode == "sample" and plan.training and above is not None
+    addend = None
+    if tape.product is not None and base is None and plan.fused and not drawing:
+        torch.mm(x, w_t, out=tape.product)  # in the matmul's dtype: the kernel adds it to the pre-activations
+        addend = tape.product
+    else:
+        matmul_add(base, x, w_t, out=tape.pre_t[k])
+    if drawing:
+        torch.bernoulli(hard_sigmoid(tape.zhat_t[k], plan.slope), out=tape.zraw_t[k])  # the reference's draws
 
     if plan.fused:
-        fused_cell_step(plan, tape, below, above, t, k, ln, z_below)
+        fused_cell_step(plan, tape, below, above, t, k, ln, z_below, addend)
     else:
         cell_step(plan, tape, below, above, t, k, ln, z_below, ones)
 
 
 def fused_cell_step(
     plan: Plan, tape: LayerTape, below: LayerTape | None, above: LayerTape | None, t: int, k: int,
-    ln: LayerNormParams | None, z_below: Tensor,
+    ln: LayerNormParams | None, z_below: Tensor, addend: Tensor | None = None,
 ) -> None:  # fmt: skip
-    """The elementwise part of layer_step in one call of a fused backend (the same arithmetic as cell_step)."""
+    """The elementwise part of layer_step in one call of a fused backend (the same arithmetic as cell_step). On a
+    linked tape it also writes h_t where the next matmuls read it, masked as they take it: this layer's next input
+    (h_rec, where h does not live in x), the layer above's bottom-up input z_t*h_t at this step (h_up), and the
+    layer below's top-down input z_below*h_t at the next step (h_down; z_below here is that layer's z_t)."""
     top, bottom, save_copy = above is None, below is None, tape.save and below is not None
     zraw_mode = ZRAW_MODES["step" if plan.mode == "sample" and not plan.training else plan.mode]
+    linked, k_next = tape.linked, k + 1 if tape.save else 0
     kernels.load(plan.kernels).cell_forward(
-        tape.gates_t[k], None if top else tape.zhat_t[k], *(ln or (None,) * 4),
+        tape.gates_t[k], None if top else tape.zhat_t[k], addend, *(ln or (None,) * 4),
         tape.h_t[t], tape.c_t[t], tape.z_t[t], None if bottom else z_below,
         tape.act_t[k], tape.keep_f_t[k], tape.c_t[t + 1], tape.tc_t[k], tape.h_t[t + 1],
+        tape.x_rec_t[k_next] if linked and not tape.h_in_x else None,
+        above.x_below_t[k] if linked and not top else None, below.x_above_t[k_next] if linked and not bottom else None,
         tape.neg_d_h_t[k] if save_copy else None, tape.neg_d_c_t[k] if save_copy else None,
         None if top else tape.zraw_t[k], None if top else tape.z_t[t + 1],
         *tape.ln_stats_t[k], zraw_mode, plan.slope, LN_EPS,
@@ -368,6 +398,9 @@ class LayerGrads:
         self.ln_grad = None
         if plan.fused:  # the kernels take it from here
             self.dz_below = torch.empty(B, 1, device=Z.device, dtype=Z.dtype)
+            # Under autocast, the step's ds again in the matmul's dtype, written by cell_backward (one slot).
+            mixed = plan.mm_dtype != Z.dtype
+            self.ds_mm = torch.empty(B, R, device=Z.device, dtype=plan.mm_dtype) if mixed else None
             # Where cell_backward puts the layer norm parameters' gradients (see kernels.ln_grad_rows): each
             # step's rows, for the sums after the loop, or one accumulator for all steps.
             self.ln_out_t = [None] * T
@@ -420,21 +453,28 @@ def backward_sequence(
     and the layer norm parameters."""
     L = plan.num_layers
     T = Z.shape[0] - 1
-    w = [weight.to(plan.mm_dtype) for weight in weights]  # (R, K)
+    w = [weight.to(plan.mm_dtype) for weight in weights]  # (R, K), cast once per call
     grads = [LayerGrads(plan, tapes[i], i, Z, grad_h[i], grad_c[i], grad_z[i]) for i in range(L)]
+    # The loss's gradients of each h_t: the fused cell_backward adds them in (g_ext), the torch ops here.
     ext_h = [g.unbind(1) if g is not None else None for g in grad_hidden]
+    if plan.fused:  # the kernels read rows whose last dimension is contiguous
+        ext_h = [[g.contiguous() for g in gs] if gs is not None and gs[0].stride(-1) != 1 else gs for gs in ext_h]
     ext_z = grad_boundaries.unbind(1) if grad_boundaries is not None else None
     for t in reversed(range(T)):
         for layer in reversed(range(L)):
             grad = grads[layer]
-            if ext_h[layer] is not None:
+            if ext_h[layer] is not None and not plan.fused:
                 grad.pair_h[grad.cur].add_(ext_h[layer][t])
             if ext_z is not None and layer < L - 1:
                 grad.dz += ext_z[t][:, layer : layer + 1]
             below = (tapes[layer - 1], grads[layer - 1]) if layer > 0 else None
             above = (tapes[layer + 1], grads[layer + 1]) if layer < L - 1 else None
-            step_backward = fused_layer_step_backward if plan.fused else layer_step_backward
-            step_backward(plan, tapes[layer], grad, below, above, t, w[layer], ln[layer] if ln else None)
+            layer_ln = ln[layer] if ln else None
+            if plan.fused:
+                g_ext = ext_h[layer][t] if ext_h[layer] is not None else None
+                fused_layer_step_backward(plan, tapes[layer], grad, below, above, t, w[layer], layer_ln, g_ext)
+            else:
+                layer_step_backward(plan, tapes[layer], grad, below, above, t, w[layer], layer_ln)
     dh = [g.pair_h[g.cur] for g in grads]
     dc = [g.pair_c[g.cur] for g in grads]
     return grads[0].ds, dh, dc, [g.dz for g in grads], *parameter_gradients(plan, tapes, grads, weights, ln)
@@ -442,22 +482,23 @@ def backward_sequence(
 
 def fused_layer_step_backward(
     plan: Plan, tape: LayerTape, grad: LayerGrads, below: tuple | None, above: tuple | None, t: int,
-    w: Tensor, ln: LayerNormParams | None,
+    w: Tensor, ln: LayerNormParams | None, g_ext: Tensor | None,
 ) -> None:  # fmt: skip
-    """layer_step_backward with its elementwise parts in a fused backend: the cell's backward up to ds[t], the
-    matmul, then dx routed to h_{t-1}, the layers around and the boundaries."""
+    """layer_step_backward with its elementwise parts in a fused backend: the cell's backward up to ds[t] (with the
+    loss's gradient of h_t, g_ext, added in), the matmul, then dx routed to h_{t-1}, the layers around and the
+    boundaries."""
     cur, nxt = grad.cur, 1 - grad.cur
     top, bottom = above is None, below is None
     fused = kernels.load(plan.kernels)
     fused.cell_backward(
-        grad.pair_flat[cur], grad.dz, tape.act_t[t], tape.tc_t[t], tape.c_t[t], tape.c_t[t + 1], tape.keep_f_t[t],
+        grad.pair_flat[cur], g_ext, grad.dz, tape.act_t[t], tape.tc_t[t], tape.c_t[t], tape.c_t[t + 1],
+        tape.keep_f_t[t],
         None if bottom else tape.neg_d_copy_t[t], None if top else tape.zraw_t[t], None if top else tape.zhat_t[t],
         tape.gates_t[t] if ln else None, *tape.ln_stats_t[t], ln[0] if ln else None, ln[2] if ln else None,
         grad.ln_out_t[t], grad.z_prev_t[t], None if bottom else grad.z_below_t[t],
-        grad.ds_t[t], grad.pair_c[nxt], grad.dz_pair[nxt], None if bottom else grad.dz_below, plan.slope,
+        grad.ds_t[t], grad.ds_mm, grad.pair_c[nxt], grad.dz_pair[nxt], None if bottom else grad.dz_below, plan.slope,
     )  # fmt: skip
-    ds = grad.ds_t[t]
-    dx = torch.mm(ds, w) if ds.dtype == w.dtype else torch.mm(ds.to(w.dtype), w).to(ds.dtype)  # (B, K)
+    dx = torch.mm(grad.ds_t[t] if grad.ds_mm is None else grad.ds_mm, w)  # (B, K), in the matmul's dtype
     tape_above, grad_above = above or (None, None)
     tape_below, grad_below = below or (None, None)
     fused.route_backward(

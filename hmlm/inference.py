@@ -164,7 +164,7 @@ class SkippingStep:
 
     def __call__(
         self, plan: fast.Plan, tape: fast.LayerTape, below: fast.LayerTape | None, above: fast.LayerTape | None,
-        t: int, k: int, base: tuple[Tensor | None, Tensor | None], w_t: fast.StepWeights,
+        t: int, k: int, base: Tensor | None, w_t: fast.StepWeights,
         ln: fast.LayerNormParams | None, ones: Tensor,
     ) -> None:  # fmt: skip
         B = ones.shape[0]
@@ -206,7 +206,7 @@ class SkippingStep:
 
     def gathered_step(
         self, plan: fast.Plan, tape: fast.LayerTape, below: fast.LayerTape, above: fast.LayerTape | None, t: int,
-        base: tuple[Tensor | None, Tensor | None], w_t: fast.StepWeights, ln: fast.LayerNormParams | None,
+        base: Tensor | None, w_t: fast.StepWeights, ln: fast.LayerNormParams | None,
         rows: np.ndarray, z_prev: np.ndarray, z_below: np.ndarray,
     ) -> None:  # fmt: skip
         """Gather the rows, run fast.py's matmul and cell step on them as a batch of their own, scatter back."""
@@ -224,9 +224,7 @@ class SkippingStep:
         torch.index_select(below.h_t[t + 1], 0, index, out=s.x_below_t[0]).mul_(sub.z_below)
         if above is not None:
             torch.index_select(above.h_t[t], 0, index, out=s.x_above_t[0]).mul_(s.z_t[0])
-        fast.matmul_add(base[0], s.x_t[0], w_t[0], out=s.gates_t[0])
-        if above is not None:
-            fast.matmul_add(base[1], s.x_t[0], w_t[1], out=s.zhat_t[0])
+        fast.matmul_add(base, s.x_t[0], w_t, out=s.pre_t[0])
         # The plan's kernel backend, as fast.layer_step chooses it: fused_cell_step dispatches to kernels.load(
         # plan.kernels), C++ or Triton (on the CPU only under HMLM_KERNELS=triton, through the interpreter:
         # tests/test_inference.py); torch ops otherwise. On CUDA nothing is skipped, so Triton's usual home never
@@ -343,12 +341,10 @@ class Stepper:
         L, sizes = plan.num_layers, plan.hidden_sizes
         like = {"device": device, "dtype": dtype}
 
-        # Layer 1's projected input per symbol, from the table the model's own calls take it from: rows of (gates,
-        # zhat) bases, as fast.py splits them.
-        table = input_table(model).unsqueeze(1)  # (V, 1, R_1)
-        self.bases_1 = [(row[:, : 4 * sizes[0]], row[:, 4 * sizes[0] :]) for row in table.unbind(0)]
-        self.bases = [(b[: 4 * H], b[4 * H :]) for b, H in zip(biases, sizes[1:], strict=True)]
-        self.w_t = [w.t().split(4 * H, dim=1) for w, H in zip(weights, sizes, strict=True)]  # as fast.py for T < 16
+        # Layer 1's projected input per symbol, from the table the model's own calls take it from.
+        self.bases_1 = list(input_table(model).unsqueeze(1).unbind(0))  # V x (1, R_1)
+        self.bases = biases
+        self.w_t = [w.t() for w in weights]  # as fast.py's step_weights for T < 16
 
         # The state: two slots, read from one and written to the other in turn. Every layer's h lives in one
         # (2, 1, sum H) buffer, the output module's input as it is.

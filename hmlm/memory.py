@@ -104,6 +104,8 @@ def estimate(shape: MemoryShape) -> MemoryEstimate:
         rows = 4 * H + (0 if layer == L - 1 else 1)
         grad_buffers += T * B * rows * s  # ds
         grad_buffers += 2 * B * 2 * H * s + 2 * B * s  # the [dh | dc] pairs, dz
+        if autocast and shape.kernels != "torch":
+            grad_buffers += B * rows * mm  # ds in the matmul's dtype (ds_mm)
         if cfg.layer_norm and shape.kernels != "cpu":  # C++ sums the layer norm gradients as it goes
             grad_buffers += T * B * (4 * H + H) * s  # dact, d_cn (Triton: the same, as its ln_grad rows)
         if shape.kernels == "torch":
@@ -153,10 +155,12 @@ def layer_tape(shape: MemoryShape, layer: int, save: bool) -> int:
     mm = 2 if shape.precision == "bf16" else s
     h_in_x = save and mm == s
     S = T if save else 1
-    n = (T + 1 if h_in_x else S) * B * (D + H + A) * mm  # x
+    n = (T + 1 if save else 1) * B * (D + H + A) * mm  # x
     n += (T + 1 if save else 2) * B * H * s  # c
     n += S * B * (4 * H + 4 * H + H + H) * s  # gates, act, keep_f, tc
     n += S * B * (0 if top else 1) * s * 2  # zhat, zraw
+    if mm != s:
+        n += B * (4 * H + (0 if top else 1)) * mm  # the step's matmul product
     if save and not bottom:
         n += S * B * 2 * H * s  # neg_d_copy
     if save and cfg.layer_norm:

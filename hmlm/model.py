@@ -247,7 +247,8 @@ class HMLSTM(nn.Module):
     def fast_plan(self, device: torch.device, dtype: torch.dtype, slope: float | Tensor = 1.0) -> fast.Plan:
         """What a call of the fast path on this device, with a state of this dtype, computes (hmlm/fast.py)."""
         autocast = torch.is_autocast_enabled(device.type)
-        backend = kernels.select(device, dtype)
+        mm_dtype = torch.get_autocast_dtype(device.type) if autocast else dtype
+        backend = kernels.select(device, dtype, mm_dtype)
         # A tensor slope (the CUDA graph step's, hmlm/cuda_graph.py) stays a tensor: float() of a CUDA tensor would
         # wait for the device, and the Triton kernels read it through a pointer. The C++ kernels take a number, and
         # reading a CPU tensor costs nothing.
@@ -260,7 +261,7 @@ class HMLSTM(nn.Module):
             mode=self.boundary_mode,
             training=self.training,
             slope=slope,
-            mm_dtype=torch.get_autocast_dtype(device.type) if autocast else dtype,
+            mm_dtype=mm_dtype,
             kernels=backend,
         )
 

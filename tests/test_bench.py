@@ -87,7 +87,7 @@ def test_cpu_memory_is_measured_in_bytes():
         ({"seq_len": 0}, "--seq-len must be at least 1"),
         ({"batch": -2}, "--batch must be at least 1"),
         ({"precision": "fp8"}, "--precision must be one of fp32, fp32-strict, bf16"),
-        ({"precision": "bf16"}, "--precision bf16 is for CUDA; on the CPU use --precision fp32"),
+        ({"precision": "bf16"}, "--precision bf16 is for CUDA; on the CPU it only goes with --launches"),
         ({"models": ("fast", "graph")}, r"--models graph \(a captured CUDA graph\) needs --device cuda"),
         ({"models": ("fast", "gru")}, "--models: unknown gru; choose from fast, reference, lstm, graph"),
         ({"models": ()}, "--models: none named"),
@@ -112,6 +112,7 @@ def test_launches_per_training_step_are_counted_and_shown():
     for key in ("fast", "lstm"):
         counts = report["results"][key]["launches_per_train_step"]
         assert counts["aten_ops"] > 0 and counts["gpu_kernels"] == counts["launch_calls"] == 0
+        assert 0 < counts["dispatched"] < counts["aten_ops"]  # nested operators and views launch nothing
     # The HM-LSTM's step dispatches more operators than nn.LSTM's, whose recurrence is one fused op.
     fast, lstm = (report["results"][key]["launches_per_train_step"]["aten_ops"] for key in ("fast", "lstm"))
     assert fast > lstm

@@ -131,7 +131,7 @@ def use_engine(engine: str, monkeypatch) -> None:
 
 
 def count_onednn(monkeypatch) -> list[int]:
-    """[gates matmuls of fast.matmul_add (zhat's are the (B, 1) ones: always MKL), those on oneDNN], from now on."""
+    """[step matmuls of fast.matmul_add ([gates | zhat] in one), those on oneDNN], from now on."""
     calls = [0, 0]
     matmul_add = fast.matmul_add
 

@@ -23,6 +23,8 @@ from test_model import (
     assert_same,
     compare_charlm_with_reference,
     compare_with_reference,
+    loss_of,
+    loss_weights,
     make_rnn,
     random_state,
     run_both,
@@ -170,6 +172,35 @@ def test_bf16_autocast_runs_on_the_kernels_with_fp32_state(device: torch.device)
     torch.testing.assert_close(out.logits.float(), reference.logits, atol=0.1, rtol=0.1)
 
 
+def test_the_bf16_arrangement_equals_the_torch_op_loop_under_autocast(device: torch.device, monkeypatch):
+    """Under bf16 autocast the kernels add the step's bf16 product into the fp32 pre-activations (addend), write h
+    into the bf16 matmul input (h_rec) and ds again in bf16 (ds_mm), and route a bf16 dx: the arithmetic of the
+    torch-op loop, which casts and adds with torch ops. The HM-LSTM alone (its outputs are fp32), soft boundaries
+    (no boundary flips), a few steps: what differs is the order of fp32 sums in the layer norms, ~1e-7, unless it
+    moves a bf16 rounding of a matmul input, which these inputs do not; a wrong term moves everything by ~1e-2."""
+    rnn = make_rnn([7, 5, 3], layer_norm=True, mode="soft").float()
+    x = torch.randn(3, 5, rnn.input_size)
+    state = random_state(rnn, 3)
+    state = HMLSTMState(state.h, state.c, [z * 0.6 for z in state.z])
+    rnn, x, state = on(device, rnn, x, HMLSTMState(*([t.float() for t in part] for part in state)))
+    results = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("HMLM_KERNELS", backend)
+        x_ = x.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = rnn(x_, state, slope=1.3)
+        loss = loss_of(out, loss_weights(out))
+        results[backend] = (out, torch.autograd.grad(loss, [*rnn.parameters(), x_]))
+    monkeypatch.setenv("HMLM_KERNELS", "triton")  # the fixture checks that the Triton kernels ran
+    (out_t, grads_t), (out_r, grads_r) = results["triton"], results["torch"]
+    assert all(h.dtype == torch.float32 for h in out_t.hidden)
+    for mine, theirs in zip([*out_t.hidden, out_t.boundaries], [*out_r.hidden, out_r.boundaries], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    for name, mine, theirs in zip(names_of(rnn)[: len(grads_r)], grads_t, grads_r, strict=True):
+        scale = max(theirs.abs().max().item(), 1.0)
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
 def test_a_triton_that_cannot_compile_falls_back_with_one_warning(monkeypatch):
     monkeypatch.delenv("HMLM_FUSED", raising=False)
     monkeypatch.setenv("HMLM_KERNELS", "triton")
@@ -190,6 +221,33 @@ def test_a_triton_that_cannot_compile_falls_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rnn(torch.randn(2, 3, rnn.input_size, device=dev)).hidden[-1].sum().backward()
+
+
+def test_the_warning_names_the_kernel_that_does_not_compile_and_why(monkeypatch):
+    """The self-test runs each kernel once; a compile error (here: the one a pointer slope once raised) comes back as
+    one warning line with the kernel's name and the compiler's reason."""
+    monkeypatch.delenv("HMLM_FUSED", raising=False)
+    monkeypatch.setenv("HMLM_KERNELS", "triton")
+    from hmlm.kernels import triton as module
+
+    launch = module._launch
+
+    def failing_launch(kernel, *args):
+        if kernel is module._cell_backward:
+            raise RuntimeError(
+                "at 97:16:\n    a = _slope(slope, zh, SLOPE_PTR)\nReturn type mismatch: fp32 and pointer<fp32>"
+            )
+        launch(kernel, *args)
+
+    monkeypatch.setattr(module, "_launch", failing_launch)
+    monkeypatch.setattr(kernels, "_triton", None)
+    monkeypatch.setattr(kernels, "_triton_failed", None)
+    monkeypatch.setattr(kernels, "_triton_dtypes", {})
+    with pytest.warns(RuntimeWarning) as caught:
+        kernels.select(torch.device(module.DEVICE), torch.float32)
+    (message,) = [str(w.message) for w in caught]
+    assert "kernel _cell_backward: RuntimeError: Return type mismatch: fp32 and pointer<fp32>" in message
+    assert "\n" not in message
 
 
 def run_python(code: str, **env: str) -> str:

@@ -105,12 +105,13 @@ def requested() -> str:
     return value
 
 
-def select(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend the fast path runs on for tensors of this device and dtype: triton, cpu or torch."""
-    return choose(device, dtype)[0]
+def select(device: torch.device, dtype: torch.dtype, mm_dtype: torch.dtype | None = None) -> str:
+    """The backend the fast path runs on for tensors of this device and dtype (and matmuls in mm_dtype, the autocast
+    dtype, by default the same): triton, cpu or torch."""
+    return choose(device, dtype, mm_dtype)[0]
 
 
-def choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+def choose(device: torch.device, dtype: torch.dtype, mm_dtype: torch.dtype | None = None) -> tuple[str, str]:
     """The backend, and why the torch ops when it comes to that (else "")."""
     want = requested()
     if want == "torch":
@@ -125,6 +126,8 @@ def choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
 
         if device.type != "cpu":
             return "torch", f"the C++ kernels are for the CPU, not {device.type}"
+        if mm_dtype not in (None, dtype):  # they write the matmuls' inputs, in the state's dtype only
+            return "torch", f"the C++ kernels take matmuls in the state's dtype, not {mm_dtype} (autocast)"
         if cpu.load() is None:
             return "torch", f"the C++ kernels could not be built: {cpu.failure()}"
         return "cpu", ""
@@ -234,9 +237,9 @@ def _warn_triton(error: Exception, where: str = "") -> str:
     return why
 
 
-def describe(device: torch.device, dtype: torch.dtype) -> str:
+def describe(device: torch.device, dtype: torch.dtype, mm_dtype: torch.dtype | None = None) -> str:
     """What the fast path runs its elementwise work on for this device and dtype, and why, in words."""
-    backend, why = choose(device, dtype)
+    backend, why = choose(device, dtype, mm_dtype)
     if backend == "cpu":
         return "fused CPU kernels (C++)"
     if backend == "triton":

@@ -88,6 +88,21 @@ def _slope(slope, like, SLOPE_PTR: tl.constexpr):
 
 
 @device_function
+def _to(x, ptr):
+    """x in the element type of ptr. To bfloat16 (the matmuls' under autocast) rounded to the nearest, ties to even,
+    as torch casts, in integer arithmetic: compiled, Triton's own cast rounds so too, but its interpreter truncates
+    (which the tests would see as a different bf16 input, one ulp off, in half the elements). One return: see
+    _slope."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        value = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        value = x.to(ptr.dtype.element_ty)
+    return value
+
+
+@device_function
 def _normalize(x, mask, n, eps):
     """(x - mean) * rstd over the n unmasked lanes (zero on the others), the mean, and rstd (biased variance)."""
     mean = tl.sum(tl.where(mask, x, 0.0), axis=0) / n
@@ -113,25 +128,38 @@ def _normalize_backward(dy, x, gain, mask, n, mean, rstd):
 
 @triton.jit
 def _cell_forward(
-    gates, s_gates, zhat, s_zhat, ln_gain, ln_bias, cell_gain, cell_bias,
+    gates, s_gates, zhat, s_zhat, addend, s_addend, ln_gain, ln_bias, cell_gain, cell_bias,
     h_prev, s_h_prev, c_prev, s_c_prev, z_prev, s_z_prev, z_below, s_z_below,
-    act, s_act, keep_f, s_keep_f, c, s_c, tc, s_tc, h, s_h,
+    act, s_act, keep_f, s_keep_f, c, s_c, tc, s_tc, h, s_h, h_rec, s_h_rec, h_up, s_h_up, h_down, s_h_down,
     neg_dh, s_neg_dh, neg_dc, s_neg_dc, zraw, s_zraw, z, s_z,
     gates_mean, s_gates_mean, gates_rstd, s_gates_rstd, cell_mean, s_cell_mean, cell_rstd, s_cell_rstd,
     H, slope, eps,
     BLOCK: tl.constexpr, BOTTOM: tl.constexpr, TOP: tl.constexpr, LN: tl.constexpr, STATS: tl.constexpr,
-    SAVE_COPY: tl.constexpr, ZRAW_MODE: tl.constexpr, SLOPE_PTR: tl.constexpr,
+    SAVE_COPY: tl.constexpr, ZRAW_MODE: tl.constexpr, SLOPE_PTR: tl.constexpr, ADDEND: tl.constexpr,
+    H_REC: tl.constexpr, H_UP: tl.constexpr, H_DOWN: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # 64-bit row offsets: B * stride can pass 2**31
     k = tl.arange(0, BLOCK)
     mask = k < H
 
-    # Gates: sigm(f), sigm(i), sigm(o), tanh(g), each block layer-normalized on its own first.
+    # Gates: sigm(f), sigm(i), sigm(o), tanh(g), each block layer-normalized on its own first. With an addend (the
+    # step's matmul product, in the matmul's dtype) the pre-activations are gates + addend, written back for the
+    # backward (which reads them under layer norm).
     row = gates + b * s_gates
     xf = tl.load(row + k, mask=mask, other=0.0)
     xi = tl.load(row + H + k, mask=mask, other=0.0)
     xo = tl.load(row + 2 * H + k, mask=mask, other=0.0)
     xg = tl.load(row + 3 * H + k, mask=mask, other=0.0)
+    if ADDEND:
+        product = addend + b * s_addend
+        xf += tl.load(product + k, mask=mask, other=0.0).to(xf.dtype)
+        xi += tl.load(product + H + k, mask=mask, other=0.0).to(xf.dtype)
+        xo += tl.load(product + 2 * H + k, mask=mask, other=0.0).to(xf.dtype)
+        xg += tl.load(product + 3 * H + k, mask=mask, other=0.0).to(xf.dtype)
+        tl.store(row + k, xf, mask=mask)
+        tl.store(row + H + k, xi, mask=mask)
+        tl.store(row + 2 * H + k, xo, mask=mask)
+        tl.store(row + 3 * H + k, xg, mask=mask)
     if LN:
         nf, mean_f, rstd_f = _normalize(xf, mask, H, eps)
         ni, mean_i, rstd_i = _normalize(xi, mask, H, eps)
@@ -200,11 +228,20 @@ def _cell_forward(
     else:
         hv = tl.where(copy < 0.5, otc + copy * (hp - otc), hp - (hp - otc) * (1.0 - copy))
     tl.store(h + b * s_h + k, hv, mask=mask)
+    # h where the next matmuls read it, in their dtype: this layer's own next input (where h does not live there),
+    # and the layer below's next top-down input z_below * h (the z_below of this step is that layer's z_t).
+    if H_REC:
+        tl.store(h_rec + b * s_h_rec + k, _to(hv, h_rec), mask=mask)
+    if H_DOWN:
+        tl.store(h_down + b * s_h_down + k, _to(hv * zb, h_down), mask=mask)
 
     # The boundary: z = keep*zraw, zraw = 1[zhat > 0] (whatever the slope), hard_sigmoid(zhat), or given: ZRAW_MODE
     # 0, 1 or 2 (hmlm.kernels.ZRAW_MODES).
     if not TOP:
         zh = tl.load(zhat + b * s_zhat)
+        if ADDEND:
+            zh += tl.load(addend + b * s_addend + 4 * H).to(zh.dtype)
+            tl.store(zhat + b * s_zhat, zh)
         if ZRAW_MODE == 0:
             zr = tl.where(zh > 0.0, 1.0, 0.0)
         elif ZRAW_MODE == 1:
@@ -214,18 +251,22 @@ def _cell_forward(
             zr = tl.load(zraw + b * s_zraw)
         if ZRAW_MODE != 2:
             tl.store(zraw + b * s_zraw, zr)
-        tl.store(z + b * s_z, keep * zr)
+        z_new = keep * zr
+        tl.store(z + b * s_z, z_new)
+        if H_UP:  # the layer above's next bottom-up input, z * h
+            tl.store(h_up + b * s_h_up + k, _to(hv * z_new, h_up), mask=mask)
 
 
 @triton.jit
 def _cell_backward(
-    pair, s_pair, g_z, s_g_z, act, s_act, tc, s_tc, c_prev, s_c_prev, c, s_c, keep_f, s_keep_f,
+    pair, s_pair, g_ext, s_g_ext, g_z, s_g_z, act, s_act, tc, s_tc, c_prev, s_c_prev, c, s_c, keep_f, s_keep_f,
     neg_d_copy, s_neg_d_copy, zraw, s_zraw, zhat, s_zhat, gates, s_gates,
     gates_mean, s_gates_mean, gates_rstd, s_gates_rstd, cell_mean, s_cell_mean, cell_rstd, s_cell_rstd,
     ln_gain, cell_gain, ln_rows, s_ln_rows, z_prev, s_z_prev, z_below, s_z_below,
-    ds, s_ds, dc_prev, s_dc_prev, gz_prev, s_gz_prev, gz_below, s_gz_below,
+    ds, s_ds, ds_mm, s_ds_mm, dc_prev, s_dc_prev, gz_prev, s_gz_prev, gz_below, s_gz_below,
     H, slope,
     BLOCK: tl.constexpr, BOTTOM: tl.constexpr, TOP: tl.constexpr, LN: tl.constexpr, SLOPE_PTR: tl.constexpr,
+    EXT: tl.constexpr, DS_MM: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK)
@@ -241,6 +282,9 @@ def _cell_backward(
         update = zb - zp * zb
         keep = zp + update
     g_h = tl.load(pair + b * s_pair + k, mask=mask, other=0.0)
+    if EXT:  # the loss's own gradient of h_t, added here and written back: route_backward reads the sum
+        g_h += tl.load(g_ext + b * s_g_ext + k, mask=mask, other=0.0)
+        tl.store(pair + b * s_pair + k, g_h, mask=mask)
     g_c = tl.load(pair + b * s_pair + H + k, mask=mask, other=0.0)
     row = act + b * s_act
     f = tl.load(row + k, mask=mask, other=0.0)
@@ -298,6 +342,12 @@ def _cell_backward(
     tl.store(out + H + k, di, mask=mask)
     tl.store(out + 2 * H + k, d_o, mask=mask)
     tl.store(out + 3 * H + k, dg, mask=mask)
+    if DS_MM:  # ds again, in the dtype of the matmul that takes it back to the step's inputs
+        out_mm = ds_mm + b * s_ds_mm
+        tl.store(out_mm + k, _to(df, ds_mm), mask=mask)
+        tl.store(out_mm + H + k, _to(di, ds_mm), mask=mask)
+        tl.store(out_mm + 2 * H + k, _to(d_o, ds_mm), mask=mask)
+        tl.store(out_mm + 3 * H + k, _to(dg, ds_mm), mask=mask)
 
     # Into the choice of operation (z_prev, z_below), and through z = keep*zraw into zhat (straight-through: the
     # hard sigmoid's derivative as torch.clamp defines it, the bounds counting as inside).
@@ -317,7 +367,10 @@ def _cell_backward(
         a = _slope(slope, zh, SLOPE_PTR)
         y = (a * zh + 1.0) / 2.0
         st = tl.where((y >= 0.0) & (y <= 1.0), a / 2.0, 0.0)
-        tl.store(out + 4 * H, tl.load(g_z + b * s_g_z) * keep * st)
+        d_zhat = tl.load(g_z + b * s_g_z) * keep * st
+        tl.store(out + 4 * H, d_zhat)
+        if DS_MM:
+            tl.store(ds_mm + b * s_ds_mm + 4 * H, _to(d_zhat, ds_mm))
 
 
 @triton.jit
@@ -331,9 +384,9 @@ def _route_backward(
     k = tl.arange(0, BLOCK)
     mask = k < H
     zp = tl.load(z_prev + b * s_z_prev)
-    row = dx + b * s_dx
+    row = dx + b * s_dx  # in the matmul's dtype; the sums are made in the state's
     # d h_{t-1}: the recurrent matmul, and COPY's pass-through.
-    d_rec = tl.load(row + D + k, mask=mask, other=0.0)
+    d_rec = tl.load(row + D + k, mask=mask, other=0.0).to(zp.dtype)
     if BOTTOM:
         tl.store(pair_next + b * s_pair_next + k, d_rec, mask=mask)
     else:
@@ -344,7 +397,7 @@ def _route_backward(
     if not TOP:  # into layer l+1's h_{t-1} (masked by z_prev) and into z_prev
         ka = tl.arange(0, BLOCK_A)
         mask_a = ka < A
-        d_above = tl.load(row + D + H + ka, mask=mask_a, other=0.0)
+        d_above = tl.load(row + D + H + ka, mask=mask_a, other=0.0).to(zp.dtype)
         target = above_pair + b * s_above_pair + ka
         tl.store(target, tl.load(target, mask=mask_a) + d_above * zp, mask=mask_a)
         h_a = tl.load(h_above + b * s_h_above + ka, mask=mask_a, other=0.0)
@@ -353,7 +406,7 @@ def _route_backward(
     if not BOTTOM:  # into layer l-1's h_t (masked by z_below) and its z_t
         kd = tl.arange(0, BLOCK_D)
         mask_d = kd < D
-        d_below = tl.load(row + kd, mask=mask_d, other=0.0)
+        d_below = tl.load(row + kd, mask=mask_d, other=0.0).to(zp.dtype)
         target = below_pair + b * s_below_pair + kd
         tl.store(target, tl.load(target, mask=mask_d) + d_below * zb, mask=mask_d)
         h_b = tl.load(h_below + b * s_h_below + kd, mask=mask_d, other=0.0)
@@ -448,30 +501,33 @@ def _slope_arg(slope: float | torch.Tensor, like: torch.Tensor) -> tuple[float |
 
 
 def cell_forward(
-    gates, zhat, ln_gain, ln_bias, cell_gain, cell_bias, h_prev, c_prev, z_prev, z_below, act, keep_f, c, tc, h,
-    neg_dh, neg_dc, zraw, z, gates_mean, gates_rstd, cell_mean, cell_rstd, zraw_mode, slope, eps,
+    gates, zhat, addend, ln_gain, ln_bias, cell_gain, cell_bias, h_prev, c_prev, z_prev, z_below, act, keep_f, c,
+    tc, h, h_rec, h_up, h_down, neg_dh, neg_dc, zraw, z, gates_mean, gates_rstd, cell_mean, cell_rstd, zraw_mode,
+    slope, eps,
 ) -> None:  # fmt: skip
     B, H = c.shape
     block = _block(H)
     slope, slope_ptr = _slope_arg(slope, gates)
     _launch(_cell_forward, (B,), (
-        *_rows(gates, gates), *_rows(zhat, gates),
+        *_rows(gates, gates), *_rows(zhat, gates), *_rows(addend, gates),
         ln_gain if ln_gain is not None else gates, ln_bias if ln_bias is not None else gates,
         cell_gain if cell_gain is not None else gates, cell_bias if cell_bias is not None else gates,
         *_rows(h_prev, gates), *_rows(c_prev, gates), *_rows(z_prev, gates), *_rows(z_below, gates),
         *_rows(act, gates), *_rows(keep_f, gates), *_rows(c, gates), *_rows(tc, gates), *_rows(h, gates),
+        *_rows(h_rec, gates), *_rows(h_up, gates), *_rows(h_down, gates),
         *_rows(neg_dh, gates), *_rows(neg_dc, gates), *_rows(zraw, gates), *_rows(z, gates),
         *_rows(gates_mean, gates), *_rows(gates_rstd, gates), *_rows(cell_mean, gates), *_rows(cell_rstd, gates),
         H, slope, float(eps),
     ), dict(
         BLOCK=block, BOTTOM=z_below is None, TOP=zhat is None, LN=ln_gain is not None,
         STATS=gates_mean is not None, SAVE_COPY=neg_dh is not None, ZRAW_MODE=int(zraw_mode), SLOPE_PTR=slope_ptr,
+        ADDEND=addend is not None, H_REC=h_rec is not None, H_UP=h_up is not None, H_DOWN=h_down is not None,
     ), _warps(block))  # fmt: skip
 
 
 def cell_backward(
-    pair, g_z, act, tc, c_prev, c, keep_f, neg_d_copy, zraw, zhat, gates, gates_mean, gates_rstd, cell_mean,
-    cell_rstd, ln_gain, cell_gain, ln_grad, z_prev, z_below, ds, dc_prev, gz_prev, gz_below, slope,
+    pair, g_ext, g_z, act, tc, c_prev, c, keep_f, neg_d_copy, zraw, zhat, gates, gates_mean, gates_rstd, cell_mean,
+    cell_rstd, ln_gain, cell_gain, ln_grad, z_prev, z_below, ds, ds_mm, dc_prev, gz_prev, gz_below, slope,
 ) -> None:  # fmt: skip
     """`ln_grad`, with layer norm: this step's (B, 5H) rows [d gates after their layer norm | d normalized c]
     (see hmlm.kernels.ln_grad_rows)."""
@@ -479,15 +535,18 @@ def cell_backward(
     block = _block(H)
     slope, slope_ptr = _slope_arg(slope, pair)
     _launch(_cell_backward, (B,), (
-        *_rows(pair, pair), *_rows(g_z, pair), *_rows(act, pair), *_rows(tc, pair), *_rows(c_prev, pair),
-        *_rows(c, pair), *_rows(keep_f, pair), *_rows(neg_d_copy, pair), *_rows(zraw, pair), *_rows(zhat, pair),
+        *_rows(pair, pair), *_rows(g_ext, pair), *_rows(g_z, pair), *_rows(act, pair), *_rows(tc, pair),
+        *_rows(c_prev, pair), *_rows(c, pair), *_rows(keep_f, pair), *_rows(neg_d_copy, pair), *_rows(zraw, pair),
+        *_rows(zhat, pair),
         *_rows(gates, pair), *_rows(gates_mean, pair), *_rows(gates_rstd, pair), *_rows(cell_mean, pair),
         *_rows(cell_rstd, pair), ln_gain if ln_gain is not None else pair, cell_gain if cell_gain is not None else pair,
-        *_rows(ln_grad, pair), *_rows(z_prev, pair), *_rows(z_below, pair), *_rows(ds, pair),
+        *_rows(ln_grad, pair), *_rows(z_prev, pair), *_rows(z_below, pair), *_rows(ds, pair), *_rows(ds_mm, pair),
         *_rows(dc_prev, pair), *_rows(gz_prev, pair), *_rows(gz_below, pair),
         H, slope,
-    ), dict(BLOCK=block, BOTTOM=z_below is None, TOP=zraw is None, LN=ln_gain is not None, SLOPE_PTR=slope_ptr),
-    _warps(block))  # fmt: skip
+    ), dict(
+        BLOCK=block, BOTTOM=z_below is None, TOP=zraw is None, LN=ln_gain is not None, SLOPE_PTR=slope_ptr,
+        EXT=g_ext is not None, DS_MM=ds_mm is not None,
+    ), _warps(block))  # fmt: skip
 
 
 def route_backward(
@@ -507,31 +566,50 @@ def route_backward(
 
 def self_test(dtype: torch.dtype = torch.float32) -> None:
     """Run each kernel once on a tiny middle layer (layer norm, a layer above and below), so that a Triton that
-    cannot compile them for this dtype fails here, where the caller can fall back, rather than inside a step."""
+    cannot compile them for this dtype fails here, where the caller can fall back, rather than inside a step. The
+    error names the kernel and keeps the compiler's reason."""
     B, H, D, A = 2, 3, 2, 2
     like = {"device": DEVICE, "dtype": dtype}
     gates, h_prev, c_prev = torch.randn(B, 4 * H, **like), torch.randn(B, H, **like), torch.randn(B, H, **like)
     z_prev, z_below, zhat = torch.ones(B, 1, **like), torch.ones(B, 1, **like), torch.randn(B, 1, **like)
     gain, bias, cell_gain, cell_bias = torch.ones(4 * H, **like), torch.zeros(4 * H, **like), *torch.ones(2, H, **like)
-    act, keep_f, c, tc, h, neg_dh, neg_dc = (torch.empty(B, n, **like) for n in (4 * H, H, H, H, H, H, H))
+    act, keep_f, c, tc, h, h_up, h_down, neg_dh, neg_dc = (torch.empty(B, n, **like) for n in (4 * H, *[H] * 8))
     zraw, z, cell_mean, cell_rstd = (torch.empty(B, 1, **like) for _ in range(4))
     gates_mean, gates_rstd = torch.empty(B, 4, **like), torch.empty(B, 4, **like)
-    cell_forward(
-        gates, zhat, gain, bias, cell_gain, cell_bias, h_prev, c_prev, z_prev, z_below, act, keep_f, c, tc, h,
-        neg_dh, neg_dc, zraw, z, gates_mean, gates_rstd, cell_mean, cell_rstd, ZRAW_MODES["step"], 1.0, LN_EPS,
-    )  # fmt: skip
-    pair, neg_d_copy = torch.randn(B, 2 * H, **like), torch.cat([neg_dh, neg_dc], 1)
+    with _naming("_cell_forward"):
+        cell_forward(
+            gates, zhat, None, gain, bias, cell_gain, cell_bias, h_prev, c_prev, z_prev, z_below, act, keep_f, c, tc,
+            h, None, h_up, h_down, neg_dh, neg_dc, zraw, z, gates_mean, gates_rstd, cell_mean, cell_rstd,
+            ZRAW_MODES["step"], 1.0, LN_EPS,
+        )  # fmt: skip
+    pair, g_ext, neg_d_copy = torch.randn(B, 2 * H, **like), torch.randn(B, H, **like), torch.cat([neg_dh, neg_dc], 1)
     ds, ln_rows, dc_prev = torch.empty(B, 4 * H + 1, **like), torch.empty(B, 5 * H, **like), torch.empty(B, H, **like)
     gz_prev, gz_below, g_z = torch.empty(B, 1, **like), torch.empty(B, 1, **like), torch.randn(B, 1, **like)
-    cell_backward(
-        pair, g_z, act, tc, c_prev, c, keep_f, neg_d_copy, zraw, zhat, gates, gates_mean, gates_rstd, cell_mean,
-        cell_rstd, gain, cell_gain, ln_rows, z_prev, z_below, ds, dc_prev, gz_prev, gz_below, 1.0,
-    )  # fmt: skip
+    with _naming("_cell_backward"):
+        cell_backward(
+            pair, g_ext, g_z, act, tc, c_prev, c, keep_f, neg_d_copy, zraw, zhat, gates, gates_mean, gates_rstd,
+            cell_mean, cell_rstd, gain, cell_gain, ln_rows, z_prev, z_below, ds, None, dc_prev, gz_prev, gz_below, 1.0,
+        )  # fmt: skip
     dx, pair_next = torch.randn(B, D + H + A, **like), torch.empty(B, 2 * H, **like)
     above_pair, below_pair = torch.zeros(B, 2 * A, **like), torch.zeros(B, 2 * D, **like)
     h_above, h_below, below_dz = torch.randn(B, A, **like), torch.randn(B, D, **like), torch.zeros(B, 1, **like)
-    route_backward(
-        dx, D, pair, z_prev, z_below, pair_next, above_pair, h_above, below_pair, h_below, gz_prev, gz_below, below_dz
-    )
+    with _naming("_route_backward"):
+        route_backward(
+            dx, D, pair, z_prev, z_below, pair_next, above_pair, h_above, below_pair, h_below, gz_prev, gz_below,
+            below_dz,
+        )  # fmt: skip
     if not bool(torch.isfinite(h).all() and torch.isfinite(ds).all() and torch.isfinite(pair_next[:, :H]).all()):
         raise RuntimeError("the Triton kernels ran but gave non-finite values on a finite input")
+
+
+@contextmanager
+def _naming(kernel: str) -> Iterator[None]:
+    """An error inside, as one that names the kernel and keeps the compiler's first line of reason."""
+    try:
+        yield
+    except Exception as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "error" in line.lower() or "mismatch" in line.lower()), None)
+        raise RuntimeError(
+            f"kernel {kernel}: {type(error).__name__}: {reason or (lines[-1] if lines else '')}"
+        ) from error

@@ -7,12 +7,15 @@
 //
 // Every (B, width) argument may be a row-strided view (the last dimension contiguous); an absent optional
 // argument means "this layer has none": no layer below (layer 1, z_below = 1), no layer above (the top layer:
-// no boundary), no layer norm, or nothing saved for the backward.
+// no boundary), no layer norm, or nothing saved for the backward. Every tensor has the state's dtype: the matmuls
+// run in it too (hmlm.kernels chooses these kernels only then), so the arguments for a matmul in another dtype
+// (`addend`, `ds_mm`) are never given here.
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <mutex>
 #include <optional>
@@ -121,6 +124,7 @@ void cell_forward_impl(const at::Tensor& gates, const OptTensor& zhat_t, const O
                        const at::Tensor& h_prev_t, const at::Tensor& c_prev_t, const at::Tensor& z_prev_t,
                        const OptTensor& z_below_t, const at::Tensor& act_t, const at::Tensor& keep_f_t,
                        const at::Tensor& c_t, const at::Tensor& tc_t, const at::Tensor& h_t,
+                       const OptTensor& h_rec_t, const OptTensor& h_up_t, const OptTensor& h_down_t,
                        const OptTensor& neg_dh_t, const OptTensor& neg_dc_t, const OptTensor& zraw_t,
                        const OptTensor& z_t, const OptTensor& gates_mean_t, const OptTensor& gates_rstd_t,
                        const OptTensor& cell_mean_t, const OptTensor& cell_rstd_t, int64_t zraw_mode, double slope,
@@ -130,6 +134,7 @@ void cell_forward_impl(const at::Tensor& gates, const OptTensor& zhat_t, const O
   const Rows<T> act(act_t), keep_f(keep_f_t), c_out(c_t), tc_out(tc_t), h_out(h_t), neg_dh(neg_dh_t), neg_dc(neg_dc_t);
   const Rows<T> zraw(zraw_t), z_out(z_t), g_mean(gates_mean_t), g_rstd(gates_rstd_t), c_mean(cell_mean_t),
       c_rstd(cell_rstd_t);
+  const Rows<T> h_rec(h_rec_t), h_up(h_up_t), h_down(h_down_t);
   const T* ln_gain = ptr_or_null<T>(ln_gain_t);
   const T* ln_bias = ptr_or_null<T>(ln_bias_t);
   const T* cell_gain = ptr_or_null<T>(cell_gain_t);
@@ -193,10 +198,13 @@ void cell_forward_impl(const at::Tensor& gates, const OptTensor& zhat_t, const O
   });
   tc_t.sigmoid_();
 
-  // h = lerp(o*tanh(c), h_prev, copy), and the boundary: z = keep*zraw.
+  // h = lerp(o*tanh(c), h_prev, copy), and the boundary: z = keep*zraw. Then h where the next matmuls read it:
+  // this layer's own next input (where h does not live there), the layer below's next top-down input z_below*h,
+  // and the layer above's next bottom-up input z*h.
   at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const auto [update, keep, copy] = Blend<T>(z_prev[b][0], bottom ? T(1) : z_below[b][0]);
+      const T zb = bottom ? T(1) : z_below[b][0];
+      const auto [update, keep, copy] = Blend<T>(z_prev[b][0], zb);
       const T *o = act[b] + 2 * H, *hp = h_prev[b];
       T *tc = tc_out[b], *h = h_out[b];
       for (int64_t k = 0; k < H; ++k) {
@@ -204,6 +212,10 @@ void cell_forward_impl(const at::Tensor& gates, const OptTensor& zhat_t, const O
         const T otc = o[k] * tc[k];
         if (neg_dh) neg_dh[b][k] = otc - hp[k];
         h[k] = bottom ? otc : lerp(otc, hp[k], copy);
+      }
+      if (h_rec) std::copy(h, h + H, h_rec[b]);
+      if (h_down) {
+        for (int64_t k = 0; k < H; ++k) h_down[b][k] = h[k] * zb;
       }
       if (zraw) {
         T& zr = zraw[b][0];
@@ -213,13 +225,18 @@ void cell_forward_impl(const at::Tensor& gates, const OptTensor& zhat_t, const O
           zr = std::min(T(1), std::max(T(0), (S * zhat[b][0] + T(1)) / T(2)));
         }  // kGiven: drawn by the caller (Bernoulli, in the reference's order)
         z_out[b][0] = bottom ? zr : keep * zr;
+        if (h_up) {
+          const T z_new = z_out[b][0];
+          for (int64_t k = 0; k < H; ++k) h_up[b][k] = h[k] * z_new;
+        }
       }
     }
   });
 }
 
 template <typename T>
-void cell_backward_impl(const at::Tensor& pair_t, const at::Tensor& g_z_t, const at::Tensor& act_t,
+void cell_backward_impl(const at::Tensor& pair_t, const OptTensor& g_ext_t, const at::Tensor& g_z_t,
+                        const at::Tensor& act_t,
                         const at::Tensor& tc_t, const at::Tensor& c_prev_t, const at::Tensor& c_t,
                         const at::Tensor& keep_f_t, const OptTensor& neg_d_copy_t, const OptTensor& zraw_t,
                         const OptTensor& zhat_t, const OptTensor& gates_t, const OptTensor& gates_mean_t,
@@ -229,7 +246,7 @@ void cell_backward_impl(const at::Tensor& pair_t, const at::Tensor& g_z_t, const
                         const at::Tensor& dc_prev_t, const at::Tensor& gz_prev_t, const OptTensor& gz_below_t,
                         double slope) {
   const int64_t B = act_t.size(0), H = tc_t.size(1);
-  const Rows<T> pair(pair_t), g_z(g_z_t), act(act_t), tc_in(tc_t), c_prev(c_prev_t), c_in(c_t), keep_f(keep_f_t);
+  const Rows<T> pair(pair_t), g_ext(g_ext_t), g_z(g_z_t), act(act_t), tc_in(tc_t), c_prev(c_prev_t), c_in(c_t), keep_f(keep_f_t);
   const Rows<T> neg_d_copy(neg_d_copy_t), zraw(zraw_t), zhat(zhat_t), gates(gates_t), g_mean(gates_mean_t),
       g_rstd(gates_rstd_t), c_mean(cell_mean_t), c_rstd(cell_rstd_t);
   const Rows<T> z_prev(z_prev_t), z_below(z_below_t), ds(ds_t), dc_prev(dc_prev_t), gz_prev(gz_prev_t),
@@ -248,6 +265,9 @@ void cell_backward_impl(const at::Tensor& pair_t, const at::Tensor& g_z_t, const
     for (int64_t b = begin; b < end; ++b) {
       const T zp = z_prev[b][0], zb = bottom ? T(1) : z_below[b][0];
       const auto [update, keep, copy] = Blend<T>(zp, zb);
+      if (g_ext) {  // the loss's own gradient of h_t, added here and kept: route_backward reads the sum
+        for (int64_t k = 0; k < H; ++k) pair[b][k] += g_ext[b][k];
+      }
       const T *g_h = pair[b], *g_c_in = pair[b] + H;
       const T* a = act[b];
       const T *f = a, *i = a + H, *o = a + 2 * H, *g = a + 3 * H;
@@ -346,29 +366,35 @@ void route_backward_impl(const at::Tensor& dx_t, int64_t D, const at::Tensor& pa
   });
 }
 
-void cell_forward(const at::Tensor& gates, const OptTensor& zhat, const OptTensor& ln_gain, const OptTensor& ln_bias,
-                  const OptTensor& cell_gain, const OptTensor& cell_bias, const at::Tensor& h_prev,
-                  const at::Tensor& c_prev, const at::Tensor& z_prev, const OptTensor& z_below, const at::Tensor& act,
-                  const at::Tensor& keep_f, const at::Tensor& c, const at::Tensor& tc, const at::Tensor& h,
-                  const OptTensor& neg_dh, const OptTensor& neg_dc, const OptTensor& zraw, const OptTensor& z,
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+void cell_forward(const at::Tensor& gates, const OptTensor& zhat, const OptTensor& addend, const OptTensor& ln_gain,
+                  const OptTensor& ln_bias, const OptTensor& cell_gain, const OptTensor& cell_bias,
+                  const at::Tensor& h_prev, const at::Tensor& c_prev, const at::Tensor& z_prev,
+                  const OptTensor& z_below, const at::Tensor& act, const at::Tensor& keep_f, const at::Tensor& c,
+                  const at::Tensor& tc, const at::Tensor& h, const OptTensor& h_rec, const OptTensor& h_up,
+                  const OptTensor& h_down, const OptTensor& neg_dh, const OptTensor& neg_dc, const OptTensor& zraw, const OptTensor& z,
                   const OptTensor& gates_mean, const OptTensor& gates_rstd, const OptTensor& cell_mean,
                   const OptTensor& cell_rstd, int64_t zraw_mode, double slope, double eps) {
+  TORCH_CHECK(!given(addend), "hmlm_cpu: the matmuls run in the state's dtype here: no addend");
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "hmlm_cell_forward", [&] {
     cell_forward_impl<scalar_t>(gates, zhat, ln_gain, ln_bias, cell_gain, cell_bias, h_prev, c_prev, z_prev, z_below,
-                                act, keep_f, c, tc, h, neg_dh, neg_dc, zraw, z, gates_mean, gates_rstd, cell_mean,
+                                act, keep_f, c, tc, h, h_rec, h_up, h_down, neg_dh, neg_dc, zraw, z, gates_mean, gates_rstd, cell_mean,
                                 cell_rstd, zraw_mode, slope, eps);
   });
 }
 
-void cell_backward(const at::Tensor& pair, const at::Tensor& g_z, const at::Tensor& act, const at::Tensor& tc,
-                   const at::Tensor& c_prev, const at::Tensor& c, const at::Tensor& keep_f,
+void cell_backward(const at::Tensor& pair, const OptTensor& g_ext, const at::Tensor& g_z, const at::Tensor& act,
+                   const at::Tensor& tc, const at::Tensor& c_prev, const at::Tensor& c, const at::Tensor& keep_f,
                    const OptTensor& neg_d_copy, const OptTensor& zraw, const OptTensor& zhat, const OptTensor& gates,
                    const OptTensor& gates_mean, const OptTensor& gates_rstd, const OptTensor& cell_mean,
                    const OptTensor& cell_rstd, const OptTensor& ln_gain, const OptTensor& cell_gain,
                    const OptTensor& ln_grad, const at::Tensor& z_prev, const OptTensor& z_below, const at::Tensor& ds,
-                   const at::Tensor& dc_prev, const at::Tensor& gz_prev, const OptTensor& gz_below, double slope) {
+                   const OptTensor& ds_mm, const at::Tensor& dc_prev, const at::Tensor& gz_prev,
+                   const OptTensor& gz_below, double slope) {
+  TORCH_CHECK(!given(ds_mm), "hmlm_cpu: the matmuls run in the state's dtype here: no ds_mm");
   AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "hmlm_cell_backward", [&] {
-    cell_backward_impl<scalar_t>(pair, g_z, act, tc, c_prev, c, keep_f, neg_d_copy, zraw, zhat, gates, gates_mean,
+    cell_backward_impl<scalar_t>(pair, g_ext, g_z, act, tc, c_prev, c, keep_f, neg_d_copy, zraw, zhat, gates, gates_mean,
                                  gates_rstd, cell_mean, cell_rstd, ln_gain, cell_gain, ln_grad, z_prev, z_below, ds,
                                  dc_prev, gz_prev, gz_below, slope);
   });

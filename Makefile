@@ -11,7 +11,7 @@ install:
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.13,<3"
 	$(BIN)/pip install -q -e ".[dev]"
 	# The fused CPU kernels, compiled once here (about a minute) rather than on first use.
-	$(BIN)/python -m hmlm.kernels.cpu
+	$(BIN)/python -m hmlm.fast.kernels.cpu
 
 test:
 	$(BIN)/python -m pytest -q
@@ -37,7 +37,7 @@ gpu-data:
 # One report: $$OUT/gpu_check.md (default gpu-check-out/).
 GPU_PY ?= python3
 gpu-check:
-	PYTHONPATH=. $(GPU_PY) -m hmlm.gpu_check --data-dir $(GPU_DATA)
+	PYTHONPATH=. $(GPU_PY) tools/gpu_check.py --data-dir $(GPU_DATA)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -137,14 +137,15 @@ def train(
 ) -> None:
     """Train a model; curves go to TensorBoard in the run directory, checkpoints to RUN/checkpoints/."""
     from hmlm.config import load_config
-    from hmlm.train import train as run_training
+    from hmlm.training.trainer import train as run_training
 
     if run_dir is None:
         if config is None:
             raise UserError("pass --config FILE for a new run, or --run-dir DIR --resume to continue one")
         run_dir = Path("runs") / config.stem
     loaded = load_config(config, set_) if config is not None and not resume else None
-    # A finished run resumed is refused like every limit (hmlm.limits.AlreadyFinished: one line, exit status 2).
+    # A finished run resumed is refused like every limit (hmlm.training.limits.AlreadyFinished: one line, exit status
+    # 2).
     summary = run_training(loaded, run_dir, resume=resume, overrides=set_ if resume else [], progress=not quiet)
     if summary.main_process:
         typer.echo(
@@ -166,12 +167,12 @@ def evaluate_command(
     """Print bits per character on a split, with the state carried across the whole split."""
     import json
 
-    from hmlm.boundaries import split_references
+    from hmlm.analysis.boundaries import split_references
+    from hmlm.analysis.evaluate import evaluate
     from hmlm.checkpoint import load_trained
     from hmlm.data import open_dataset
     from hmlm.devices import resolve_device
-    from hmlm.evaluate import evaluate
-    from hmlm.limits import check_evaluation, evaluation_out_of_memory
+    from hmlm.training.limits import check_evaluation, evaluation_out_of_memory
 
     if split not in ("valid", "test"):
         raise UserError(f"--split must be valid or test, not {split!r}")
@@ -219,11 +220,11 @@ def sample(
     """Print the prompt, then stream LENGTH generated symbols to stdout."""
     import torch
 
+    from hmlm.analysis.locks import LOCK_RATE, LOCK_TAIL, LockWatch
+    from hmlm.analysis.sample import generate
     from hmlm.checkpoint import load_model as load
     from hmlm.devices import resolve_device
-    from hmlm.locks import LOCK_RATE, LOCK_TAIL, LockWatch
-    from hmlm.memory import out_of_memory_in
-    from hmlm.sample import generate
+    from hmlm.training.memory import out_of_memory_in
 
     model, vocab = load(run, checkpoint, resolve_device(device))
     watch = LockWatch()
@@ -280,7 +281,7 @@ def boundaries_command(
     """
     import json
 
-    from hmlm.boundaries import check_figure_args, read_text, require_boundaries, split_references
+    from hmlm.analysis.boundaries import check_figure_args, read_text, require_boundaries, split_references
     from hmlm.checkpoint import load_trained
     from hmlm.devices import resolve_device
 
@@ -296,7 +297,7 @@ def boundaries_command(
     if text is not None:
         result = read_text(trained.model, trained.vocab, text, seed)
         if out is not None:
-            from hmlm.boundaries import draw
+            from hmlm.analysis.boundaries import draw
 
             width, height = draw(result, out, wrap, title=f"{trained.path}: where each layer closes a segment")
             # With --json the object alone goes to stdout, so that it stays parseable.
@@ -307,8 +308,8 @@ def boundaries_command(
             typer.echo(result.view(wrap))
         return
 
+    from hmlm.analysis.evaluate import evaluate
     from hmlm.data import open_dataset
-    from hmlm.evaluate import evaluate
 
     if split not in ("valid", "test"):
         raise UserError(f"--split must be valid or test, not {split!r}")
@@ -374,8 +375,8 @@ def bench(
     """
     import torch
 
-    from hmlm.bench import format_report, run_bench, to_json
-    from hmlm.memory import out_of_memory_as_user_error
+    from hmlm.bench.throughput import format_report, run_bench, to_json
+    from hmlm.training.memory import out_of_memory_as_user_error
 
     if threads < 0:
         raise UserError(f"--threads must be positive (or 0 for torch's choice), not {threads}")
@@ -386,7 +387,7 @@ def bench(
         typer.echo(f"\rbench: round {done}/{total}", err=True, nl=done == total)
 
     if run is not None:
-        from hmlm.bench_run import format_run_report, run_bench_on_run
+        from hmlm.bench.trained import format_run_report, run_bench_on_run
 
         # --run measures the run's own model, in float32, without gradients: the training-shape options do not apply.
         if shape is not None:

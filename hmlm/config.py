@@ -20,8 +20,8 @@ import yaml
 
 from hmlm.errors import UserError
 from hmlm.model import ModelConfig
+from hmlm.model.prior import PriorConfig
 from hmlm.precision import PRECISIONS
-from hmlm.prior import PriorConfig
 
 
 @dataclass
@@ -42,7 +42,7 @@ class TrainConfig:
     max_epochs: int = 100
     max_steps: int = 0  # 0: no limit
     max_time: float = 0.0  # seconds of training before stopping cleanly; 0: no limit
-    reset_every: int = 50  # steps between fresh starts (zero state) of each stream, staggered; 0: never (hmlm/train.py)
+    reset_every: int = 50  # steps between fresh starts (zero state) of each stream, staggered; 0: never
     eval_every: int = 1000  # steps between evaluations (and checkpoints); also at the end of every epoch
     eval_tokens: int = 0  # validation tokens per evaluation during training; 0: the whole split
     log_every: int = 10  # steps between TensorBoard points
@@ -50,7 +50,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     precision: str = "fp32"  # fp32 (TF32 matmuls on CUDA); fp32-strict; bf16 (autocast, CUDA only); fp64
-    cuda_graph: str = "auto"  # auto, on, off: capture the training step on CUDA as one CUDA graph (hmlm/cuda_graph.py)
+    cuda_graph: str = "auto"  # auto, on, off: capture the training step on CUDA as one CUDA graph
     memory_check: bool = True  # stop before training when the memory estimate is above what is free
 
 
@@ -76,7 +76,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     slope: SlopeConfig = field(default_factory=SlopeConfig)
-    prior: PriorConfig = field(default_factory=PriorConfig)  # a boundary-rate prior (hmlm/prior.py); off by default
+    prior: PriorConfig = field(default_factory=PriorConfig)  # a boundary-rate prior (hmlm/model/prior.py); off
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

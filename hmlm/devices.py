@@ -40,7 +40,7 @@ def resolve_device(name: str, option: str = "--device") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"{option} {name}: this machine has no such device (available: {available})")
     # A plain `cuda` stays torch's "current device": naming its index here would start CUDA on GPU 0 in every
-    # torchrun process before each takes its own GPU (hmlm/distributed.py).
+    # torchrun process before each takes its own GPU (hmlm/training/distributed.py).
     return device
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hmlm.config import Config, from_dict
-from hmlm.kernels import cpu
+from hmlm.fast.kernels import cpu
 
 SMALL = {
     "model": {"embed_dim": 8, "hidden_sizes": [16, 16, 16], "output_embed_dim": 16},
@@ -48,7 +48,7 @@ def params_equal(a: dict, b: dict) -> bool:
 def record_steps(monkeypatch) -> list[int]:
     """The number of every training step run in this process from now on (Trainer.train_step, wrapped): a resumed
     run that continues runs the steps after its checkpoint's only, where one started again would run from 1."""
-    from hmlm.train import Trainer
+    from hmlm.training.trainer import Trainer
 
     steps: list[int] = []
     original = Trainer.train_step

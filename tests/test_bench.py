@@ -9,9 +9,17 @@ import sys
 import pytest
 import torch
 
-from hmlm import kernels
-from hmlm.bench import SHAPES, Shape, cpu_peak_memory, format_report, peak_rss_rise, resident_bytes, run_bench
+from hmlm.bench.throughput import (
+    SHAPES,
+    Shape,
+    cpu_peak_memory,
+    format_report,
+    peak_rss_rise,
+    resident_bytes,
+    run_bench,
+)
 from hmlm.errors import UserError
+from hmlm.fast import kernels
 
 TINY = ["--device", "cpu", "--batch", "2", "--seq-len", "4", "--steps", "2", "--warmup", "1", "--threads", "1"]
 MODELS = ("fast", "reference", "lstm")

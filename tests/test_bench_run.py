@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from hmlm.bench_run import format_run_report
+from hmlm.bench.trained import format_run_report
 from hmlm.config import from_dict
 from hmlm.data import prepare_dataset
-from hmlm.train import train
+from hmlm.training.trainer import train
 
 SMALL = ["--threads", "1", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch", "4", "--seq-len", "8",
          "--sample-length", "6"]  # fmt: skip

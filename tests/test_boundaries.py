@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from hmlm import CharLM, ModelConfig
-from hmlm.boundaries import (
+from hmlm.analysis.boundaries import (
     Match,
     TextBoundaries,
     activity,
@@ -27,13 +27,13 @@ from hmlm.boundaries import (
     surprisal_peaks,
     symbols_of,
 )
+from hmlm.analysis.evaluate import evaluate
 from hmlm.checkpoint import load_trained
 from hmlm.cli import app
 from hmlm.config import from_dict
 from hmlm.data import StreamBatcher, Vocab, open_dataset, prepare_dataset
 from hmlm.errors import UserError
-from hmlm.evaluate import evaluate
-from hmlm.train import train
+from hmlm.training.trainer import train
 
 TEXT = "the cat sat"  # spaces at 3 and 7: the words end at 2, 6 and 10
 

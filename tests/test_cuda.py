@@ -50,8 +50,8 @@ def test_eval_and_boundaries_on_cuda_give_the_cpus_results(workdir):
 
 
 def test_sample_on_cuda_gives_the_cpus_text(workdir):
-    """The draws are made on the CPU generator whatever the model's device (hmlm/sample.py), so one seed gives one
-    text; only a rounding difference at a draw's edge could change it, which a 40-symbol sample does not meet."""
+    """The draws are made on the CPU generator whatever the model's device (hmlm/analysis/sample.py), so one seed gives
+    one text; only a rounding difference at a draw's edge could change it, which a 40-symbol sample does not meet."""
     args = ("sample", "cpu-run", "--prompt", "se toranu ", "--length", "40", "--seed", "3")
     cpu, cuda = (run_hmlm(*args, "--device", device, cwd=workdir).stdout for device in ("cpu", "cuda"))
     assert cpu == cuda
@@ -63,7 +63,7 @@ from pathlib import Path
 import torch
 torch.use_deterministic_algorithms(True, warn_only=True)  # atomics would make two equal runs differ in rounding
 from hmlm.config import load_config
-from hmlm.train import train
+from hmlm.training.trainer import train
 run, steps, resume = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "resume"
 overrides = ["model.boundary=sample", "train.device=cuda", f"train.max_steps={steps}"]
 config = None if resume else load_config(Path("c.yaml"), overrides)

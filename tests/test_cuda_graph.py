@@ -1,4 +1,5 @@
-"""The captured training step (hmlm/cuda_graph.py): what runs without CUDA is tested here on the CPU (the slope as a
+"""The captured training step (hmlm/training/cuda_graph.py): what runs without CUDA is tested here on the CPU (the
+slope as a
 tensor, the static-buffer step run eagerly against the plain step, the verify-and-fall-back decision, the config
 key, the Trainer's wiring); the graph itself is tested by the `cuda` tests, which `make gpu-check` runs on a GPU."""
 
@@ -15,9 +16,12 @@ from helpers import require_cpu_kernels, run_hmlm, small_config, write_config
 from test_model import loss_of, loss_weights, make_rnn, random_state
 
 from hmlm import CharLM, ModelConfig
-from hmlm import kernels as backends
+from hmlm.analysis.evaluate import evaluate
 from hmlm.config import from_dict, load_config
-from hmlm.cuda_graph import (
+from hmlm.data import StreamBatcher, prepare_dataset
+from hmlm.errors import UserError
+from hmlm.fast import kernels as backends
+from hmlm.training.cuda_graph import (
     CudaGraphReplay,
     EagerReplay,
     GraphTrainStep,
@@ -26,12 +30,9 @@ from hmlm.cuda_graph import (
     resolve_mode,
     set_capturable,
 )
-from hmlm.data import StreamBatcher, prepare_dataset
-from hmlm.distributed import Process
-from hmlm.errors import UserError
-from hmlm.evaluate import evaluate
-from hmlm.train import Trainer
-from hmlm.window import StepResult
+from hmlm.training.distributed import Process
+from hmlm.training.trainer import Trainer
+from hmlm.training.window import StepResult
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -269,8 +270,8 @@ def test_a_capture_launches_only_kernel_variants_its_warm_up_compiled(dtype: tor
     module, why = backends.load_triton(dtype)
     if module is None or module.DEVICE != "cpu":
         pytest.skip(f"the Triton kernels are not interpreted on the CPU here: {why or module.MODE}")
-    from hmlm.cuda_graph import EvalGraph
     from hmlm.devices import rehearsing_capture
+    from hmlm.graphs import EvalGraph
 
     model = tiny_model(boundary="soft").to(dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)

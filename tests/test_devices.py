@@ -12,11 +12,11 @@ import torch
 from helpers import params_equal, run_hmlm, small_config
 
 from hmlm import load_model
+from hmlm.analysis.evaluate import device_batches
 from hmlm.data import StreamBatcher, prepare_dataset
 from hmlm.devices import available_devices, local_cuda_device, resolve_device
 from hmlm.errors import UserError
-from hmlm.evaluate import device_batches
-from hmlm.train import train
+from hmlm.training.trainer import train
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 from helpers import small_config
 
-from hmlm.cuda_graph import EagerReplay, GraphTrainStep
 from hmlm.data import prepare_dataset
 from hmlm.errors import UserError
-from hmlm.train import Trainer, train
+from hmlm.training.cuda_graph import EagerReplay, GraphTrainStep
+from hmlm.training.trainer import Trainer, train
 
 READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "__format__")
 
@@ -71,7 +71,7 @@ def test_no_host_read_outside_checks_and_one_per_logging_check(data_dir, tmp_pat
 
 
 def test_the_captured_step_reads_nothing_back_either(data_dir, tmp_path, monkeypatch):
-    """The same run through the Trainer's captured step (hmlm/cuda_graph.py; its 'replay' runs eagerly here, as
+    """The same run through the Trainer's captured step (hmlm/training/cuda_graph.py; its 'replay' runs eagerly here, as
     the CPU allows): no reads outside checks, apart from the check of the first replay against an eager step, once
     per run. With the torch-op loop, as on CUDA: the fused CPU kernels read the slope tensor, which on the CPU waits
     for nothing."""
@@ -105,7 +105,8 @@ def assert_quiet_between_checks(per_step: dict[int, int]) -> None:
     logging, evaluations = {5, 10, 15, 20, 25}, {13, 26}
     quiet = {step: n for step, n in per_step.items() if step not in logging | evaluations}
     # None: a step leaves its loss, gradient norm, finite flag and boundary counts on the device in the log window
-    # (hmlm/window.py), the slope it is given is a Python number, and the stop flag and the clock are host values.
+    # (hmlm/training/window.py), the slope it is given is a Python number, and the stop flag and the clock are host
+    # values.
     assert set(quiet.values()) == {0}, f"host reads on steps without a check: {quiet}"
     # One: LogWindow.read, which reads the window's sums with the stop flags in one copy.
     assert {step: per_step[step] for step in logging} == dict.fromkeys(logging, 1), per_step

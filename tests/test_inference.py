@@ -1,4 +1,4 @@
-"""Inference that skips COPY (hmlm/inference.py) against the path without it (HMLM_SKIP_COPY=0): the same values
+"""Inference that skips COPY (hmlm/fast/copy_skip.py) against the path without it (HMLM_SKIP_COPY=0): the same values
 in float64; the same boundaries, BPC and sampled text in float32; on untrained models whose boundaries are made
 rare (as a trained model's upper layers are) and on a trained one, in every boundary mode, layer norm on and off,
 with the fused C++ kernels and with torch ops; and once with the Triton kernels through Triton's interpreter."""
@@ -11,11 +11,14 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close64, require_cpu_kernels, small_config
 
-from hmlm import CharLM, ModelConfig, fast, inference, kernels
+from hmlm import CharLM, ModelConfig, fast
+from hmlm.analysis.evaluate import evaluate
+from hmlm.analysis.sample import generate_ids
+from hmlm.analysis.stepper import Stepper, stepper_for
 from hmlm.data import prepare_dataset
-from hmlm.evaluate import evaluate
-from hmlm.sample import generate_ids
-from hmlm.train import train
+from hmlm.fast import copy_skip, kernels
+from hmlm.model.charlm import projected_input
+from hmlm.training.trainer import train
 
 F64 = torch.float64
 VOCAB = 11
@@ -47,13 +50,13 @@ def sparse_lm(layer_norm: bool, mode: str, dtype=torch.float32, sizes=(12, 10, 8
 
 
 def both(model: CharLM, monkeypatch, fn):
-    """fn() without skipping, then with it; the second also returns what inference.COUNTS saw."""
+    """fn() without skipping, then with it; the second also returns what copy_skip.COUNTS saw."""
     monkeypatch.setenv("HMLM_SKIP_COPY", "0")
     plain = fn()
     monkeypatch.setenv("HMLM_SKIP_COPY", "1")
-    inference.COUNTS.reset()
+    copy_skip.COUNTS.reset()
     skipping = fn()
-    return plain, skipping, inference.COUNTS.fractions()
+    return plain, skipping, copy_skip.COUNTS.fractions()
 
 
 def forward_twice(model: CharLM, tokens: torch.Tensor, slope: float = 1.0):
@@ -85,7 +88,7 @@ def test_a_sequence_equals_the_path_without_skipping_in_float64(mode, layer_norm
     (GATHER_FRACTION 1.0: the default sizes would not gather at this small size, and the run would be the path
     without skipping, compared with itself). The counts show the skipping in every case. The slope, 2.1, has no
     float32 value: soft boundaries read it unrounded on both paths."""
-    monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
+    monkeypatch.setattr(copy_skip, "GATHER_FRACTION", 1.0)
     model = sparse_lm(layer_norm, mode, F64)
     if mode == "soft":  # z = hard_sigm(zhat) is exactly 0 only below -1/slope: push the detectors there
         with torch.no_grad():
@@ -103,19 +106,19 @@ def test_a_sequence_equals_the_path_without_skipping_in_float64(mode, layer_norm
 def test_a_batch_that_gathers_on_some_steps_and_not_on_others_equals_the_path_without_skipping(mode, monkeypatch):
     """GATHER_FRACTION 0.5: a layer step gathers where at most half of the 8 rows compute, and runs on the full batch
     where more do, so one layer's state passes between both kinds of step within a sequence. Equal in float64."""
-    monkeypatch.setattr(inference, "GATHER_FRACTION", 0.5)
+    monkeypatch.setattr(copy_skip, "GATHER_FRACTION", 0.5)
     steps = {"gathered": 0, "full": 0}  # upper-layer steps with skipping on
-    gathered_step, layer_step = inference.SkippingStep.gathered_step, fast.layer_step
+    gathered_step, layer_step = copy_skip.SkippingStep.gathered_step, fast.layer_step
 
     def gathered(self, *args):
         steps["gathered"] += 1
         return gathered_step(self, *args)
 
     def full(plan, tape, below, *args):
-        steps["full"] += below is not None and inference.enabled()
+        steps["full"] += below is not None and copy_skip.enabled()
         return layer_step(plan, tape, below, *args)
 
-    monkeypatch.setattr(inference.SkippingStep, "gathered_step", gathered)
+    monkeypatch.setattr(copy_skip.SkippingStep, "gathered_step", gathered)
     monkeypatch.setattr(fast, "layer_step", full)
     model = sparse_lm(True, mode, F64)
     tokens = torch.randint(0, VOCAB, (8, 20), generator=torch.Generator().manual_seed(1))
@@ -150,7 +153,7 @@ def count_onednn(monkeypatch) -> list[int]:
 def test_a_sequence_is_the_same_in_float32(layer_norm, batch, engine, monkeypatch):
     """Skipping a layer leaves every other number as it was; gathered rows are padded so that the matmul computes
     each of them as in the full batch (ROW_BLOCK); on oneDNN too, which a batch of one never uses."""
-    monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
+    monkeypatch.setattr(copy_skip, "GATHER_FRACTION", 1.0)
     use_engine(engine, monkeypatch)
     calls = count_onednn(monkeypatch)
     model = sparse_lm(layer_norm, "step", sizes=(32, 24, 16))
@@ -191,13 +194,13 @@ def test_the_input_table_is_the_model_s_projection(dtype, monkeypatch):
     for skip in ("1", "0"):
         monkeypatch.setenv("HMLM_SKIP_COPY", skip)
         with torch.no_grad():
-            table = inference.projected_input(model, tokens)
+            table = projected_input(model, tokens)
             torch.testing.assert_close(table, F.linear(model.embedding(tokens).transpose(0, 1), w_in, b_in))
             model.embedding.weight.add_(0.1)  # (the next round must see a new table)
-    assert inference.projected_input(model, tokens) is None  # with gradients: the model's matmul
+    assert projected_input(model, tokens) is None  # with gradients: the model's matmul
     model.rnn.impl = "reference"
     with torch.no_grad():
-        assert inference.projected_input(model, tokens) is None
+        assert projected_input(model, tokens) is None
 
 
 @pytest.mark.parametrize("mode", ["step", "sample", "soft"])
@@ -224,13 +227,13 @@ def test_the_stepper_equals_a_model_call_per_symbol(monkeypatch):
     torch.manual_seed(8)
     zeros = model.initial_state(1)
     state = zeros._replace(h=[torch.randn_like(h) for h in zeros.h], c=[torch.randn_like(c) for c in zeros.c])
-    stepper = inference.Stepper(model, state)
-    inference.COUNTS.reset()
+    stepper = Stepper(model, state)
+    copy_skip.COUNTS.reset()
     for t, symbol in enumerate(symbols):
         logits = stepper.step(symbol)  # (no torch.no_grad needed: it holds no parameter)
         assert not logits.requires_grad
         if t == 0:
-            assert inference.COUNTS.skipped[1:] == [1, 1]
+            assert copy_skip.COUNTS.skipped[1:] == [1, 1]
         with torch.no_grad():
             out = model(torch.tensor([[symbol]]), state)
         state = out.state
@@ -250,7 +253,7 @@ def test_skipping_runs_the_triton_kernels_on_the_cpu(fast_kernels, monkeypatch):
     cpu = torch.device("cpu")
     if kernels.select(cpu, F64) != "triton":
         pytest.skip(f"the Triton kernels do not run here: {kernels.describe(cpu, F64)}")
-    monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
+    monkeypatch.setattr(copy_skip, "GATHER_FRACTION", 1.0)
     model = sparse_lm(True, "step", F64, sizes=(8, 6, 4))
     assert model.rnn.fast_plan(cpu, F64).kernels == "triton"
     tokens = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(6))
@@ -271,26 +274,26 @@ def test_where_skipping_is_not_used(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setenv("HMLM_SKIP_COPY", "1")
     plan = model.rnn.fast_plan(cpu, torch.float32)
-    assert inference.skips(plan, cpu)
-    assert not inference.skips(plan, cuda)  # a host read of z per layer step would stall the GPU
-    assert not inference.skips(plan, cpu, torch.bfloat16)  # numpy has no bfloat16
+    assert copy_skip.skips(plan, cpu)
+    assert not copy_skip.skips(plan, cuda)  # a host read of z per layer step would stall the GPU
+    assert not copy_skip.skips(plan, cpu, torch.bfloat16)  # numpy has no bfloat16
     model.train()  # random draws in training: skipping would leave out the draws of the rows that copy
-    assert not inference.skips(model.rnn.fast_plan(cpu, torch.float32), cpu)
+    assert not copy_skip.skips(model.rnn.fast_plan(cpu, torch.float32), cpu)
     with torch.no_grad():
-        with inference.skipping(plan, cpu, 1, torch.float32) as step:  # one stream: a layer that copies is skipped
-            assert isinstance(step, inference.SkippingStep)
-        with inference.skipping(plan, cpu, 64, torch.float32) as step:  # small layer steps: gathering would not pay
+        with copy_skip.skipping(plan, cpu, 1, torch.float32) as step:  # one stream: a layer that copies is skipped
+            assert isinstance(step, copy_skip.SkippingStep)
+        with copy_skip.skipping(plan, cpu, 64, torch.float32) as step:  # small layer steps: gathering would not pay
             assert step is None
         big = fast.Plan((512, 512, 512), (0, 512, 512), True, "step", False, 1.0, torch.float32)
-        with inference.skipping(big, cpu, 64, torch.float32) as step:  # the paper's PTB shape, batch 64: it pays
-            assert isinstance(step, inference.SkippingStep)
-    with inference.skipping(big, cpu, 64, torch.float32) as step:  # with gradients: never
+        with copy_skip.skipping(big, cpu, 64, torch.float32) as step:  # the paper's PTB shape, batch 64: it pays
+            assert isinstance(step, copy_skip.SkippingStep)
+    with copy_skip.skipping(big, cpu, 64, torch.float32) as step:  # with gradients: never
         assert step is None
-    assert inference.gather_fraction(64, *inference.step_sizes(big, 1)) >= 0.8
+    assert copy_skip.gather_fraction(64, *copy_skip.step_sizes(big, 1)) >= 0.8
     monkeypatch.setenv("HMLM_SKIP_COPY", "0")
-    assert not inference.skips(plan, cpu)
-    assert inference.stepper(model.eval(), model.initial_state(1)) is None
-    with torch.no_grad(), inference.skipping(plan, cpu, 1, torch.float32) as step:
+    assert not copy_skip.skips(plan, cpu)
+    assert stepper_for(model.eval(), model.initial_state(1)) is None
+    with torch.no_grad(), copy_skip.skipping(plan, cpu, 1, torch.float32) as step:
         assert step is None
 
 
@@ -330,7 +333,7 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize("engine", ["mkl", "onednn"])
 def test_a_trained_model_evaluates_and_samples_the_same(trained, engine, monkeypatch):
     model, vocab, tokens = trained
-    monkeypatch.setattr(inference, "GATHER_FRACTION", 1.0)
+    monkeypatch.setattr(copy_skip, "GATHER_FRACTION", 1.0)
     use_engine(engine, monkeypatch)
     plain, skipping, counts = both(model, monkeypatch, lambda: evaluate(model, tokens, batch_size=16, seq_len=50))
     assert skipping.bpc == plain.bpc and skipping.boundary_rate == plain.boundary_rate

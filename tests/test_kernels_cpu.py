@@ -1,5 +1,6 @@
-"""The fused CPU kernels (hmlm/kernels/cpu.py): built where a compiler is, imported without the builder once built, a
-clear fallback where they cannot be built (and a non-zero exit status from `python -m hmlm.kernels.cpu`, which make
+"""The fused CPU kernels (hmlm/fast/kernels/cpu.py): built where a compiler is, imported without the builder once
+built, a
+clear fallback where they cannot be built (and a non-zero exit status from `python -m hmlm.fast.kernels.cpu`, which make
 install runs), and the float32 build (AVX2/FMA where the CPU has it) against the reference. tests/test_model.py
 runs every model test with and without them, in float64. A test that needs them skips only where no C++ compiler
 is installed: where one is, a failed build fails it (helpers.require_cpu_kernels)."""
@@ -15,9 +16,10 @@ import torch
 from helpers import require_cpu_kernels
 from torch.utils import cpp_extension
 
-from hmlm import HMLSTM, kernels
+from hmlm import HMLSTM
 from hmlm.errors import UserError
-from hmlm.kernels import cpu as fused
+from hmlm.fast import kernels
+from hmlm.fast.kernels import cpu as fused
 
 
 @pytest.fixture
@@ -35,10 +37,10 @@ def test_the_kernels_build_where_there_is_a_compiler(capsys):
 
 
 def test_a_failed_build_exits_non_zero(tmp_path):
-    """`python -m hmlm.kernels.cpu` (make install's last step) with a compiler that does not exist, into an empty
+    """`python -m hmlm.fast.kernels.cpu` (make install's last step) with a compiler that does not exist, into an empty
     build folder: exit status 1, and a line that says why."""
     env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "builds")}
-    done = subprocess.run([sys.executable, "-m", "hmlm.kernels.cpu"], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "hmlm.fast.kernels.cpu"], env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert done.returncode == 1, done.stdout + done.stderr
     assert "hmlm: fused CPU kernels not built (no C++ compiler found: install g++, or name one in CXX)" in done.stderr
@@ -64,7 +66,7 @@ def test_a_failed_build_falls_back_to_torch_ops_with_one_warning(fresh_state, mo
     monkeypatch.setattr(fused, "build", failing_build)
     with pytest.warns(RuntimeWarning, match="could not build the fused CPU kernels .*c\\+\\+: not found"):
         assert fused.load() is None
-    assert fused.main([]) == 1  # what `python -m hmlm.kernels.cpu` exits with
+    assert fused.main([]) == 1  # what `python -m hmlm.fast.kernels.cpu` exits with
     assert "hmlm: fused CPU kernels not built" in capsys.readouterr().err
     assert kernels.select(torch.device("cpu"), torch.float32) == "torch"
     assert "c++: not found" in fused.failure()

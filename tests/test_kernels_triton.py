@@ -1,4 +1,4 @@
-"""The Triton kernels (hmlm/kernels/triton.py) against the reference, through the public API (HMLSTM, CharLM).
+"""The Triton kernels (hmlm/fast/kernels/triton.py) against the reference, through the public API (HMLSTM, CharLM).
 
 HMLM_KERNELS=triton selects them. Without CUDA they run on the CPU through Triton's interpreter, which is slow,
 hence the small shapes; on a machine with CUDA the same tests run them compiled, on the GPU. Every test checks
@@ -30,7 +30,8 @@ from test_model import (
     run_both,
 )
 
-from hmlm import CharLM, HMLSTMState, ModelConfig, kernels
+from hmlm import CharLM, HMLSTMState, ModelConfig
+from hmlm.fast import kernels
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install -e .[dev] installs it)", allow_module_level=True)
@@ -111,8 +112,8 @@ def test_charlm_equals_the_reference(device: torch.device):
 @pytest.mark.parametrize("given", ["tensor", "number"])
 @pytest.mark.parametrize("mode", ["soft", "step"])
 def test_the_slope_reaches_the_kernels_unrounded_in_float64(device: torch.device, mode: str, given: str):
-    """The CUDA graph step passes the slope as a 0-dim tensor (hmlm/cuda_graph.py), which the kernels read through
-    its pointer, in the compute dtype, without a host read; the eager step passes a number, which Triton would
+    """The CUDA graph step passes the slope as a 0-dim tensor (hmlm/training/cuda_graph.py), which the kernels read
+    through its pointer, in the compute dtype, without a host read; the eager step passes a number, which Triton would
     make a float32 scalar. 1.3 has no float32: rounded to one, the slope would move every soft boundary and
     straight-through gradient by ~1e-8, far above this test's tolerance. Either way the reference's numbers."""
     rnn = make_rnn([7, 5, 3], layer_norm=True, mode=mode)
@@ -204,7 +205,7 @@ def test_the_bf16_arrangement_equals_the_torch_op_loop_under_autocast(device: to
 def test_a_triton_that_cannot_compile_falls_back_with_one_warning(monkeypatch):
     monkeypatch.delenv("HMLM_FUSED", raising=False)
     monkeypatch.setenv("HMLM_KERNELS", "triton")
-    from hmlm.kernels import triton as module
+    from hmlm.fast.kernels import triton as module
 
     def failing_self_test(dtype: torch.dtype):
         raise RuntimeError("Internal Triton PTX codegen error\nptxas fatal   : Value 'sm_999' is not defined")
@@ -228,7 +229,7 @@ def test_the_warning_names_the_kernel_that_does_not_compile_and_why(monkeypatch)
     one warning line with the kernel's name and the compiler's reason."""
     monkeypatch.delenv("HMLM_FUSED", raising=False)
     monkeypatch.setenv("HMLM_KERNELS", "triton")
-    from hmlm.kernels import triton as module
+    from hmlm.fast.kernels import triton as module
 
     launch = module._launch
 
@@ -276,7 +277,7 @@ def test_a_triton_imported_before_the_interpreter_was_on_is_caught(monkeypatch):
     import triton.language
 
     monkeypatch.setattr(triton.language, "sum", object())  # as a triton imported without TRITON_INTERPRET has it
-    spec = importlib.util.find_spec("hmlm.kernels.triton")
+    spec = importlib.util.find_spec("hmlm.fast.kernels.triton")
     fresh = importlib.util.module_from_spec(spec)  # a copy, run anew; the loaded module stays as it is
     with pytest.raises(ImportError, match="set TRITON_INTERPRET=1 \\(or HMLM_KERNELS=triton\\) in the environment"):
         spec.loader.exec_module(fresh)

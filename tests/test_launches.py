@@ -1,4 +1,4 @@
-"""Kernel launches per eager training step, counted on the CPU by dispatch (hmlm/launches.py), as `hmlm bench
+"""Kernel launches per eager training step, counted on the CPU by dispatch (hmlm/bench/launches.py), as `hmlm bench
 --launches` reports them: at most 2,000 at 3 layers and seq_len 100, in float32 and under bf16 autocast, with the
 Triton kernels (interpreted here: the same calls as compiled on CUDA). The count does not depend on the sizes, so
 a small model serves."""
@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hmlm import CharLM, ModelConfig, kernels, launches
-from hmlm.bench import run_bench
+from hmlm import CharLM, ModelConfig
+from hmlm.bench import launches
+from hmlm.bench.throughput import run_bench
+from hmlm.fast import kernels
 
 LIMIT = 2000  # per eager training step, 3 layers, seq_len 100 (the README's GPU goals)
 
@@ -37,8 +39,8 @@ def test_an_eager_training_step_launches_at_most_2000_kernels(triton_kernels, pr
 
 def test_each_fused_call_is_one_triton_launch_and_views_launch_nothing(triton_kernels):
     """The counter's two parts checked against what runs: the fused calls it counts against the Triton launches
-    recorded (hmlm.kernels.triton.recording), and views and allocations are left out."""
-    from hmlm.kernels import triton as module
+    recorded (hmlm.fast.kernels.triton.recording), and views and allocations are left out."""
+    from hmlm.fast.kernels import triton as module
 
     torch.manual_seed(0)
     model = CharLM(9, ModelConfig(embed_dim=4, hidden_sizes=[5, 4, 3], output_embed_dim=4))

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from hmlm import fast
-from hmlm import kernels as backends
 from hmlm.data import prepare_dataset
 from hmlm.errors import UserError
-from hmlm.limits import AlreadyFinished, check_split
-from hmlm.memory import (
+from hmlm.fast import kernels as backends
+from hmlm.model import CharLM, ModelConfig
+from hmlm.training.limits import AlreadyFinished, check_split
+from hmlm.training.memory import (
     RUNTIME_BYTES,
     MemoryShape,
     OutOfMemory,
@@ -27,8 +28,7 @@ from hmlm.memory import (
     out_of_memory_as_user_error,
     out_of_memory_in,
 )
-from hmlm.model import CharLM, ModelConfig
-from hmlm.train import Trainer, train
+from hmlm.training.trainer import Trainer, train
 from tests.helpers import adam_steps, record_steps, run_hmlm, small_config, write_config
 
 
@@ -131,11 +131,11 @@ def test_the_estimate_grows_with_every_size():
 def test_too_little_memory_names_the_largest_batch_that_fits(monkeypatch):
     shape = MemoryShape(ModelConfig(embed_dim=8, hidden_sizes=[64, 64], output_embed_dim=64), 20, 256, 100)
     free = estimate(replace(shape, batch_size=50)).total + 1
-    monkeypatch.setattr("hmlm.memory.available_bytes", lambda device: free)
+    monkeypatch.setattr("hmlm.training.memory.available_bytes", lambda device: free)
     with pytest.raises(UserError, match=r"lower train\.batch_size to 50 or less") as error:
         check_fits(shape, torch.device("cpu"))
     assert "train.memory_check=false" in str(error.value)
-    monkeypatch.setattr("hmlm.memory.available_bytes", lambda device: 1000)
+    monkeypatch.setattr("hmlm.training.memory.available_bytes", lambda device: 1000)
     with pytest.raises(UserError, match=r"lower model\.hidden_sizes"):
         check_fits(shape, torch.device("cpu"))
 
@@ -288,7 +288,7 @@ def test_every_limit_counts_as_finished(data_dir, tmp_path, limits, key):
 
 
 def test_bench_prints_the_estimate_beside_the_measured_memory():
-    from hmlm.bench import format_report, run_bench
+    from hmlm.bench.throughput import format_report, run_bench
 
     report = run_bench("small", "cpu", steps=1, warmup=0, models=("fast", "lstm"), memory=False, batch=2, seq_len=3)
     assert report["results"]["fast"]["estimated_memory_bytes"] > 0
@@ -344,13 +344,13 @@ def test_out_of_memory_resuming_a_run_without_checkpoint_keeps_its_config(data_d
 def test_eval_names_the_largest_batch_whose_memory_fits(data_dir, tmp_path, monkeypatch):
     from hmlm.checkpoint import load_trained
     from hmlm.data import open_dataset
-    from hmlm.limits import check_evaluation
+    from hmlm.training.limits import check_evaluation
 
     train(small_config(data_dir, max_steps=2, eval_every=2), tmp_path / "r", progress=False)
     trained = load_trained(tmp_path / "r")
     dataset = open_dataset("synthetic", data_dir)
     check_evaluation(trained, dataset, "valid", 64)  # fits: nothing said
     shape = MemoryShape(trained.config.model, len(trained.vocab), 40, 20, eval_tokens=dataset.tokens("valid"))
-    monkeypatch.setattr("hmlm.limits.available_bytes", lambda device: estimate(shape).evaluation)
+    monkeypatch.setattr("hmlm.training.limits.available_bytes", lambda device: estimate(shape).evaluation)
     with pytest.raises(UserError, match=r"evaluating with --batch-size 64 needs .*: use --batch-size=40 or less$"):
         check_evaluation(trained, dataset, "valid", 64)

@@ -1,4 +1,5 @@
-"""Locked streams (hmlm/locks.py): a model built to lock is caught by evaluation, `hmlm eval`, `hmlm sample` and the
+"""Locked streams (hmlm/analysis/locks.py): a model built to lock is caught by evaluation, `hmlm eval`, `hmlm sample`
+and the
 fresh-start check; a model trained as the shipped configs train does not lock; the learning-rate rule survives one
 bad evaluation."""
 
@@ -13,13 +14,13 @@ import pytest
 import torch
 from helpers import run_hmlm, small_config
 
+from hmlm.analysis.evaluate import evaluate
+from hmlm.analysis.locks import LOCK_TAIL, LockWatch, fresh_starts, locked_rows
 from hmlm.checkpoint import save_checkpoint
 from hmlm.config import TrainConfig
 from hmlm.data import open_dataset
-from hmlm.evaluate import evaluate
-from hmlm.locks import LOCK_TAIL, LockWatch, fresh_starts, locked_rows
 from hmlm.model import CharLM, HMLSTMState, ModelConfig
-from hmlm.train import Schedule, plateau, train
+from hmlm.training.trainer import Schedule, plateau, train
 
 H = 8  # units per layer of the model built to lock
 

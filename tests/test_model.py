@@ -7,9 +7,10 @@ import pytest
 import torch
 from helpers import assert_close64, require_cpu_kernels
 
-from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig, kernels
+from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig
 from hmlm.cell import reference_step
-from hmlm.kernels import cpu
+from hmlm.fast import kernels
+from hmlm.fast.kernels import cpu
 
 F64 = torch.float64
 
@@ -19,7 +20,7 @@ IMPLS = ["fast", "reference"]
 
 @pytest.fixture(autouse=True, params=["fused", "torch-ops"])
 def fast_kernels(request, monkeypatch):
-    """Every test here runs twice: the fast path with the C++ CPU kernels of hmlm/kernels/cpu.py, and with torch
+    """Every test here runs twice: the fast path with the C++ CPU kernels of hmlm/fast/kernels/cpu.py, and with torch
     ops only (where no fused backend can serve, or the kernels cannot be built). The Triton kernels run the same
     comparisons in tests/test_kernels_triton.py."""
     monkeypatch.delenv("HMLM_FUSED", raising=False)

@@ -17,8 +17,8 @@ from hmlm.checkpoint import load_trained
 from hmlm.config import from_dict
 from hmlm.data import prepare_dataset
 from hmlm.errors import UserError
-from hmlm.prior import PriorConfig, binomial_nll, boundary_prior, soft_boundaries
-from hmlm.train import train
+from hmlm.model.prior import PriorConfig, binomial_nll, boundary_prior, soft_boundaries
+from hmlm.training.trainer import train
 
 F64 = torch.float64
 REPO = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import params_equal, small_config
 
-from hmlm import rng
 from hmlm.data import prepare_dataset
-from hmlm.train import train
+from hmlm.training import rng
+from hmlm.training.trainer import train
 
 CPU = torch.device("cpu")
 

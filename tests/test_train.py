@@ -19,7 +19,7 @@ from helpers import adam_steps, params_equal, record_steps, run_hmlm, small_conf
 
 from hmlm import CharLM, ModelConfig, load_model
 from hmlm.data import prepare_dataset
-from hmlm.train import StopFlag, Trainer, restarting_rows, train
+from hmlm.training.trainer import StopFlag, Trainer, restarting_rows, train
 
 
 @pytest.fixture(scope="module")

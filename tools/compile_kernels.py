@@ -4,12 +4,12 @@ Triton's interpreter (how the tests run the kernels on the CPU) executes them as
 compiler rejects. This check compiles them as a user's GPU would:
 
 1. Record. hmlm's own forward, backward and evaluation run at the shape of configs/enwik8.yaml (its model, a
-   batch of 2 over 2 steps) with HMLM_KERNELS=triton, interpreted on the CPU, and hmlm.kernels.triton records what
+   batch of 2 over 2 steps) with HMLM_KERNELS=triton, interpreted on the CPU, and hmlm.fast.kernels.triton records what
    each launch hands its kernel, as Triton specializes on it (argument types, 16-byte alignment, integers' values
    divisible by 16 or equal to 1, constexprs, warps). Covered: float32 and float64; step, soft and sample
    boundaries; the slope as a number and as a tensor; training (forward and backward) and evaluation without
-   gradients, batched and one stream; bf16 autocast; and what the CUDA-graph regions (hmlm/cuda_graph.py) launch
-   under capture (rehearsed on the CPU: hmlm.devices.rehearsing_capture). The list comes from the code that
+   gradients, batched and one stream; bf16 autocast; and what the CUDA-graph regions (hmlm/training/cuda_graph.py)
+   launch under capture (rehearsed on the CPU: hmlm.devices.rehearsing_capture). The list comes from the code that
    launches, so it cannot drift from it.
 2. Compile each distinct variant for each target (default sm_80, an A100, and sm_90, an H100; `--jobs` at a time) with
    `triton.compile`, as Triton's launcher would (its own argument specialization, through a backend made for the
@@ -56,10 +56,12 @@ def record() -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from hmlm import CharLM, kernels
+    from hmlm import CharLM
     from hmlm.config import load_config
-    from hmlm.cuda_graph import EvalGraph, StaticStep
     from hmlm.devices import rehearsing_capture
+    from hmlm.fast import kernels
+    from hmlm.graphs import EvalGraph
+    from hmlm.training.cuda_graph import StaticStep
 
     module, why = kernels.load_triton()
     if module is None or not module.INTERPRETED:
@@ -171,7 +173,7 @@ def specialize(launch: dict, capability: int) -> Variant:
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from hmlm.kernels import triton as kernels_module
+    from hmlm.fast.kernels import triton as kernels_module
 
     kernel = getattr(kernels_module, launch["kernel"])
     args, constexprs, dtypes = [], {}, []
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     start = time.perf_counter()
-    os.environ["TRITON_INTERPRET"] = "0"  # before hmlm.kernels.triton imports triton: JIT functions, not Python
+    os.environ["TRITON_INTERPRET"] = "0"  # before hmlm.fast.kernels.triton imports triton: JIT functions, not Python
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton runs ptxas with -v; this prints the log (read_ptxas_log)
     if args.launches is not None and args.launches.exists():
         launches = json.loads(args.launches.read_text())

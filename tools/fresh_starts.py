@@ -6,7 +6,7 @@ Cuts the first `symbols` of the split into `streams` contiguous streams and read
 (what `hmlm eval` does), and with every stream starting from the state in which the first pass left the first
 stream that did not lock (a "warm" start: the model has been reading text for a while). It prints the BPC of both,
 and the streams that are "locked": whose highest boundary layer fires on more than 90% of their last 200 steps
-(hmlm/locks.py).
+(hmlm/analysis/locks.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 
 from study_run import open_run
 
-from hmlm.locks import Locks, fresh_starts
+from hmlm.analysis.locks import Locks, fresh_starts
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ a time, and splits the pre-activation of layer l = L-1's boundary detector (neve
              + U_z^td h^{l+1}_{t-1} z^l_{t-1}   top-down, present only right after a boundary
              + b_z
 
-It prints, for the locked streams (hmlm/locks.py) and the others: the mean of each term over the streams' last
+It prints, for the locked streams (hmlm/analysis/locks.py) and the others: the mean of each term over the streams' last
 200 steps, each layer's firing rate there, and the norm of the top layer's cell; then the first steps of the first
 locked stream (or of stream 0, where none locked). The docs' "Locked streams" section reads these figures.
 """
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from study_run import open_run
 
-from hmlm.locks import LOCK_TAIL, locked_rows
+from hmlm.analysis.locks import LOCK_TAIL, locked_rows
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@
 
 Draws one sample per seed as `hmlm sample RUN --prompt P --length N --seed S` draws it (from the zero state, the
 prompt read first) and prints, per seed, each boundary layer's rate over the sample's last 200 steps; a rate above
-0.9 is a lock (hmlm/locks.py).
+0.9 is a lock (hmlm/analysis/locks.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import argparse
 import torch
 from study_run import open_run
 
-from hmlm.locks import LOCK_RATE, LOCK_TAIL, LockWatch
-from hmlm.sample import generate
+from hmlm.analysis.locks import LOCK_RATE, LOCK_TAIL, LockWatch
+from hmlm.analysis.sample import generate
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import argparse
 
 import numpy as np
 
-from hmlm.boundaries import require_boundaries
+from hmlm.analysis.boundaries import require_boundaries
 from hmlm.checkpoint import Trained, load_trained
 from hmlm.data import open_dataset
 from hmlm.errors import UserError

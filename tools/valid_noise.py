@@ -4,8 +4,8 @@
 
 Cuts the split into disjoint slices of `slice` symbols and reads each as evaluation reads it during training
 (`streams` contiguous streams from the zero state), and again from a warm state (every stream starting from the
-state in which the first pass left stream 0; hmlm/locks.py). It prints each slice's BPC, their mean and standard
-deviation, and what that makes the standard error of a figure over the whole split. The docs' "Locked streams"
+state in which the first pass left stream 0; hmlm/analysis/locks.py). It prints each slice's BPC, their mean and
+standard deviation, and what that makes the standard error of a figure over the whole split. The docs' "Locked streams"
 section compares these with the improvement between two evaluations.
 """
 
@@ -17,7 +17,7 @@ import statistics
 
 from study_run import open_run
 
-from hmlm.locks import fresh_starts
+from hmlm.analysis.locks import fresh_starts
 
 
 def main() -> None:

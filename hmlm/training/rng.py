@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hmlm.distributed import all_gather
+from hmlm.training.distributed import all_gather
 
 
 def seed_process(seed: int, rank: int) -> None:

@@ -3,8 +3,8 @@
 The split is cut into contiguous streams (the same batchify as training) and the recurrent state is carried
 across the whole split, so every prediction sees its full history. No autograd state is kept. The split goes to
 the device once and the batches are slices of it there, so on a GPU nothing waits for the host until the end.
-Given reference boundaries, the same pass scores each layer's boundaries against them (hmlm/boundaries.py), and
-it always finds the streams that locked into their highest layer firing on every step (hmlm/locks.py).
+Given reference boundaries, the same pass scores each layer's boundaries against them (hmlm/analysis/boundaries.py), and
+it always finds the streams that locked into their highest layer firing on every step (hmlm/analysis/locks.py).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hmlm.boundaries import BoundaryStats, score
-from hmlm.cuda_graph import capture_eval, eval_forward
+from hmlm.analysis.boundaries import BoundaryStats, score
+from hmlm.analysis.locks import Locks, LockWatch
 from hmlm.data import StreamBatcher
-from hmlm.locks import Locks, LockWatch
+from hmlm.graphs import capture_eval, eval_forward
 from hmlm.model import CharLM
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]
@@ -59,12 +59,12 @@ def evaluate(
     """BPC of `model` on `tokens`. With several processes, each takes its own streams and `reduce_sum` adds
     the sums over processes, so every token is counted exactly once.
 
-    `references` ({name: (len(tokens),) bool gaps}, from hmlm.boundaries.split_references) asks for the boundary
-    statistics too: every position's z is kept (L-1 floats per token) and scored at the end, stream by stream,
+    `references` ({name: (len(tokens),) bool gaps}, from hmlm.analysis.boundaries.split_references) asks for the
+    boundary statistics too: every position's z is kept (L-1 floats per token) and scored at the end, stream by stream,
     with the random baseline seeded by `seed`.
 
     On CUDA the forward of a full batch is captured once as a CUDA graph and replayed (`cuda_graph`: auto, on, off;
-    see hmlm/cuda_graph.py); a shorter last batch runs eagerly."""
+    see hmlm/training/cuda_graph.py); a shorter last batch runs eagerly."""
     if max_tokens:
         tokens = tokens[: max_tokens + batch_size]  # + batch_size: every stream loses its first token as input
     batcher = StreamBatcher(tokens, batch_size, seq_len, rank, world_size)

@@ -1,6 +1,6 @@
 """The "triton" backend: a layer step's elementwise work in Triton kernels, the CUDA counterpart of
-csrc/cell_cpu.cpp, with the same three functions and arguments (hmlm.kernels.FusedKernels) and the same
-arithmetic (explained in hmlm/fast.py's docstring). One program per batch row, the whole row (every gate block
+csrc/cell_cpu.cpp, with the same three functions and arguments (hmlm.fast.kernels.FusedKernels) and the same
+arithmetic (explained in hmlm/fast/'s docstring). One program per batch row, the whole row (every gate block
 of width H) in registers: one launch per layer step forward (the four gate layer norms, the activations, the
 FLUSH/UPDATE/COPY blend, the cell layer norm, tanh, the boundary), two backward (`cell_backward` before the
 step's matmul, `route_backward` after). The matmuls stay in torch (cuBLAS).
@@ -9,17 +9,17 @@ Where there is no CUDA, the kernels run on CPU tensors through Triton's interpre
 program at a time in NumPy: slow, but exact enough for the tests to hold them to the reference in float64. Triton
 decides whether it interprets when a function is defined with triton.jit, its own library's (tl.sum) when
 triton is imported, and torch may import triton first (torch._dynamo does, under the optimizers). So
-TRITON_INTERPRET=1 is set when hmlm.kernels is imported (by hmlm's model, so by every command) with
+TRITON_INTERPRET=1 is set when hmlm.fast.kernels is imported (by hmlm's model, so by every command) with
 HMLM_KERNELS=triton and no CUDA, again here before triton is imported (for a process that chose the backend
 later), and if triton was imported earlier without it, importing this module fails with a message that says so.
 In one process the kernels run either compiled, for CUDA tensors, or interpreted, for CPU tensors (`DEVICE`).
 
 Differences from the C++ kernels, both for the sake of determinism on a GPU: the layer norm parameters'
 gradients are not summed here over rows (that would take atomic adds, whose order changes from run to run) but
-written per row for the sums after the loop (hmlm.kernels.ln_grad_rows); and the statistics of a row are summed
+written per row for the sums after the loop (hmlm.fast.kernels.ln_grad_rows); and the statistics of a row are summed
 in the order Triton's tree reduction takes. The slope comes either as a 0-dim tensor on the device (the CUDA graph
-step's, hmlm/cuda_graph.py), read by the kernels through its pointer in the compute dtype, so a captured graph sees
-each new slope and nothing waits for the host; or as a number. A Python float reaches a Triton kernel as a float32
+step's, hmlm/training/cuda_graph.py), read by the kernels through its pointer in the compute dtype, so a captured graph
+sees each new slope and nothing waits for the host; or as a number. A Python float reaches a Triton kernel as a float32
 scalar (compiled and interpreted alike), which is exact for float32 work (and is how `eps` goes); in float64 work
 a numeric slope goes by pointer too (`_slope_arg`), so float64 results do not depend on how the slope was given.
 """
@@ -40,7 +40,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from hmlm.devices import capturing  # noqa: E402
-from hmlm.kernels import LN_EPS, ZRAW_MODES  # noqa: E402
+from hmlm.fast.kernels import LN_EPS, ZRAW_MODES  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 if INTERPRETED:
@@ -236,7 +236,7 @@ def _cell_forward(
         tl.store(h_down + b * s_h_down + k, _to(hv * zb, h_down), mask=mask)
 
     # The boundary: z = keep*zraw, zraw = 1[zhat > 0] (whatever the slope), hard_sigmoid(zhat), or given: ZRAW_MODE
-    # 0, 1 or 2 (hmlm.kernels.ZRAW_MODES).
+    # 0, 1 or 2 (hmlm.fast.kernels.ZRAW_MODES).
     if not TOP:
         zh = tl.load(zhat + b * s_zhat)
         if ADDEND:
@@ -414,7 +414,7 @@ def _route_backward(
         tl.store(target, tl.load(target) + tl.load(gz_below + b * s_gz_below) + tl.sum(d_below * h_b, axis=0))
 
 
-# --- The interface (hmlm.kernels.FusedKernels) -----------------------------------------------------------------
+# --- The interface (hmlm.fast.kernels.FusedKernels) -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -483,7 +483,7 @@ def _slope_arg(slope: float | torch.Tensor, like: torch.Tensor) -> tuple[float |
     exact for float32 work; for float64 work the number goes by pointer too, from a 0-dim float64 tensor made once
     per value and device (a fill, no host read), so that an eager step with a number and a captured step with a
     tensor compute the same, with the same kernel variant. Under capture no tensor can be made that way: hmlm's
-    captured regions (hmlm/cuda_graph.py) give the slope as a tensor."""
+    captured regions (hmlm/training/cuda_graph.py) give the slope as a tensor."""
     if isinstance(slope, torch.Tensor):
         return slope, True
     slope = float(slope)
@@ -530,7 +530,7 @@ def cell_backward(
     cell_rstd, ln_gain, cell_gain, ln_grad, z_prev, z_below, ds, ds_mm, dc_prev, gz_prev, gz_below, slope,
 ) -> None:  # fmt: skip
     """`ln_grad`, with layer norm: this step's (B, 5H) rows [d gates after their layer norm | d normalized c]
-    (see hmlm.kernels.ln_grad_rows)."""
+    (see hmlm.fast.kernels.ln_grad_rows)."""
     B, H = tc.shape
     block = _block(H)
     slope, slope_ptr = _slope_arg(slope, pair)

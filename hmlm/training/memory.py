@@ -3,10 +3,10 @@ turned into one line that says what to lower.
 
 The estimate counts the tensors alive at the highest point of a training step, as the code allocates them:
 - parameters, their gradients, and Adam's two moments (each the size of the parameters);
-- the fast path's tape (hmlm/fast.py, LayerTape with save=True): every buffer of every layer, for all T steps;
-- at the backward's highest point (hmlm/fast.py, backward_sequence), on top of the tape: the gradients that reach
+- the fast path's tape (hmlm/fast/, LayerTape with save=True): every buffer of every layer, for all T steps;
+- at the backward's highest point (hmlm/fast/, backward_sequence), on top of the tape: the gradients that reach
   every layer's h from the output module, each layer's LayerGrads (ds; dact and d_cn unless the C++ kernels sum
-  the layer norm gradients as they go: the Triton kernels write them as per-step rows, hmlm.kernels.ln_grad_rows),
+  the layer norm gradients as they go: the Triton kernels write them as per-step rows, hmlm.fast.kernels.ln_grad_rows),
   and the weight gradients made before the tape is freed;
 - at the end of the forward, on top of the tape: the output module's saved activations (paper eqs. 11-12),
   the logits and cross-entropy's log-softmax, the embedding and layer 1's input projection;
@@ -35,8 +35,8 @@ from hmlm.model import ModelConfig
 DTYPE_BYTES = {"fp32": 4, "fp32-strict": 4, "fp64": 8, "bf16": 4}  # bf16 autocasts the matmuls; the rest stays fp32
 # What the first training step adds whatever the shape: the libraries' workspaces and thread pools, the fused
 # kernels' library. Measured as `hmlm bench` measures, for a 3x8 model with batch 1 and seq_len 1 (torch 2.13, CPU):
-#   python -c "from hmlm.bench import Shape, peak_rss_rise; print(peak_rss_rise('fast', Shape(1,1,8,8,3,8,50), True))"
-# gave 18.5 MiB.
+#   python -c "from hmlm.bench.throughput import Shape, peak_rss_rise; print(peak_rss_rise('fast',
+# Shape(1,1,8,8,3,8,50), True))" gave 18.5 MiB.
 RUNTIME_BYTES = 18 * 2**20
 
 
@@ -49,7 +49,7 @@ class MemoryShape:
     batch_size: int  # this process's streams
     seq_len: int
     precision: str = "fp32"
-    kernels: str = "torch"  # the fast path's backend (hmlm.kernels.select): "cpu", "triton" or "torch"
+    kernels: str = "torch"  # the fast path's backend (hmlm.fast.kernels.select): "cpu", "triton" or "torch"
     eval_batch_size: int = 0  # 0: the training batch
     eval_tokens: int = 0  # tokens whose boundaries evaluation keeps for scoring (0: none kept)
 

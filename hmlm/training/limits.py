@@ -1,5 +1,5 @@
 """What a run can do, checked before anything is allocated: splits long enough for the batch and the BPTT length,
-memory enough for the estimate of hmlm/memory.py, a limit not yet reached when resuming; and what to do when
+memory enough for the estimate of hmlm/training/memory.py, a limit not yet reached when resuming; and what to do when
 memory runs out anyway. Each failure is one line that names the key to change and a value that works.
 """
 
@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from hmlm import kernels
 from hmlm.checkpoint import Trained
 from hmlm.config import Config
 from hmlm.data import Dataset
 from hmlm.errors import UserError
-from hmlm.memory import (
+from hmlm.fast import kernels
+from hmlm.training.memory import (
     MemoryEstimate,
     MemoryShape,
     OutOfMemory,

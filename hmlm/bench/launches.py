@@ -1,7 +1,7 @@
 """Kernel launches counted without a GPU: what a piece of code would launch on CUDA, by dispatch counting.
 
-On CUDA the torch profiler sees the launches themselves (hmlm/bench.py's `count_launches`). On the CPU it sees
-only operators, nested ones included, which is not the same number. This module counts what a CUDA run would
+On CUDA the torch profiler sees the launches themselves (hmlm/bench/throughput.py's `count_launches`). On the CPU it
+sees only operators, nested ones included, which is not the same number. This module counts what a CUDA run would
 launch from the same code: every aten operator that reaches the backend and writes a result (one kernel each on
 CUDA), leaving out those that only make a view or allocate; plus one launch per call of a fused kernel backend
 (hmlm/kernels: the Triton kernels launch one kernel per call, by design). The count does not depend on the sizes,
@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from hmlm import kernels
+from hmlm.fast import kernels
 
 # Operators that make no kernel: allocation, and the host's reading of a value (a copy to the host, not a launch).
 NO_KERNEL = {

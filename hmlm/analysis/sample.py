@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import torch
 
-from hmlm import inference
+from hmlm.analysis.locks import LockWatch
+from hmlm.analysis.stepper import stepper_for
 from hmlm.data import Vocab
 from hmlm.errors import UserError
-from hmlm.locks import LockWatch
 from hmlm.model import CharLM
 
 
@@ -25,7 +25,7 @@ def generate_ids(
     watch: LockWatch | None = None,
 ) -> Iterator[int]:
     """Yield `length` token ids drawn after `prompt_ids`. The prompt is read once; then only the newest
-    symbol goes in, with the recurrent state carried (through an inference.Stepper where there is one: the same
+    symbol goes in, with the recurrent state carried (through a Stepper where there is one: the same
     numbers, without the cost of a model call per symbol). `generator` keeps the global RNG untouched.
 
     The draw is made on the generator's device (the CPU for a plain `torch.Generator()`, and the CPU's global
@@ -33,8 +33,8 @@ def generate_ids(
     yielded anyway, so drawing there costs no extra wait, and one seed draws the same uniform numbers on every
     device (the text differs only where the probabilities differ by rounding).
 
-    `watch` (hmlm/locks.py) is given the boundaries of every step read, the prompt's and the generated symbols',
-    so that a caller can tell whether the sample locked into a layer firing on every step."""
+    `watch` (hmlm/analysis/locks.py) is given the boundaries of every step read, the prompt's and the generated
+    symbols', so that a caller can tell whether the sample locked into a layer firing on every step."""
     if temperature <= 0:
         raise UserError(f"--temperature must be positive, not {temperature}")
     if top_k < 0:
@@ -45,7 +45,7 @@ def generate_ids(
     out = model(torch.tensor([prompt_ids], device=device))  # (1, P)
     state, logits = out.state, out.logits[:, -1]  # (1, V)
     _watch(watch, out.boundaries)
-    stepper = inference.stepper(model, state) if length > 1 else None
+    stepper = stepper_for(model, state) if length > 1 else None
     for _ in range(length):
         logits = logits.float() / temperature
         if top_k:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from hmlm.distributed import all_reduce_sum
+from hmlm.training.distributed import all_reduce_sum
 
 
 @dataclass
 class StepResult:
     """What one training step leaves for logging and checks, all on the device: nothing in a step waits for the
-    device to finish (see LogWindow). The eager step and the step captured as a CUDA graph (hmlm/cuda_graph.py)
+    device to finish (see LogWindow). The eager step and the step captured as a CUDA graph (hmlm/training/cuda_graph.py)
     both return one."""
 
     loss: torch.Tensor  # () this process's mean loss in nats
@@ -30,7 +30,7 @@ class StepResult:
     @classmethod
     def of(cls, loss: torch.Tensor, grad_norm: torch.Tensor, boundaries: torch.Tensor) -> StepResult:
         """A step's result from its loss, its gradient norm before clipping and its boundaries (B, T, L-1): the
-        eager step and the captured one (hmlm/cuda_graph.py) build it alike, on the device."""
+        eager step and the captured one (hmlm/training/cuda_graph.py) build it alike, on the device."""
         loss, grad_norm = loss.detach(), grad_norm.detach()
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
         fired = boundaries.detach().sum(dim=(0, 1), dtype=torch.float64)  # (L-1,)

@@ -1,10 +1,10 @@
 """The "torch" backend: a layer step's elementwise work (and, backwards, the routing of the step's input
 gradient) in plain torch ops, on any device and dtype. The fallback wherever a fused backend cannot serve, and
-the readable one: cell_cpu.cpp and triton.py do the same arithmetic, explained in hmlm/fast.py's docstring.
+the readable one: cell_cpu.cpp and triton.py do the same arithmetic, explained in hmlm/fast/'s docstring.
 
 Dispatch is what costs here (a few microseconds an op), so the blend is written in as few ops as fused kernels
 allow (lerp, addcmul, sigmoid_backward), and results go with out= into the tape's buffers. These functions work
-on hmlm/fast.py's tapes (LayerTape, LayerGrads) and the per-step views this path reads.
+on hmlm/fast/'s tapes (LayerTape, LayerGrads) and the per-step views this path reads.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from hmlm.cell import hard_sigmoid
-from hmlm.kernels import LN_EPS, LayerNormParams
+from hmlm.fast.kernels import LN_EPS, LayerNormParams
 
 if TYPE_CHECKING:  # only for the annotations: fast.py imports this module, not the other way round
     from hmlm.fast import LayerGrads, LayerTape, Plan

@@ -1,6 +1,6 @@
 """The elementwise work of one HM-LSTM layer step, forward and backward, per backend, behind one interface.
 
-hmlm/fast.py runs the matmuls (torch: the CPU's BLAS or cuBLAS) and hands everything between them to one of
+hmlm/fast/ runs the matmuls (torch: the CPU's BLAS or cuBLAS) and hands everything between them to one of
 three backends, side by side (the arithmetic is explained once, in fast.py's docstring):
 
     torch    torch_ops.py      plain torch ops on the fast path's tapes; any device and dtype. The fallback,
@@ -122,7 +122,7 @@ def choose(device: torch.device, dtype: torch.dtype, mm_dtype: torch.dtype | Non
     if want == "auto":
         want = "triton" if device.type == "cuda" else "cpu"
     if want == "cpu":
-        from hmlm.kernels import cpu
+        from hmlm.fast.kernels import cpu
 
         if device.type != "cpu":
             return "torch", f"the C++ kernels are for the CPU, not {device.type}"
@@ -142,7 +142,7 @@ def choose(device: torch.device, dtype: torch.dtype, mm_dtype: torch.dtype | Non
 def load(backend: str) -> FusedKernels:
     """The kernels of a fused backend that `select` chose (so known to load); watched while `observing`."""
     if backend == "cpu":
-        from hmlm.kernels import cpu
+        from hmlm.fast.kernels import cpu
 
         module = cpu.load()
     else:
@@ -153,7 +153,7 @@ def load(backend: str) -> FusedKernels:
 
 
 # Called as observer(backend, function name) around each call of a fused backend's function; what it returns is
-# the context the call runs in. hmlm/launches.py counts the calls (one kernel launch each) this way.
+# the context the call runs in. hmlm/bench/launches.py counts the calls (one kernel launch each) this way.
 Observer = Callable[[str, str], AbstractContextManager]
 _observer: Observer | None = None
 
@@ -198,14 +198,14 @@ _triton_lock = threading.Lock()
 
 
 def load_triton(dtype: torch.dtype = torch.float32) -> tuple[ModuleType | None, str]:
-    """hmlm.kernels.triton, imported on first use, its kernels tried once per dtype (they are compiled per
+    """hmlm.fast.kernels.triton, imported on first use, its kernels tried once per dtype (they are compiled per
     dtype: a GPU may run float32 and fail float64); None and why where that fails, said once in a warning."""
     global _triton, _triton_failed
     if dtype not in _triton_dtypes and _triton_failed is None:
         with _triton_lock:
             if _triton is None and _triton_failed is None:
                 try:
-                    from hmlm.kernels import triton as module  # sets TRITON_INTERPRET=1 first without CUDA
+                    from hmlm.fast.kernels import triton as module  # sets TRITON_INTERPRET=1 first without CUDA
 
                     _triton = module
                 except Exception as error:  # not installed, an installation that does not import, or too late
@@ -225,7 +225,7 @@ def load_triton(dtype: torch.dtype = torch.float32) -> tuple[ModuleType | None, 
 def _warn_triton(error: Exception, where: str = "") -> str:
     import warnings
 
-    from hmlm.kernels.cpu import summarize
+    from hmlm.fast.kernels.cpu import summarize
 
     why = summarize(error)
     warnings.warn(

@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hmlm import rng
-from hmlm.boundaries import split_references
+from hmlm.analysis.boundaries import split_references
+from hmlm.analysis.evaluate import EvalResult, evaluate
+from hmlm.analysis.locks import LOCK_RATE
+from hmlm.analysis.sample import generate_ids
 from hmlm.checkpoint import (
     FORMAT_VERSION,
     load_checkpoint,
@@ -41,19 +43,17 @@ from hmlm.checkpoint import (
     state_to_lists,
 )
 from hmlm.config import Config, TrainConfig, apply_override, from_saved, load_config
-from hmlm.cuda_graph import GraphTrainStep, resolve_mode, set_capturable
 from hmlm.data import Dataset, StreamBatcher, open_dataset
 from hmlm.devices import resolve_device, to_device
-from hmlm.distributed import Process, all_gather, all_reduce_sum, barrier, init_process, shutdown
 from hmlm.errors import UserError
-from hmlm.evaluate import EvalResult, evaluate
-from hmlm.limits import check_not_finished, check_training, out_of_memory_in_training
-from hmlm.locks import LOCK_RATE
 from hmlm.model import CharLM, HMLSTMState
+from hmlm.model.prior import boundary_prior
 from hmlm.precision import apply_precision
-from hmlm.prior import boundary_prior
-from hmlm.sample import generate_ids
-from hmlm.window import LogWindow, StepResult, WindowTotals
+from hmlm.training import rng
+from hmlm.training.cuda_graph import GraphTrainStep, resolve_mode, set_capturable
+from hmlm.training.distributed import Process, all_gather, all_reduce_sum, barrier, init_process, shutdown
+from hmlm.training.limits import check_not_finished, check_training, out_of_memory_in_training
+from hmlm.training.window import LogWindow, StepResult, WindowTotals
 
 LN2 = math.log(2)
 
@@ -139,7 +139,8 @@ class Trainer:
         self.window = LogWindow(device)
         self.prior_terms: list[torch.Tensor] = []  # the boundary prior's per-layer terms at the last step
         self.train_rates: list[float] = []  # each boundary layer's firing rate in the last logged window
-        # On CUDA the training step is captured once as a CUDA graph and replayed (train.cuda_graph, hmlm/cuda_graph.py)
+        # On CUDA the training step is captured once as a CUDA graph and replayed (train.cuda_graph,
+        # hmlm/training/cuda_graph.py)
         self.graph_step: GraphTrainStep | None = None
         if resolve_mode(cfg.cuda_graph, device, process.distributed, tqdm.write) and not self.graph_declined():
             cast = torch.bfloat16 if self.autocast else None
@@ -199,7 +200,7 @@ class Trainer:
 
     def graph_declined(self) -> bool:
         """Whether the captured step cannot serve this run: its graph computes the LM loss alone, so a run with the
-        boundary prior (hmlm/prior.py) trains eagerly; UserError where train.cuda_graph is on."""
+        boundary prior (hmlm/model/prior.py) trains eagerly; UserError where train.cuda_graph is on."""
         if not self.config.prior.enabled:
             return False
         if self.config.train.cuda_graph == "on":
@@ -225,7 +226,7 @@ class Trainer:
         logits = out.logits if out.logits.dtype == torch.float64 else out.logits.float()  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # the LM loss alone: what BPC reports
         objective = loss
-        if prior_scale > 0:  # a boundary-rate prior, added to what is minimized only (hmlm/prior.py)
+        if prior_scale > 0:  # a boundary-rate prior, added to what is minimized only (hmlm/model/prior.py)
             z0 = self.state.z if self.state is not None else None
             prior_term, self.prior_terms = boundary_prior(prior, out.zhat, out.boundaries, z0, slope, prior_scale)
             objective = loss + prior_term
@@ -369,7 +370,8 @@ class Trainer:
     def check(self, stop: bool, time_up: bool) -> WindowTotals:
         """Read the log window (the one wait for the device in the steps since the last check) and empty it.
         A non-finite step in it stops the run here, before anything is saved. By then Adam has applied that step
-        and the ones after it (the eager step does not look before Adam, and the captured step, hmlm/cuda_graph.py,
+        and the ones after it (the eager step does not look before Adam, and the captured step,
+        hmlm/training/cuda_graph.py,
         cannot), so the weights in memory are spoiled; the last checkpoint, written before them, is untouched."""
         totals = self.window.read(stop, time_up, self.process.distributed)
         self.window.reset(after_step=self.schedule.step)

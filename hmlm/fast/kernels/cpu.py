@@ -2,13 +2,13 @@
 
 On the CPU, without it, most of a small HM-LSTM's step is dispatch: a few dozen elementwise torch ops per
 layer, each a few microseconds. The extension does a layer step's elementwise work, forward or backward, in one
-call (the three functions of hmlm.kernels.FusedKernels); hmlm/kernels/__init__.py chooses it for float32 and
+call (the three functions of hmlm.fast.kernels.FusedKernels); hmlm/fast/kernels/__init__.py chooses it for float32 and
 float64 CPU tensors unless told otherwise, and the torch-op backend wherever it cannot be built.
 tests/test_model.py holds both to the reference in float64.
 
 Building needs a C++ compiler (g++) and ninja, and takes about a minute, once per source, torch and Python
 version: the build lives under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). `make install`
-builds it (`python -m hmlm.kernels.cpu`). HMLM_KERNELS=torch (or the older HMLM_FUSED=0) uses the torch-op
+builds it (`python -m hmlm.fast.kernels.cpu`). HMLM_KERNELS=torch (or the older HMLM_FUSED=0) uses the torch-op
 path on the CPU instead.
 """
 
@@ -118,7 +118,7 @@ def compiler() -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m hmlm.kernels.cpu [-v]`: build now (make install does), rather than on first use. Exit status 1
+    """`python -m hmlm.fast.kernels.cpu [-v]`: build now (make install does), rather than on first use. Exit status 1
     where the build fails, so that an install notices: the package still works, on the slower torch-op path."""
     module = load(verbose="-v" in argv)
     if module is not None:

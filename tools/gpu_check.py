@@ -1,6 +1,6 @@
 """`make gpu-check`: everything only a GPU can show, in one run of at most 8 minutes, written to ONE report file.
 
-    PYTHONPATH=. python -m hmlm.gpu_check --data-dir gpu-data --out $OUT      # what `make gpu-check` runs
+    PYTHONPATH=. python tools/gpu_check.py --data-dir gpu-data --out $OUT      # what `make gpu-check` runs
 
 It runs the package from the checkout with the machine's own torch (no install, no network), and needs the enwik8
 prefix prepared by `make gpu-data` (an ignored folder, carried to the GPU machine): the first lines it prints, and
@@ -263,7 +263,7 @@ def section_enwik8(plan: Plan, limit: float, data_dir: Path, out: Path) -> dict[
 
 def section_eval(plan: Plan, limit: float, out: Path) -> dict[str, Any]:
     run_dir = out / "enwik8-run"
-    args = [sys.executable, "-m", "hmlm.gpu_check", "--eval-run", str(run_dir), "--device", plan.device]
+    args = [sys.executable, str(Path(__file__).resolve()), "--eval-run", str(run_dir), "--device", plan.device]
     args += ["--eval-symbols", str(plan.eval_symbols), "--sample-length", str(plan.sample_length)]
     result = run_command(args, limit)
     if result["rc"] != 0:
@@ -277,10 +277,10 @@ def evaluate_run(run_dir: Path, device_name: str, symbols: int, sample_length: i
     import numpy as np
     import torch
 
+    from hmlm.analysis.evaluate import evaluate
+    from hmlm.analysis.sample import generate
     from hmlm.checkpoint import load_checkpoint, load_trained
     from hmlm.data import open_dataset
-    from hmlm.evaluate import evaluate
-    from hmlm.sample import generate
 
     device = torch.device(device_name)
     trained = load_trained(run_dir, "last")
@@ -383,7 +383,7 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hmlm.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/gpu_check.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu-check-out"))
     parser.add_argument("--data-dir", type=Path, default=Path("gpu-data"))
     parser.add_argument(

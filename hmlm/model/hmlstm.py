@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hmlm import fast, inference, kernels
+from hmlm import fast
 from hmlm.cell import BOUNDARY_MODES, LayerWeights, blend, preactivation
+from hmlm.fast import copy_skip, kernels
 
 MODEL_KINDS = ("hmlstm", "lstm")
-IMPLS = ("fast", "reference")  # the same function: hmlm/fast.py, or the readable step of cell.py
+IMPLS = ("fast", "reference")  # the same function: hmlm/fast/, or the readable step of cell.py
 
 
 @dataclass
@@ -166,10 +167,10 @@ class HMLSTM(nn.Module):
         projected: Tensor | None = None,
     ) -> HMLSTMOutput:  # fmt: skip
         """x: (B, T, input_size). Returns every layer's h, the boundaries and the final state; with `with_zhat`
-        also the boundary detectors' pre-activations zhat (for a loss on the soft boundaries, hmlm/prior.py).
+        also the boundary detectors' pre-activations zhat (for a loss on the soft boundaries, hmlm/model/prior.py).
         `slope` is a number or a 0-dim tensor (read on the device, without a host synchronization). `projected`:
         layer 1's input projection of x, (T, B, 4 H_1 + 1), where the caller has it (CharLM's table of every
-        symbol's, hmlm/inference.py); the fast path then skips that matmul."""
+        symbol's, hmlm/fast/copy_skip.py); the fast path then skips that matmul."""
         if self.impl not in IMPLS:  # impl is a plain attribute: switching it is how tests compare the two
             raise ValueError(f"impl must be one of {IMPLS}, not {self.impl!r}")
         if state is None:
@@ -235,21 +236,22 @@ class HMLSTM(nn.Module):
     def _forward_fast(
         self, x: Tensor, state: HMLSTMState, slope: float | Tensor, projected: Tensor | None = None
     ) -> HMLSTMOutput:
-        """The same function as the reference, arranged for speed: see hmlm/fast.py. Without gradients a layer
-        that copies skips its work where that pays (hmlm/inference.py)."""
+        """The same function as the reference, arranged for speed: see hmlm/fast/. Without gradients a layer
+        that copies skips its work where that pays (hmlm/fast/copy_skip.py)."""
         plan = self.fast_plan(x.device, state.h[0].dtype, slope)
         w_in, b_in, weights, bias, ln = self.fast_parameters()
         x_proj = F.linear(x.transpose(0, 1), w_in, b_in) if projected is None else projected  # (T, B, R_1)
-        with inference.skipping(plan, x.device, x.shape[0], state.h[0].dtype) as step:
+        with copy_skip.skipping(plan, x.device, x.shape[0], state.h[0].dtype) as step:
             hidden, boundaries, h, c, z = fast.run(plan, x_proj, state.h, state.c, state.z, weights, bias, ln, step)
         return HMLSTMOutput(hidden, boundaries, HMLSTMState(h, c, z))
 
     def fast_plan(self, device: torch.device, dtype: torch.dtype, slope: float | Tensor = 1.0) -> fast.Plan:
-        """What a call of the fast path on this device, with a state of this dtype, computes (hmlm/fast.py)."""
+        """What a call of the fast path on this device, with a state of this dtype, computes (hmlm/fast/)."""
         autocast = torch.is_autocast_enabled(device.type)
         mm_dtype = torch.get_autocast_dtype(device.type) if autocast else dtype
         backend = kernels.select(device, dtype, mm_dtype)
-        # A tensor slope (the CUDA graph step's, hmlm/cuda_graph.py) stays a tensor: float() of a CUDA tensor would
+        # A tensor slope (the CUDA graph step's, hmlm/training/cuda_graph.py) stays a tensor: float() of a CUDA tensor
+        # would
         # wait for the device, and the Triton kernels read it through a pointer. The C++ kernels take a number, and
         # reading a CPU tensor costs nothing.
         if backend == "cpu" or not isinstance(slope, Tensor):
@@ -282,75 +284,3 @@ def params(plist: nn.ParameterList) -> list[nn.Parameter]:
     """The parameters of a ParameterList, in order. Iterating the list itself costs microseconds per item, which
     adds up when sampling steps one symbol at a time."""
     return list(plist._parameters.values())
-
-
-class OutputModule(nn.Module):
-    """Paper eqs. 11-12: a scalar gate per layer, a gated sum of projections, ReLU, then the vocabulary."""
-
-    def __init__(self, hidden_sizes: list[int], output_embed_dim: int, vocab_size: int):
-        super().__init__()
-        total = sum(hidden_sizes)
-        self.hidden_sizes = list(hidden_sizes)
-        self.gate = nn.Linear(total, len(hidden_sizes))  # w^l . [h^1; ...; h^L] for every l at once
-        # sum_l g^l W^e_l h^l = [W^e_1 ... W^e_L] [g^1 h^1; ...; g^L h^L]: one matmul for all layers.
-        self.embed = nn.Linear(total, output_embed_dim, bias=False)
-        self.logits = nn.Linear(output_embed_dim, vocab_size)
-
-    def forward(self, hidden: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """hidden: L tensors (B, T, H_l). Returns logits (B, T, V) and the gates (B, T, L)."""
-        h_all = torch.cat(hidden, dim=-1)  # (B, T, sum H)
-        gates = torch.sigmoid(self.gate(h_all))  # (B, T, L)
-        gated = torch.cat([gates[..., layer : layer + 1] * h for layer, h in enumerate(hidden)], dim=-1)
-        return self.logits(F.relu(self.embed(gated))), gates
-
-
-class CharLMOutput(NamedTuple):
-    logits: Tensor  # (B, T, vocab_size)
-    boundaries: Tensor  # (B, T, L-1); (B, T, 0) for the LSTM baseline
-    state: HMLSTMState
-    gates: Tensor  # (B, T, L) the output module's per-layer gates; (B, T, 0) for the LSTM baseline
-    zhat: Tensor | None = None  # (B, T, L-1) the boundary detectors' pre-activations, with with_zhat=True
-
-
-class CharLM(nn.Module):
-    """Embedding -> HM-LSTM (or nn.LSTM for kind: lstm) -> output module -> logits."""
-
-    def __init__(self, vocab_size: int, config: ModelConfig | None = None):
-        super().__init__()
-        self.config = config or ModelConfig()
-        self.config.validate()
-        self.vocab_size = vocab_size
-        cfg = self.config
-        self.embedding = nn.Embedding(vocab_size, cfg.embed_dim)
-        if cfg.kind == "lstm":
-            self.lstm = nn.LSTM(cfg.embed_dim, cfg.hidden_sizes[0], num_layers=len(cfg.hidden_sizes), batch_first=True)
-            self.head = nn.Linear(cfg.hidden_sizes[0], vocab_size)
-        else:
-            self.rnn = HMLSTM(
-                cfg.embed_dim, cfg.hidden_sizes, cfg.layer_norm, cfg.boundary, boundary_bias=cfg.boundary_bias
-            )
-            self.output = OutputModule(cfg.hidden_sizes, cfg.output_embed_dim, vocab_size)
-
-    def initial_state(self, batch_size: int, device=None) -> HMLSTMState:
-        if self.config.kind == "lstm":
-            device = device or self.head.weight.device
-            zeros = [torch.zeros(batch_size, h, device=device) for h in self.config.hidden_sizes]
-            return HMLSTMState(h=zeros, c=[t.clone() for t in zeros], z=[])
-        return self.rnn.initial_state(batch_size, device)
-
-    def forward(
-        self, tokens: Tensor, state: HMLSTMState | None = None, slope: float | Tensor = 1.0, with_zhat: bool = False
-    ) -> CharLMOutput:
-        """tokens: (B, T) long. `slope` changes only the gradients of the boundary detectors. `with_zhat` adds the
-        boundary detectors' pre-activations to the output (an HM-LSTM only)."""
-        B, T = tokens.shape
-        x = self.embedding(tokens)  # (B, T, E)
-        if self.config.kind == "lstm":
-            state = state if state is not None else self.initial_state(B, tokens.device)
-            out, (h, c) = self.lstm(x, (torch.stack(state.h), torch.stack(state.c)))
-            empty = x.new_zeros(B, T, 0)
-            return CharLMOutput(self.head(out), empty, HMLSTMState(list(h.unbind(0)), list(c.unbind(0)), []), empty)
-        projected = inference.projected_input(self, tokens)  # at inference, a table's rows (hmlm/inference.py)
-        rnn_out = self.rnn(x, state, slope, with_zhat, projected)
-        logits, gates = self.output(rnn_out.hidden)
-        return CharLMOutput(logits, rnn_out.boundaries, rnn_out.state, gates, rnn_out.zhat)

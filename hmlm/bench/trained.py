@@ -1,7 +1,7 @@
 """`hmlm bench --run RUN`: inference speed of a trained HM-LSTM, at its real boundary rates, on real text.
 
 A fresh model closes a segment on about half of the steps in every layer; a trained one closes few in its upper
-layers, which then mostly COPY, and what inference skips (hmlm/inference.py) depends on that. So this measures the
+layers, which then mostly COPY, and what inference skips (hmlm/fast/copy_skip.py) depends on that. So this measures the
 run's own model on its dataset's validation text, against nn.LSTM of the same width and depth (untrained: its
 speed does not depend on its weights; on the CPU both as torch runs it, on oneDNN, and with oneDNN off), and the
 HM-LSTM without skipping (HMLM_SKIP_COPY=0), in one process, in interleaved rounds after warm-up rounds,
@@ -10,7 +10,7 @@ reporting medians:
   text, timed from the first generated symbol to the last (the prompt's one call left out);
 - evaluation: batches of contiguous streams (batch 64, seq 100 by default) of the validation text with the state
   carried, as `hmlm eval` does: the model's no-grad forward.
-For each, the fraction of rows (stream-steps) per layer that COPY and that skipping left out (inference.COUNTS),
+For each, the fraction of rows (stream-steps) per layer that COPY and that skipping left out (copy_skip.COUNTS),
 and the boundary rates of the evaluated text.
 """
 
@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hmlm import inference, kernels
-from hmlm.bench import describe_device, sync
+from hmlm.analysis.sample import generate_ids
+from hmlm.bench.throughput import describe_device, sync
 from hmlm.checkpoint import load_trained
 from hmlm.data import StreamBatcher, open_dataset
 from hmlm.devices import resolve_device
 from hmlm.errors import UserError
+from hmlm.fast import copy_skip, kernels
 from hmlm.model import CharLM, ModelConfig
-from hmlm.sample import generate_ids
 
 VARIANTS = {  # key: (label, model, HMLM_SKIP_COPY)
     "skip": ("HM-LSTM, skipping", "hmlstm", "1"),
@@ -62,14 +62,14 @@ def skip_copy(value: str) -> Iterator[None]:
 
 
 @contextmanager
-def counting(counts: inference.SkipCounts) -> Iterator[None]:
-    """inference.COUNTS replaced by `counts` for the duration."""
-    old = inference.COUNTS
-    inference.COUNTS = counts
+def counting(counts: copy_skip.SkipCounts) -> Iterator[None]:
+    """copy_skip.COUNTS replaced by `counts` for the duration."""
+    old = copy_skip.COUNTS
+    copy_skip.COUNTS = counts
     try:
         yield
     finally:
-        inference.COUNTS = old
+        copy_skip.COUNTS = old
 
 
 def lstm_like(model: CharLM) -> CharLM:
@@ -128,7 +128,7 @@ def run_bench_on_run(
     batches = {key: iter(StreamBatcher(np.asarray(tokens[:needed]), batch, seq_len)) for key in variants}
     states: dict[str, object] = {key: None for key in variants}
     times = {key: {"sample": [], "eval": []} for key in variants}
-    counts = {"sample": inference.SkipCounts(), "eval": inference.SkipCounts()}
+    counts = {"sample": copy_skip.SkipCounts(), "eval": copy_skip.SkipCounts()}
     boundary_sum, boundary_count = None, 0
 
     def sample(key: str, seed: int) -> float:
@@ -160,9 +160,9 @@ def run_bench_on_run(
         for key in order:
             onednn = torch.backends.mkldnn.flags(enabled=key != "lstm_native")
             with skip_copy(VARIANTS[key][2]), onednn:
-                with counting(counts["sample"] if measured and key == "skip" else inference.SkipCounts()):
+                with counting(counts["sample"] if measured and key == "skip" else copy_skip.SkipCounts()):
                     sampled = sample(key, seed=round_)
-                with counting(counts["eval"] if measured and key == "skip" else inference.SkipCounts()):
+                with counting(counts["eval"] if measured and key == "skip" else copy_skip.SkipCounts()):
                     evaluated, boundaries = evaluate(key)
             if measured:
                 times[key]["sample"].append(sampled)
@@ -205,7 +205,7 @@ def run_bench_on_run(
         "measured_rounds": steps,
         "torch": torch.__version__,
         "fast_kernels_detail": kernels.describe(dev, torch.float32),
-        "skipping_used": inference.skips(hm.rnn.fast_plan(dev, torch.float32), dev),
+        "skipping_used": copy_skip.skips(hm.rnn.fast_plan(dev, torch.float32), dev),
         "boundary_rate": (boundary_sum / max(boundary_count, 1)).tolist() if boundary_sum is not None else [],
         "skip_fractions": {phase: counts[phase].fractions() for phase in counts},
         "results": results,
@@ -233,7 +233,7 @@ def format_run_report(report: dict) -> str:
         f"device: {dev['type']} ({where}); torch {report['torch']}; "
         f"median of {report['measured_rounds']} interleaved rounds after {report['warmup_rounds']} warm-up",
         f"fast path: {report['fast_kernels_detail']}; skipping COPY: "
-        f"{'used' if report['skipping_used'] else 'not used here (see hmlm/inference.py)'}",
+        f"{'used' if report['skipping_used'] else 'not used here (see hmlm/fast/copy_skip.py)'}",
         f"sampling: batch 1, one symbol at a time, {report['sample']['length']} symbols a round; "
         f"evaluation: batch {report['eval']['batch']} x seq {report['eval']['seq_len']}, state carried",
         "",

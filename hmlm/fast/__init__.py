@@ -5,9 +5,9 @@ Where the time goes, and what this file does about it (measure with `hmlm bench`
 - Autograd. Stepping the reference cell makes ~30 autograd nodes per layer and step. Here the whole sequence is
   one node (`HMLSTMSequence`), and forward and backward are plain tensor ops.
 - Small ops. What is left of a step is elementwise work on (B, H) tensors, done by one of the backends of
-  hmlm/kernels/ (`Plan.kernels`, chosen by hmlm.kernels.select): a fused one, C++ on the CPU or Triton on
+  hmlm/fast/kernels/ (`Plan.kernels`, chosen by hmlm.fast.kernels.select): a fused one, C++ on the CPU or Triton on
   CUDA, in one call per layer and step forward (`fused_cell_step`) and two backward
-  (`fused_layer_step_backward`); or a few dozen torch ops (hmlm/kernels/torch_ops.py: `cell_step`,
+  (`fused_layer_step_backward`); or a few dozen torch ops (hmlm/fast/kernels/torch_ops.py: `cell_step`,
   `layer_step_backward`), each paying microseconds of dispatch. Every way, results go into buffers allocated
   once per call, the per-step views of those buffers are made once per call, and h_t is written straight into
   the slot of the next step's matmul input.
@@ -22,11 +22,11 @@ Where the time goes, and what this file does about it (measure with `hmlm bench`
   its h, masked, into the next matmul inputs of its own layer and of the layers above and below (`linked` tapes);
   the backward's kernel adds the loss's gradient of h in; under autocast the kernels take the matmul's bf16
   product and write ds again in bf16, so no cast runs per step, and the weights are cast once per call. That is
-  3 matmuls and 3 kernels per step forward and 3 + 3 + 3 backward at 3 layers (hmlm/launches.py counts them;
+  3 matmuls and 3 kernels per step forward and 3 + 3 + 3 backward at 3 layers (hmlm/bench/launches.py counts them;
   `hmlm bench --launches`).
 - Evaluation and sampling (no gradient needed) keep nothing but the outputs, and reuse their scratch buffers
   from one call to the next. On the CPU a large layer's gates matmul then runs on oneDNN (ONEDNN_MIN_WEIGHT),
-  and hmlm/inference.py skips the steps that COPY.
+  and hmlm/fast/copy_skip.py skips the steps that COPY.
 What that buys is in docs/performance.md (`hmlm bench`). In short, on a 2-core CPU: at small widths
 (3x128), where dispatch dominated, training runs ~2.4x the reference on one thread and ~3x on two; at the
 paper's PTB width (3x512) matmuls are ~80% of a step, most of them of 64 rows at the BLAS's speed for that,
@@ -59,9 +59,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hmlm import devices, kernels
+from hmlm import devices
 from hmlm.cell import hard_sigmoid
-from hmlm.kernels import LN_EPS, ZRAW_MODES, LayerNormParams, torch_ops
+from hmlm.fast import kernels
+from hmlm.fast.kernels import LN_EPS, ZRAW_MODES, LayerNormParams, torch_ops
 
 # The torch-op backend's per-step functions, under the names the loops below call them by.
 cell_step = torch_ops.cell_step
@@ -211,7 +212,7 @@ def forward_sequence(
     ln: list[LayerNormParams] | None,
     save: bool,
     tapes: list[LayerTape] | None = None,  # from an earlier call without save, or None for new ones
-    step: LayerStep | None = None,  # what runs one layer step: layer_step, or one that skips (hmlm/inference.py)
+    step: LayerStep | None = None,  # what runs one layer step: layer_step, or one that skips (hmlm/fast/copy_skip.py)
 ) -> tuple[Tensor, list[LayerTape]]:
     """Run the stack over the sequence. Returns Z (T+1, B, L), every layer's z (row 0: the initial state), and
     the layers' tapes."""
@@ -257,7 +258,7 @@ def forward_sequence(
 # Without gradient, a large layer's gates matmul runs on oneDNN, the library torch's own nn.LSTM runs on, instead
 # of MKL (torch's matmul on the CPU). Measured on the 2-core AMD EPYC development machine, one thread: for a weight
 # of K x N >= 1M (the PTB shape's 3 x 512: K 1024-1536, N 2048) oneDNN takes 0.56-0.91x MKL's time at 1-64 rows,
-# the most at few rows (the gathered rows of hmlm/inference.py); at 3 x 256 (K x N 0.5-0.8M) about the same, and
+# the most at few rows (the gathered rows of hmlm/fast/copy_skip.py); at 3 x 256 (K x N 0.5-0.8M) about the same, and
 # at small sizes its call costs ~15 us more. Its products differ from MKL's by rounding, so within one call a
 # layer uses one engine at every step and for every row (gathered or not): skipping or not (HMLM_SKIP_COPY=0),
 # evaluation gets the same gates. A single stream (B = 1: sampling, whose Stepper steps on MKL) stays on MKL, so
@@ -621,8 +622,8 @@ def run(
         out = HMLSTMSequence.apply(plan, x_proj, *flat)
     else:
         key = (plan, x_proj.shape[1], x_proj.device, h0[0].dtype)
-        # While a CUDA graph is being captured (hmlm/cuda_graph.py), the tapes are the graph's own, from its memory
-        # pool: a cached tape could be freed (and its memory reused) while the graph still writes into it.
+        # While a CUDA graph is being captured (hmlm/training/cuda_graph.py), the tapes are the graph's own, from its
+        # memory pool: a cached tape could be freed (and its memory reused) while the graph still writes into it.
         capturing = devices.capturing(x_proj)
         tapes = None if capturing else TAPES.take(key)
         autocast = torch.is_autocast_enabled(x_proj.device.type)  # entering a context costs more than a small step

@@ -11,7 +11,7 @@ the same run, which is what makes figures from different machines comparable.
 
 Peak memory of a training step: torch.cuda.max_memory_allocated on CUDA; on the CPU, how far the first training
 step raises the resident set size of a fresh process at its highest (sampled from /proc/self/statm; 'n/a' where
-there is none). Beside it, for the fast path, the estimate of hmlm/memory.py of the same figure.
+there is none). Beside it, for the fast path, the estimate of hmlm/training/memory.py of the same figure.
 
 On CUDA (`--precision`, `--models graph`, `--launches`):
 - Every model runs under the same numeric settings, train.precision's (hmlm/precision.py): `fp32` lets cuBLAS and
@@ -19,13 +19,13 @@ On CUDA (`--precision`, `--models graph`, `--launches`):
   it off for both, `bf16` autocasts both (TF32 on for what stays fp32). Under bf16 autocast torch runs cuDNN's
   LSTM in float16, not bfloat16: the report says which dtype it saw, and float16 training gets a GradScaler (as
   it needs, to be numerically safe), whose scaling and inf check count in nn.LSTM's time.
-- `graph`: the HM-LSTM fast path with its training step captured as one CUDA graph (hmlm/cuda_graph.py: the
+- `graph`: the HM-LSTM fast path with its training step captured as one CUDA graph (hmlm/training/cuda_graph.py: the
   Trainer's step, so it also computes the gradient norm, clips at train.grad_clip 1.0 and a finite flag, which the
   other training steps here do not) and its inference forward captured (which adds the cross entropy).
 - `--launches`: kernel launches of one training step, from the torch profiler: GPU kernels executed, and the
   host's launch calls (cudaLaunchKernel and kin; cudaGraphLaunch counted apart).
 
-`--launches` on the CPU too: what the step would launch on CUDA, by dispatch counting (hmlm/launches.py: the aten
+`--launches` on the CPU too: what the step would launch on CUDA, by dispatch counting (hmlm/bench/launches.py: the aten
 operators that launch a kernel, and one per fused-kernel call); on CUDA beside the profiler's figures. The count
 does not depend on the sizes, so a small batch gives the figure of a large one. `--precision bf16` is accepted on
 the CPU for this count alone (CPU autocast; with HMLM_KERNELS=triton the kernels run interpreted, as CUDA runs
@@ -51,12 +51,12 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from hmlm import kernels
 from hmlm.devices import resolve_device
 from hmlm.errors import UserError
-from hmlm.memory import MemoryShape, estimate, format_bytes
+from hmlm.fast import kernels
 from hmlm.model import CharLM, ModelConfig
 from hmlm.precision import apply_precision, uses_tf32
+from hmlm.training.memory import MemoryShape, estimate, format_bytes
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,8 @@ class Runner:
                 self.scaler = torch.amp.GradScaler(device.type)
         self.graph = self.eval_graph = None
         if key == "graph":
-            from hmlm.cuda_graph import CudaGraphReplay, GraphTrainStep, capture_eval
+            from hmlm.graphs import capture_eval
+            from hmlm.training.cuda_graph import CudaGraphReplay, GraphTrainStep
 
             self.graph = GraphTrainStep(self.model, self.optimizer, 1.0, self.autocast, device, "on",
                                         replay_factory=CudaGraphReplay)  # fmt: skip
@@ -209,14 +210,15 @@ GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
 
 
 def count_launches(step: Callable[[], None], device: torch.device) -> dict:
-    """Kernel launches of one call of `step`: by dispatch counting (hmlm/launches.py: `dispatched`, and the largest
+    """Kernel launches of one call of `step`: by dispatch counting (hmlm/bench/launches.py: `dispatched`, and the
+    largest
     parts in `dispatched_by_op`), then from the torch profiler on a second call: GPU kernels executed (memory copies
     and sets apart), the host's kernel launch calls, its graph launches, and the aten operators dispatched (nested
     ones included)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from hmlm import launches
+    from hmlm.bench import launches
 
     sync(device)
     counted = launches.count(step)
@@ -344,7 +346,7 @@ def run_bench(
 
 
 def estimated_memory(key: str, shape: Shape, layer_norm: bool, dev: torch.device, precision: str) -> int | None:
-    """hmlm/memory.py's estimate of what `peak_memory_bytes` measures, for the fast path (None for the others):
+    """hmlm/training/memory.py's estimate of what `peak_memory_bytes` measures, for the fast path (None for the others):
     on the CPU the first step's rise, on CUDA the peak of a step with the model and Adam's state allocated."""
     if MODELS[key][2] != "fast":
         return None
@@ -395,7 +397,8 @@ def cpu_peak_memory(key: str, shape: Shape, layer_norm: bool) -> int | None:
     None elsewhere or if the child fails."""
     if resident_bytes() is None:
         return None
-    code = f"from hmlm.bench import Shape, peak_rss_rise; print(peak_rss_rise({key!r}, {shape!r}, {layer_norm!r}))"
+    code = "from hmlm.bench.throughput import Shape, peak_rss_rise; "
+    code += f"print(peak_rss_rise({key!r}, {shape!r}, {layer_norm!r}))"
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     try:
         child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
@@ -491,7 +494,9 @@ def launch_lines(results: dict) -> list[str]:
             f"{results[key]['label']:20s} {c['dispatched']:11,d} {c['gpu_kernels']:12,d} {c['launch_calls']:13,d}"
             f" {c['graph_launches']:15,d} {c['aten_ops']:9,d}"
         )
-    lines.append("(dispatched: kernel launches counted by dispatch, hmlm/launches.py; the rest from the profiler)")
+    lines.append(
+        "(dispatched: kernel launches counted by dispatch, hmlm/bench/launches.py; the rest from the profiler)"
+    )
     return lines
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hmlm.cuda_graph import eval_forward
+from hmlm.graphs import eval_forward
 from hmlm.model import CharLM, HMLSTMState
 
 LOCK_RATE = 0.9  # a stream whose highest boundary layer fires more often than this at its end is locked

@@ -3,7 +3,7 @@
 The split is cut into contiguous streams (the same batchify as training) and the recurrent state is carried
 across the whole split, so every prediction sees its full history. No autograd state is kept. The split goes to
 the device once and the batches are slices of it there, so on a GPU nothing waits for the host until the end.
-Given reference boundaries, the same pass scores each layer's boundaries against them (hmlm/analysis/boundaries.py), and
+Given reference boundaries, the same pass scores each layer's boundaries against them (hmlm/analysis/boundaries/), and
 it always finds the streams that locked into their highest layer firing on every step (hmlm/analysis/locks.py).
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hmlm.analysis.boundaries import BoundaryStats, score
+from hmlm.analysis.boundaries.metrics import BoundaryStats, score
 from hmlm.analysis.locks import Locks, LockWatch
 from hmlm.data import StreamBatcher
 from hmlm.graphs import capture_eval, eval_forward

@@ -1,7 +1,8 @@
 """The HM-LSTM cell: hard sigmoid, straight-through boundary, and the readable reference step.
 
 This file is the specification in code (docs/design.md, "The model"). It needs only torch. Faster paths live in
-model.py and are tested to give the same numbers as `reference_step` in float64, forward and backward.
+hmlm/fast/ (the model's HMLSTM, in hmlm/model/hmlstm.py, chooses which one runs) and are tested to give the same
+numbers as `reference_step` in float64, forward and backward.
 
 One step of layer l, in the paper's notation:
 

@@ -26,6 +26,12 @@ DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N."
 RUN_HELP = "A run directory (runs/NAME), its checkpoints/ folder, or a checkpoint file."
 
 
+def _print(lines: list[tuple[str, bool]]) -> None:
+    """Echo a command's lines, each to stderr where it says so."""
+    for text, err in lines:
+        typer.echo(text, err=err)
+
+
 def _version(value: bool) -> None:
     if value:
         from hmlm import __version__
@@ -92,39 +98,11 @@ def data(
 
     Examples: `hmlm data ptb`, `hmlm data enwik8 --source ~/enwik8.zip`, `hmlm data text book.txt`.
     """
-    from hmlm.data import DATASETS, open_dataset, prepare_dataset, prepare_text
-    from hmlm.data.text import DEFAULT_SPLIT, parse_separator, parse_split
+    from hmlm.commands import prepare_data
 
-    if name == "text":
-        if file is None:
-            raise UserError("`hmlm data text` needs the FILE (or folder) to prepare: hmlm data text FILE")
-        if source is not None or no_verify:
-            raise UserError("--source and --no-verify are for the downloaded datasets, not for `text`")
-        if seed is not None or no_spaces:
-            raise UserError(f"{'--seed' if seed is not None else '--no-spaces'} is for `hmlm data synthetic` only")
-        path = prepare_text(
-            file,
-            name=name_,
-            data_dir=data_dir,
-            level=level or "chars",
-            split=parse_split(split) if split is not None else DEFAULT_SPLIT,
-            separator=parse_separator(separator) if separator is not None else "\n",
-            force=force,
-        )
-    else:
-        if name not in DATASETS:
-            raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}, or text FILE")
-        given = {"FILE": file, "--name": name_, "--level": level, "--split": split, "--separator": separator}
-        text_only = [flag for flag, value in given.items() if value is not None]
-        if text_only:
-            raise UserError(f"{', '.join(text_only)}: only for `hmlm data text FILE`, not for {name}")
-        path = prepare_dataset(name, data_dir=data_dir, source=source, verify=not no_verify, force=force, seed=seed,
-                               spaces=not no_spaces)  # fmt: skip
-
-    dataset = open_dataset(path.name, path.parent)
-    tokens = " / ".join(f"{dataset.tokens(s):,}" for s in ("train", "valid", "test"))
-    vocab = f"{len(dataset.vocab)} symbols ({dataset.vocab.kind})"
-    typer.echo(f"{dataset.name} in {dataset.path}: {tokens} tokens (train / valid / test), {vocab}")
+    _print(
+        prepare_data(name, file, data_dir, source, no_verify, force, name_, level, split, separator, seed, no_spaces)
+    )
 
 
 @app.command()
@@ -136,22 +114,9 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Train a model; curves go to TensorBoard in the run directory, checkpoints to RUN/checkpoints/."""
-    from hmlm.config import load_config
-    from hmlm.training.trainer import train as run_training
+    from hmlm.commands import train_run
 
-    if run_dir is None:
-        if config is None:
-            raise UserError("pass --config FILE for a new run, or --run-dir DIR --resume to continue one")
-        run_dir = Path("runs") / config.stem
-    loaded = load_config(config, set_) if config is not None and not resume else None
-    # A finished run resumed is refused like every limit (hmlm.training.limits.AlreadyFinished: one line, exit status
-    # 2).
-    summary = run_training(loaded, run_dir, resume=resume, overrides=set_ if resume else [], progress=not quiet)
-    if summary.main_process:
-        typer.echo(
-            f"{summary.stopped} at step {summary.step} (epoch {summary.epoch}); "
-            f"best valid bpc {summary.best_valid_bpc:.4f}; run in {summary.run_dir}"
-        )
+    _print(train_run(config, set_, run_dir, resume, quiet))
 
 
 @app.command("eval")
@@ -165,43 +130,9 @@ def evaluate_command(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Print bits per character on a split, with the state carried across the whole split."""
-    import json
+    from hmlm.analysis.evaluate import evaluate_run
 
-    from hmlm.analysis.boundaries import split_references
-    from hmlm.analysis.evaluate import evaluate
-    from hmlm.checkpoint import load_trained
-    from hmlm.data import open_dataset
-    from hmlm.devices import resolve_device
-    from hmlm.training.limits import check_evaluation, evaluation_out_of_memory
-
-    if split not in ("valid", "test"):
-        raise UserError(f"--split must be valid or test, not {split!r}")
-    target = resolve_device(device)
-    trained = load_trained(run, checkpoint, target)
-    config, path = trained.config, trained.path
-    dataset = open_dataset(config.data.name, data_dir or config.data.dir)
-    check_evaluation(trained, dataset, split, batch_size)
-    with evaluation_out_of_memory(trained, batch_size):
-        result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, device=target,
-                          progress=not json_, references=split_references(dataset, split))  # fmt: skip
-    report = {"bpc": result.bpc, "split": split, "tokens": result.tokens, "loss": result.loss,
-              "checkpoint": str(path), "dataset": config.data.name}  # fmt: skip
-    report |= {f"boundary_rate_layer{i + 1}": rate for i, rate in enumerate(result.boundary_rate)}
-    if result.boundary_stats is not None:  # boundary_f1_word_layer1, ..., _surprisal_peak (`hmlm boundaries` adds more)
-        report |= result.boundary_stats.flat(baselines=False, rates=False)
-    locks = result.locks
-    if locks is not None and locks.layer:  # streams read from the zero state, locked into a layer firing every step
-        report |= {"streams": locks.streams, "locked_streams": locks.locked, "locked_bpc": locks.bpc}
-    if json_:
-        typer.echo(json.dumps(report))
-    else:
-        locked = ""
-        if locks is not None and locks.layer:
-            locked = f", {locks.locked} of {locks.streams} streams locked"
-            locked += f" (at {locks.bpc:.3f} bpc)" if locks.bpc is not None else ""
-        typer.echo(f"{split} bpc {result.bpc:.4f} over {result.tokens:,} tokens{locked} ({path})")
-    if locks is not None and locks.warning():
-        typer.echo(locks.warning(), err=True)
+    _print(evaluate_run(run, split, checkpoint, batch_size, data_dir, json_, device))
 
 
 @app.command()
@@ -218,29 +149,9 @@ def sample(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Print the prompt, then stream LENGTH generated symbols to stdout."""
-    import torch
+    from hmlm.analysis.sample import sample_run
 
-    from hmlm.analysis.locks import LOCK_RATE, LOCK_TAIL, LockWatch
-    from hmlm.analysis.sample import generate
-    from hmlm.checkpoint import load_model as load
-    from hmlm.devices import resolve_device
-    from hmlm.training.memory import out_of_memory_in
-
-    model, vocab = load(run, checkpoint, resolve_device(device))
-    watch = LockWatch()
-    pieces = generate(model, vocab, prompt, length, temperature, top_k, torch.Generator().manual_seed(seed), watch)
-    pieces = out_of_memory_in(pieces, f"sampling after a prompt of {len(prompt):,} characters", "--prompt's length")
-    first = next(pieces, "")  # encode the prompt (and fail on unknown characters) before printing anything
-    sys.stdout.write(prompt + first)
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    locks = watch.result()
-    if locks.locked:
-        typer.echo(f"warning: the sample locked: layer {locks.layer} fired on more than {LOCK_RATE:.0%} of its "
-                   f"last {min(watch.steps, LOCK_TAIL)} steps, so the text after that point is degraded; a model "
-                   "trained with train.reset_every (the shipped configs) does not lock", err=True)  # fmt: skip
+    _print(sample_run(run, prompt, length, temperature, top_k, seed, checkpoint, device))
 
 
 @app.command("boundaries")
@@ -279,56 +190,10 @@ def boundaries_command(
     Examples: `hmlm boundaries runs/ptb --text "the company said" --out fig.png`,
     `hmlm boundaries runs/ptb --split test`.
     """
-    import json
+    from hmlm.analysis.boundaries.command import boundaries_report
 
-    from hmlm.analysis.boundaries import check_figure_args, read_text, require_boundaries, split_references
-    from hmlm.checkpoint import load_trained
-    from hmlm.devices import resolve_device
-
-    if (text is None) == (split is None):
-        raise UserError("pass either --text TEXT (one text, drawn with --out) or --split valid|test (a whole split)")
-    if split is not None and out is not None:
-        raise UserError("--out draws a text: use it with --text, not with --split")
-    check_figure_args(out, wrap)  # before the model runs
-    target = resolve_device(device)
-    trained = load_trained(run, checkpoint, target)
-    require_boundaries(trained.model)
-
-    if text is not None:
-        result = read_text(trained.model, trained.vocab, text, seed)
-        if out is not None:
-            from hmlm.analysis.boundaries import draw
-
-            width, height = draw(result, out, wrap, title=f"{trained.path}: where each layer closes a segment")
-            # With --json the object alone goes to stdout, so that it stays parseable.
-            typer.echo(f"wrote {out} ({width}x{height} pixels, {len(result.symbols)} symbols)", err=json_)
-        if json_:
-            typer.echo(json.dumps(result.to_json() | {"checkpoint": str(trained.path)}))
-        elif out is None:
-            typer.echo(result.view(wrap))
-        return
-
-    from hmlm.analysis.evaluate import evaluate
-    from hmlm.data import open_dataset
-
-    if split not in ("valid", "test"):
-        raise UserError(f"--split must be valid or test, not {split!r}")
-    config = trained.config
-    dataset = open_dataset(config.data.name, data_dir or config.data.dir)
-    references = split_references(dataset, split)
-    result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, device=target,
-                      max_tokens=max_tokens, progress=not json_, references=references, seed=seed)  # fmt: skip
-    stats = result.boundary_stats
-    assert stats is not None  # the model has boundaries and references were given
-    if json_:
-        report = {"split": split, "tokens": result.tokens, "bpc": result.bpc, "checkpoint": str(trained.path),
-                  "dataset": config.data.name}  # fmt: skip
-        typer.echo(json.dumps(report | stats.flat()))
-        return
-    typer.echo(f"{config.data.name} {split}: {result.tokens:,} tokens, bpc {result.bpc:.4f} ({trained.path})")
-    if not references:
-        typer.echo("(no reference boundaries: this vocabulary has no space symbol)")
-    typer.echo(stats.table())
+    _print(boundaries_report(run, text, split, out, json_, checkpoint, wrap, seed, batch_size, max_tokens, data_dir,
+                             device))  # fmt: skip
 
 
 @app.command()
@@ -373,38 +238,13 @@ def bench(
     The fast path's kernels: C++ on the CPU (make install builds them), Triton on CUDA; HMLM_KERNELS=torch: torch ops.
     With --run: the inference speed of a trained model at its real boundary rates (HMLM_SKIP_COPY=0 for comparison).
     """
-    import torch
-
-    from hmlm.bench.throughput import format_report, run_bench, to_json
-    from hmlm.training.memory import out_of_memory_as_user_error
-
-    if threads < 0:
-        raise UserError(f"--threads must be positive (or 0 for torch's choice), not {threads}")
-    if threads:
-        torch.set_num_threads(threads)
+    from hmlm.bench.command import bench_report
 
     def progress(done: int, total: int) -> None:
         typer.echo(f"\rbench: round {done}/{total}", err=True, nl=done == total)
 
-    if run is not None:
-        from hmlm.bench.trained import format_run_report, run_bench_on_run
-
-        # --run measures the run's own model, in float32, without gradients: the training-shape options do not apply.
-        if shape is not None:
-            raise UserError("--shape does not go with --run: the run's own model is measured")
-        if launches or precision != "fp32" or models != "fast,reference,lstm":
-            raise UserError("--models, --precision and --launches do not go with --run: they are for the shapes")
-        what = f"benchmarking run {run} (evaluation batch {batch or 64}, seq_len {seq_len or 100})"
-        with out_of_memory_as_user_error(what, "--batch or --seq-len"):
-            report = run_bench_on_run(run, device, steps, warmup, batch, seq_len, sample_length, progress)
-        typer.echo(to_json(report) if json_ else format_run_report(report))
-        return
-    chosen = tuple(key.strip() for key in models.split(",") if key.strip())
-    what = f"benchmarking shape {shape or 'default'} (batch {batch or 'default'}, seq_len {seq_len or 'default'})"
-    with out_of_memory_as_user_error(what, "--batch or --seq-len, or pick a smaller --shape"):
-        report = run_bench(shape, device, steps, warmup, layer_norm, memory=memory, batch=batch, seq_len=seq_len,
-                           progress=progress, models=chosen, precision=precision, launches=launches)  # fmt: skip
-    typer.echo(to_json(report) if json_ else format_report(report))
+    _print(bench_report(json_, device, shape, steps, warmup, threads, layer_norm, batch, seq_len, memory, models,
+                        precision, launches, run, sample_length, progress))  # fmt: skip
 
 
 def main() -> None:

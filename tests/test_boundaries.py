@@ -13,20 +13,17 @@ import torch
 from typer.testing import CliRunner
 
 from hmlm import CharLM, ModelConfig
-from hmlm.analysis.boundaries import (
+from hmlm.analysis.boundaries.drawing import draw, figure_size
+from hmlm.analysis.boundaries.metrics import (
     Match,
-    TextBoundaries,
     activity,
-    draw,
     end_gaps,
-    figure_size,
     match,
-    read_text,
     reference_gaps,
     score,
     surprisal_peaks,
-    symbols_of,
 )
+from hmlm.analysis.boundaries.reading import TextBoundaries, read_text, symbols_of
 from hmlm.analysis.evaluate import evaluate
 from hmlm.checkpoint import load_trained
 from hmlm.cli import app

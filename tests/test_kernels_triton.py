@@ -37,7 +37,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install -e .[dev] installs it)", allow_module_level=True)
 
 # make gpu-check selects these with the cuda tests (`-m "cuda or triton"`): on a GPU they run compiled, in float64
-# and float32 (issue 13's check of the kernels on CUDA).
+# and float32 (the check of the compiled kernels that only a GPU can make).
 pytestmark = pytest.mark.triton
 
 

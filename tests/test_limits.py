@@ -153,8 +153,8 @@ def test_split_checks_name_the_largest_values_that_work():
 
 
 def test_train_refuses_what_the_splits_cannot_hold_before_allocating(data_dir, tmp_path):
-    """The issue's cases: seq_len longer than the streams, a batch larger than the split, and the validation split
-    too short for one batch. One line each, exit status 2, nothing written."""
+    """Configs that once failed deep inside training: seq_len longer than the streams, a batch larger than the
+    split, and the validation split too short for one batch. One line each, exit status 2, nothing written."""
     config = write_config(tmp_path / "c.yaml", data_dir)
     train_tokens = 2_700_000  # the synthetic corpus's train split
     cases = {
@@ -177,7 +177,7 @@ def test_train_refuses_what_the_splits_cannot_hold_before_allocating(data_dir, t
 
 
 def test_a_model_too_large_for_memory_is_refused_before_it_allocates(data_dir, tmp_path):
-    """The issue's -s model.hidden_sizes=[60000,60000,60000] (~375 GiB of parameters) stops at the estimate."""
+    """-s model.hidden_sizes=[60000,60000,60000] (~375 GiB of parameters) stops at the estimate."""
     config = write_config(tmp_path / "c.yaml", data_dir)
     result = run_hmlm("train", "-c", str(config), "-s", "model.hidden_sizes=[60000,60000,60000]", "--run-dir", "r",
                       cwd=tmp_path, check=False)  # fmt: skip

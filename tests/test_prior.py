@@ -1,4 +1,4 @@
-"""Boundary options (issue 14): the forget gate's initial bias under layer norm, the boundary detector's initial
+"""Boundary options: the forget gate's initial bias under layer norm, the boundary detector's initial
 bias, the boundary pre-activations zhat in the model's output (fast path against the reference, float64, with
 the gradient a loss on zhat sends back), and the binomial boundary-rate prior: its value, its config, training."""
 

@@ -1,10 +1,10 @@
 """Kernel launches counted without a GPU: what a piece of code would launch on CUDA, by dispatch counting.
 
-On CUDA the torch profiler sees the launches themselves (hmlm/bench/throughput.py's `count_launches`). On the CPU it
+On CUDA the torch profiler sees the launches themselves (`count_launches`, at the end). On the CPU it
 sees only operators, nested ones included, which is not the same number. This module counts what a CUDA run would
 launch from the same code: every aten operator that reaches the backend and writes a result (one kernel each on
 CUDA), leaving out those that only make a view or allocate; plus one launch per call of a fused kernel backend
-(hmlm/kernels: the Triton kernels launch one kernel per call, by design). The count does not depend on the sizes,
+(hmlm/fast/kernels: the Triton kernels launch one kernel per call, by design). The count does not depend on the sizes,
 so a small model gives the figure of a large one.
 
 What it cannot see: a library call that launches several kernels (cuBLAS may split a matmul; a reduction may take
@@ -85,3 +85,49 @@ def count(step: Callable[[], object]) -> LaunchCounter:
     with counting() as counter:
         step()
     return counter
+
+
+# --- On CUDA: the profiler's count, next to the dispatch count --------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+LAUNCH_CALLS = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaLaunchCooperativeKernel",
+)
+GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
+
+
+def count_launches(step: Callable[[], None], device: torch.device) -> dict:
+    """Kernel launches of one call of `step`: by dispatch counting (`count` here: `dispatched`, and the largest parts
+    in `dispatched_by_op`), then from the torch profiler on a second call: GPU kernels executed (memory copies
+    and sets apart), the host's kernel launch calls, its graph launches, and the aten operators dispatched (nested
+    ones included)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    counted = count(step)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    events = prof.events()
+    gpu = [e.name for e in events if e.device_type == DeviceType.CUDA]
+    return {
+        "dispatched": counted.total,
+        "dispatched_by_op": dict(counted.counts.most_common(12)),
+        "gpu_kernels": sum(1 for name in gpu if not name.startswith(("Memcpy", "Memset"))),
+        "gpu_memcpy_memset": sum(1 for name in gpu if name.startswith(("Memcpy", "Memset"))),
+        "launch_calls": sum(1 for e in events if e.name in LAUNCH_CALLS),
+        "graph_launches": sum(1 for e in events if e.name in GRAPH_LAUNCHES),
+        "aten_ops": sum(1 for e in events if e.name.startswith("aten::")),
+    }

@@ -44,13 +44,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from hmlm.bench.launches import count_launches, sync
 from hmlm.devices import resolve_device
 from hmlm.errors import UserError
 from hmlm.fast import kernels
@@ -192,52 +192,6 @@ class Runner:
         step()
         sync(self.device)
         return time.perf_counter() - start
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-LAUNCH_CALLS = (
-    "cudaLaunchKernel",
-    "cudaLaunchKernelExC",
-    "cuLaunchKernel",
-    "cuLaunchKernelEx",
-    "cudaLaunchCooperativeKernel",
-)
-GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
-
-
-def count_launches(step: Callable[[], None], device: torch.device) -> dict:
-    """Kernel launches of one call of `step`: by dispatch counting (hmlm/bench/launches.py: `dispatched`, and the
-    largest
-    parts in `dispatched_by_op`), then from the torch profiler on a second call: GPU kernels executed (memory copies
-    and sets apart), the host's kernel launch calls, its graph launches, and the aten operators dispatched (nested
-    ones included)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    from hmlm.bench import launches
-
-    sync(device)
-    counted = launches.count(step)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync(device)
-    with profile(activities=activities) as prof:
-        step()
-        sync(device)
-    events = prof.events()
-    gpu = [e.name for e in events if e.device_type == DeviceType.CUDA]
-    return {
-        "dispatched": counted.total,
-        "dispatched_by_op": dict(counted.counts.most_common(12)),
-        "gpu_kernels": sum(1 for name in gpu if not name.startswith(("Memcpy", "Memset"))),
-        "gpu_memcpy_memset": sum(1 for name in gpu if name.startswith(("Memcpy", "Memset"))),
-        "launch_calls": sum(1 for e in events if e.name in LAUNCH_CALLS),
-        "graph_launches": sum(1 for e in events if e.name in GRAPH_LAUNCHES),
-        "aten_ops": sum(1 for e in events if e.name.startswith("aten::")),
-    }
 
 
 def run_bench(

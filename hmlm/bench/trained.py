@@ -10,8 +10,8 @@ reporting medians:
   text, timed from the first generated symbol to the last (the prompt's one call left out);
 - evaluation: batches of contiguous streams (batch 64, seq 100 by default) of the validation text with the state
   carried, as `hmlm eval` does: the model's no-grad forward.
-For each, the fraction of rows (stream-steps) per layer that COPY and that skipping left out (copy_skip.COUNTS),
-and the boundary rates of the evaluated text.
+For each, the fraction of rows (stream-steps) per layer that COPY and that skipping left out (copy_skip.COUNTS,
+reset before each measured call), and the boundary rates of the evaluated text.
 """
 
 from __future__ import annotations
@@ -62,14 +62,15 @@ def skip_copy(value: str) -> Iterator[None]:
 
 
 @contextmanager
-def counting(counts: copy_skip.SkipCounts) -> Iterator[None]:
-    """copy_skip.COUNTS replaced by `counts` for the duration."""
-    old = copy_skip.COUNTS
-    copy_skip.COUNTS = counts
-    try:
-        yield
-    finally:
-        copy_skip.COUNTS = old
+def counting(counts: copy_skip.SkipCounts | None) -> Iterator[None]:
+    """What copy_skip.COUNTS counts during the block, added to `counts` (None: dropped). COUNTS is reset before
+    the block, not rebound: whoever holds it (the stepper imports it by name) keeps counting into the same object."""
+    copy_skip.COUNTS.reset()
+    yield
+    seen = copy_skip.COUNTS
+    if counts is not None:
+        for layer, numbers in enumerate(zip(seen.rows, seen.checked, seen.copies, seen.skipped, strict=True)):
+            counts.add(layer, *numbers)
 
 
 def lstm_like(model: CharLM) -> CharLM:
@@ -160,9 +161,9 @@ def run_bench_on_run(
         for key in order:
             onednn = torch.backends.mkldnn.flags(enabled=key != "lstm_native")
             with skip_copy(VARIANTS[key][2]), onednn:
-                with counting(counts["sample"] if measured and key == "skip" else copy_skip.SkipCounts()):
+                with counting(counts["sample"] if measured and key == "skip" else None):
                     sampled = sample(key, seed=round_)
-                with counting(counts["eval"] if measured and key == "skip" else copy_skip.SkipCounts()):
+                with counting(counts["eval"] if measured and key == "skip" else None):
                     evaluated, boundaries = evaluate(key)
             if measured:
                 times[key]["sample"].append(sampled)

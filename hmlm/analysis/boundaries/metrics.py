@@ -1,4 +1,4 @@
-"""What each layer's boundary detector learns: statistics, scores against word (and phrase) boundaries, the figure.
+"""What each layer's boundary detector learns: statistics and scores against word (and phrase) boundaries.
 
 A lower layer l < L closes a segment at step t when z^l_t = 1 (docs/design.md, "The model"). This module measures
 
@@ -9,7 +9,8 @@ A lower layer l < L closes a segment at step t when z^l_t = 1 (docs/design.md, "
   model's own surprisal of the next symbol peaks (the classic cue of unsupervised word segmentation: position t
   when -log p(x_{t+1} | x_<=t) is larger than at both neighbours, or than the one neighbour at a stream's edge);
 
-and draws them over a text, like Figure 3 of the paper (`hmlm boundaries RUN --text ...`).
+reading.py reads a text through a model and drawing.py draws it, like Figure 3 of the paper
+(`hmlm boundaries RUN --text ...`).
 
 Scoring, precisely. References sit in the gaps between symbols: gap t lies just before symbol t (gaps 0..N for
 N symbols). A word ending on symbol r puts a reference in gap r + 1.
@@ -28,19 +29,14 @@ layer that fires on the first letter of the next word misses.
 
 from __future__ import annotations
 
-import math
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from hmlm.data import Dataset, Vocab
-from hmlm.errors import UserError
-from hmlm.model import CharLM
+if TYPE_CHECKING:
+    from hmlm.data import Dataset
 
 THRESHOLD = 0.5  # z above it counts as a boundary (soft boundaries lie in [0, 1]; step and sample give 0 or 1)
 METRICS = ("precision", "recall", "f1")
@@ -277,207 +273,3 @@ def score(
             scorers[SURPRISAL_PEAK] = match(surprisal_peaks(surprisal), gaps)
         matches[name] = scorers
     return BoundaryStats(acts, matches)
-
-
-# ---- one text ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TextBoundaries:
-    """What the model does on one text, read from a fresh state."""
-
-    text: str
-    ids: list[int]  # (T,) token ids
-    symbols: list[str]  # (T,) the symbol at each position (the space symbol as " "; "" inside a multi-byte char)
-    boundaries: np.ndarray  # (T, L-1) z^1..z^{L-1}
-    gates: np.ndarray  # (T, L) the output module's g^1..g^L
-    stats: BoundaryStats
-
-    def to_json(self) -> dict:
-        """{"text", "symbols", "boundaries": {"layer1": [...]}, "gates": {...}, and the flat statistics}."""
-
-        def values(z: np.ndarray) -> list:
-            binary = np.isin(z, (0.0, 1.0)).all()  # step and sample boundaries: 0/1; soft ones: their values
-            return [int(v) for v in z.tolist()] if binary else [float(v) for v in z.tolist()]
-
-        return {
-            "text": self.text,
-            "symbols": self.symbols,
-            "boundaries": {f"layer{i + 1}": values(self.boundaries[:, i]) for i in range(self.boundaries.shape[1])},
-            "gates": {f"layer{i + 1}": self.gates[:, i].tolist() for i in range(self.gates.shape[1])},
-        } | self.stats.flat()
-
-    def view(self, wrap: int = 100) -> str:
-        """The text, and under it one line per layer with "|" where the layer closes a segment; wrapped at `wrap`."""
-        glyphs = "".join(glyph(s) for s in self.symbols)
-        per_row = row_length(len(glyphs), wrap)
-        lines = []
-        for start in range(0, len(glyphs), per_row):
-            stop = start + per_row
-            lines.append(f"{'text':>9}  {glyphs[start:stop]}")
-            for layer in range(self.boundaries.shape[1]):
-                marks = "".join("|" if z > THRESHOLD else " " for z in self.boundaries[start:stop, layer])
-                lines.append(f"{f'layer {layer + 1}':>9}  {marks}".rstrip())
-            lines.append("")
-        return "\n".join(lines) + self.stats.table()
-
-
-def symbols_of(vocab: Vocab, ids: list[int]) -> list[str]:
-    """The readable symbol at each position. For bytes, a character that takes several bytes stands on its first
-    byte, with "" on the others (and U+FFFD on a byte that starts no valid character)."""
-    if vocab.kind != "bytes":
-        return [vocab.decode([i]) for i in ids]
-    data = bytes(vocab.symbols[i] for i in ids)
-    out: list[str] = []
-    while len(out) < len(data):
-        start = len(out)
-        lead = data[start]
-        size = 1 if lead < 0x80 else 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4
-        try:
-            out += [data[start : start + size].decode("utf-8")] + [""] * (size - 1)
-        except UnicodeDecodeError:
-            out.append("\ufffd")
-    return out
-
-
-def glyph(symbol: str) -> str:
-    """One printable glyph per position, so the marks line up: a newline as "↵", another control as "·"."""
-    if symbol == "\n":
-        return "\u21b5"
-    if symbol == "":
-        return "\u00b7"
-    return symbol if symbol.isprintable() else "\u00b7"
-
-
-def require_boundaries(model: CharLM) -> None:
-    """A UserError unless the model has boundary detectors (an HM-LSTM of two layers or more)."""
-    if model.config.kind == "lstm" or len(model.config.hidden_sizes) < 2:
-        raise UserError(
-            "this model has no boundary detectors (an LSTM baseline or a one-layer HM-LSTM): use an HM-LSTM run "
-            "with two layers or more"
-        )
-
-
-@torch.no_grad()
-def read_text(model: CharLM, vocab: Vocab, text: str, seed: int = 0) -> TextBoundaries:
-    """Feed `text` from a fresh state in eval mode; its boundaries, gates and statistics against the space symbol."""
-    if not text:
-        raise UserError("--text must hold at least one character")
-    require_boundaries(model)
-    ids = vocab.encode(text)  # a UserError naming any character outside the vocabulary
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = model(torch.tensor([ids], device=device))  # (1, T): state None = fresh
-    model.train(was_training)
-    boundaries = out.boundaries[0].float().cpu().numpy()  # (T, L-1)
-    gates = out.gates[0].float().cpu().numpy()  # (T, L)
-    references = {}
-    if vocab.space_id is not None:
-        # The gap after the last symbol is unknown (the text stops there): no reference in it.
-        references["word"] = np.append(space_gaps(np.array(ids), vocab.space_id), False)[None]  # (1, T + 1)
-    # The surprisal of each next symbol of the text; after the last one, unknown (NaN).
-    log_probs = torch.log_softmax(out.logits[0, :-1].double(), dim=-1)  # (T - 1, V)
-    surprisal = np.full(len(ids), np.nan)
-    surprisal[:-1] = -log_probs.gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].cpu().numpy()
-    stats = score(boundaries[None], references, seed, surprisal[None])
-    return TextBoundaries(text, ids, symbols_of(vocab, ids), boundaries, gates, stats)
-
-
-# ---- the figure --------------------------------------------------------------------------------------------------
-
-# Layout in pixels at DPI dots per inch, so that the PNG's size is exactly what figure_size says.
-DPI = 100
-CELL = 14  # one symbol
-ROW = 24  # one layer
-LEFT, RIGHT, TOP, BOTTOM = 90, 30, 60, 10
-LABELS = 26  # the characters under a panel
-GAP = 26  # between a block's two panels (room for the panel's title)
-BLOCK_GAP = 30  # between the blocks of a wrapped text
-
-
-def _block_height(layers: int) -> int:
-    """One block: the boundary panel (L-1 rows), its characters, the gate panel (L rows), its characters."""
-    return (layers - 1) * ROW + LABELS + GAP + layers * ROW + LABELS
-
-
-def row_length(symbols: int, wrap: int) -> int:
-    """Symbols per row when `symbols` are wrapped at `wrap`: rows of even length, so no short stub is left over."""
-    return math.ceil(symbols / max(1, math.ceil(symbols / wrap)))
-
-
-def figure_size(symbols: int, layers: int, wrap: int = 100) -> tuple[int, int]:
-    """(width, height) in pixels of the figure of `symbols` positions of an L-layer model, wrapped at `wrap`."""
-    per_row = row_length(symbols, wrap)
-    blocks = math.ceil(symbols / per_row)
-    width = LEFT + per_row * CELL + RIGHT
-    height = TOP + blocks * _block_height(layers) + (blocks - 1) * BLOCK_GAP + BOTTOM
-    return width, height
-
-
-def check_figure_args(path: Path | None, wrap: int) -> None:
-    """UserErrors for a figure that cannot be drawn as asked, raised before any work."""
-    if path is not None and path.suffix.lower() != ".png":
-        raise UserError(f"--out must name a .png file, not {path}")
-    if wrap < 10:
-        raise UserError(f"--wrap must be at least 10 symbols, not {wrap}")
-
-
-def draw(result: TextBoundaries, path: Path, wrap: int = 100, title: str = "") -> tuple[int, int]:
-    """Draw the boundaries and the gates over the text into a PNG at `path`, written atomically (a temporary file,
-    then a rename). Returns the image's (width, height) in pixels."""
-    from matplotlib.figure import Figure  # imported here: matplotlib takes a while, and only the figure needs it
-
-    check_figure_args(path, wrap)
-    symbols, layers = len(result.symbols), result.gates.shape[1]
-    width, height = figure_size(symbols, layers, wrap)
-    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
-    if title:
-        fig.text(LEFT / width, 1 - 14 / height, title, fontsize=11, va="top")
-    glyphs = [glyph(s) for s in result.symbols]
-    panels = (
-        (result.boundaries, "Greys", layers - 1, "boundary z: black where the layer closes a segment"),
-        (result.gates, "Blues", layers, "output gate g: white 0 to blue 1"),
-    )
-    per_row = row_length(symbols, wrap)
-    for block, start in enumerate(range(0, symbols, per_row)):
-        stop = min(start + per_row, symbols)
-        top = TOP + block * (_block_height(layers) + BLOCK_GAP)  # pixels from the top of the figure
-        for values, cmap, rows, label in panels:
-            ax = fig.add_axes(((LEFT) / width, 1 - (top + rows * ROW) / height, (stop - start) * CELL / width,
-                               rows * ROW / height))  # fmt: skip
-            # origin lower: layer 1 at the bottom, next to the text, as the hierarchy grows upward
-            ax.imshow(values[start:stop].T, cmap=cmap, vmin=0, vmax=1, aspect="auto", origin="lower",
-                      interpolation="nearest")  # fmt: skip
-            # Baseline-aligned, or each character would hang from its own top and the text would wobble.
-            ax.set_xticks(range(stop - start), glyphs[start:stop], family="DejaVu Sans Mono", fontsize=9, va="baseline")
-            ax.tick_params(axis="x", pad=12)
-            ax.set_yticks(range(rows), [f"layer {i + 1}" for i in range(rows)], fontsize=8)
-            ax.set_xticks(np.arange(stop - start - 1) + 0.5, minor=True)
-            ax.set_yticks(np.arange(rows - 1) + 0.5, minor=True)
-            ax.grid(which="minor", color="0.8", linewidth=0.5)
-            ax.tick_params(which="both", length=0)
-            if block == 0:
-                ax.set_title(label, fontsize=9, loc="left")
-            top += rows * ROW + LABELS + GAP
-    _save_png(fig, path)
-    return width, height
-
-
-def _save_png(fig: object, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half an image."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
-    try:
-        with os.fdopen(fd, "wb") as file:
-            fig.savefig(file, format="png", dpi=DPI)  # type: ignore[attr-defined]
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; an image is as readable as any new file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

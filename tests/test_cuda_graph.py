@@ -424,7 +424,7 @@ def test_set_capturable_moves_adams_step_counts_and_a_checkpoint_resumes_on_the_
     assert saved["param_groups"][0]["capturable"] is True
     fresh = torch.optim.Adam(model.parameters(), lr=0.01)
     fresh.load_state_dict(saved)
-    set_capturable(fresh, False)  # what Trainer.restore does
+    set_capturable(fresh, False)  # what a resume does (hmlm/training/state.py, restore)
     assert all(s["step"].device.type == "cpu" and float(s["step"]) == 1.0 for s in fresh.state.values())
     plain_step(model, fresh, x, y, 1.0, None)  # capturable Adam on the CPU would refuse to step
     assert all(float(s["step"]) == 2.0 for s in fresh.state.values())

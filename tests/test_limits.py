@@ -24,6 +24,7 @@ from hmlm.training.memory import (
     check_fits,
     count_parameters,
     estimate,
+    fast_bytes,
     layer_tape,
     out_of_memory_as_user_error,
     out_of_memory_in,
@@ -80,6 +81,35 @@ def test_tape_bytes_are_the_buffers_fast_py_allocates(config, precision, save):
         buffers = {id(t): t for t in vars(tape).values() if isinstance(t, torch.Tensor)}  # views share storage
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in buffers.values()}
         assert layer_tape(shape, layer, save) == sum(storages.values())
+
+
+@pytest.mark.parametrize("kernels", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("config", MODELS[:3], ids=["ln-3", "no-ln-2", "ln-1"])
+def test_gradient_bytes_are_the_buffers_the_backward_allocates(config, kernels):
+    B, T = 3, 7
+    sizes = tuple(config.hidden_sizes)
+    plan = fast.Plan(sizes, (0, *sizes[:-1]), config.layer_norm, "step", True, 1.0, torch.float32, kernels)
+    Z = torch.zeros(T + 1, B, len(sizes))
+    tapes = [fast.LayerTape(plan, layer, B, T, torch.device("cpu"), torch.float32, True) for layer in range(len(sizes))]
+    for tape in tapes:
+        tape.attach(Z)
+    grads = [fast.LayerGrads(plan, tape, layer, Z, None, None, None) for layer, tape in enumerate(tapes)]
+    held = {t.untyped_storage().data_ptr() for x in [Z, *tapes] for t in tensors_of(x)}
+    expected = [
+        sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_of(grad)
+             if t.untyped_storage().data_ptr() not in held}.values())
+        for grad in grads
+    ]  # fmt: skip
+    shape = MemoryShape(config, 11, B, T, kernels=kernels)
+    assert fast_bytes(shape, B, save=True)[1 + len(sizes) :] == expected
+
+
+def tensors_of(holder) -> list[torch.Tensor]:
+    if isinstance(holder, torch.Tensor):
+        return [holder]
+    values = [v for v in vars(holder).values()]
+    flat = [t for v in values for t in (v if isinstance(v, list | tuple) else [v])]
+    return [t for t in flat if isinstance(t, torch.Tensor)]
 
 
 def allocator_peak_of_a_step(config: ModelConfig, vocab: int, B: int, T: int, trace: Path) -> int:

@@ -20,7 +20,9 @@ from hmlm.checkpoint import save_checkpoint
 from hmlm.config import TrainConfig
 from hmlm.data import open_dataset
 from hmlm.model import CharLM, HMLSTMState, ModelConfig
-from hmlm.training.trainer import Schedule, plateau, train
+from hmlm.training.state import Schedule
+from hmlm.training.trainer import train
+from hmlm.training.validation import plateau
 
 H = 8  # units per layer of the model built to lock
 

@@ -322,3 +322,21 @@ class GraphTrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         self.warn(f"warning: train.cuda_graph auto: {reason}; training without CUDA graphs")
         return None, self.static.state if self.static is not None else None
+
+
+def trainer_step(
+    mode: str, prior: bool, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+    autocast: torch.dtype | None, device: torch.device, distributed: bool, batch_shape: tuple[int, int], warn: Warn,
+) -> GraphTrainStep | None:  # fmt: skip
+    """The Trainer's captured step for `train.cuda_graph` = mode, or None where it trains eagerly. The graph computes
+    the LM loss alone, so a run with the boundary prior (hmlm/model/prior.py) trains eagerly; UserError where the
+    mode is on."""
+    if not resolve_mode(mode, device, distributed, warn):
+        return None
+    if prior:
+        if mode == "on":
+            raise UserError("train.cuda_graph is on but the captured step has no boundary prior: "
+                            "use train.cuda_graph=auto or off, or turn the prior off (prior.rates: [])")  # fmt: skip
+        warn("warning: train.cuda_graph auto: not with the boundary prior; training without CUDA graphs")
+        return None
+    return GraphTrainStep(model, optimizer, grad_clip, autocast, device, mode, warn, batch_shape=batch_shape)

@@ -5,13 +5,15 @@ The estimate counts the tensors alive at the highest point of a training step, a
 - parameters, their gradients, and Adam's two moments (each the size of the parameters);
 - the fast path's tape (hmlm/fast/, LayerTape with save=True): every buffer of every layer, for all T steps;
 - at the backward's highest point (hmlm/fast/, backward_sequence), on top of the tape: the gradients that reach
-  every layer's h from the output module, each layer's LayerGrads (ds; dact and d_cn unless the C++ kernels sum
-  the layer norm gradients as they go: the Triton kernels write them as per-step rows, hmlm.fast.kernels.ln_grad_rows),
-  and the weight gradients made before the tape is freed;
+  every layer's h from the output module, each layer's LayerGrads, and the weight gradients made before the tape
+  is freed;
 - at the end of the forward, on top of the tape: the output module's saved activations (paper eqs. 11-12),
   the logits and cross-entropy's log-softmax, the embedding and layer 1's input projection;
-- evaluation (no gradient): one slot per buffer (fast.py's tapes without save), every layer's h for the batch,
-  the output module's activations, and the boundaries kept for scoring.
+- evaluation (no gradient): one slot per buffer (the fast path's tapes without save), every layer's h for the
+  batch, the output module's activations, and the boundaries kept for scoring.
+The fast path's own buffers (its tapes, and the backward's LayerGrads) are not counted by formulas: they are built on
+the meta device, which allocates nothing, and their tensors' sizes summed (`fast_bytes`), so the estimate follows
+hmlm/fast/ as it changes. The rest are tensors that torch ops and the model's modules make, counted from the shapes.
 The step's activations and the evaluation's are never alive together (evaluation runs between steps).
 
 `hmlm bench` measures the rise of a fresh process's resident memory during its first training step (the model
@@ -29,10 +31,19 @@ from typing import TypeVar
 
 import torch
 
+from hmlm import fast
 from hmlm.errors import UserError
 from hmlm.model import ModelConfig
 
-DTYPE_BYTES = {"fp32": 4, "fp32-strict": 4, "fp64": 8, "bf16": 4}  # bf16 autocasts the matmuls; the rest stays fp32
+# The state's dtype and the matmuls' for each train.precision: bf16 autocasts the matmuls, the rest stays fp32
+DTYPES = {
+    "fp32": (torch.float32, torch.float32),
+    "fp32-strict": (torch.float32, torch.float32),
+    "fp64": (torch.float64, torch.float64),
+    "bf16": (torch.float32, torch.bfloat16),
+}
+DTYPE_BYTES = {precision: dtype.itemsize for precision, (dtype, _mm) in DTYPES.items()}
+META = torch.device("meta")
 # What the first training step adds whatever the shape: the libraries' workspaces and thread pools, the fused
 # kernels' library. Measured as `hmlm bench` measures, for a 3x8 model with batch 1 and seq_len 1 (torch 2.13, CPU):
 #   python -c "from hmlm.bench.throughput import Shape, peak_rss_rise; print(peak_rss_rise('fast',
@@ -97,19 +108,9 @@ def estimate(shape: MemoryShape) -> MemoryEstimate:
     autocast = shape.precision == "bf16"
     mm = 2 if autocast else s  # the matmul inputs' element size
 
-    tape = (T + 1) * B * L * s  # Z, every layer's z
-    grad_buffers = 0  # LayerGrads of every layer, allocated together at the start of the backward
-    for layer, H in enumerate(sizes):
-        tape += layer_tape(shape, layer, save=True)
-        rows = 4 * H + (0 if layer == L - 1 else 1)
-        grad_buffers += T * B * rows * s  # ds
-        grad_buffers += 2 * B * 2 * H * s + 2 * B * s  # the [dh | dc] pairs, dz
-        if autocast and shape.kernels != "torch":
-            grad_buffers += B * rows * mm  # ds in the matmul's dtype (ds_mm)
-        if cfg.layer_norm and shape.kernels != "cpu":  # C++ sums the layer norm gradients as it goes
-            grad_buffers += T * B * (4 * H + H) * s  # dact, d_cn (Triton: the same, as its ln_grad rows)
-        if shape.kernels == "torch":
-            grad_buffers += 5 * T * B * s  # the per-step (B, 1) coefficients
+    Z, *buffers = fast_bytes(shape, B, save=True)
+    tape = Z + sum(buffers[:L])
+    grad_buffers = sum(buffers[L:])  # LayerGrads of every layer, allocated together at the start of the backward
     hmlstm_weights = sum(_layer_weight_numel(cfg, layer) for layer in range(L))
 
     # The forward, beside the tape and the embedding: during the loop, layer 1's projected input and the
@@ -140,34 +141,56 @@ def estimate(shape: MemoryShape) -> MemoryEstimate:
     )
 
 
+def fast_bytes(shape: MemoryShape, B: int, save: bool) -> list[int]:
+    """Bytes of what one call of the fast path allocates for B streams of shape.seq_len steps: [Z (every layer's
+    z), each layer's LayerTape (with the h that `attach` adds where h does not live in x)], then with `save` each
+    layer's LayerGrads beyond its tape. Every buffer has one slot per step (plus a fixed number) or a fixed number
+    of slots, so the bytes are affine in T: two builds of 1 and 2 steps give them for any T, without making the
+    per-step views of every buffer for all T steps."""
+    one, two = _fast_bytes(shape, B, 1, save), _fast_bytes(shape, B, 2, save)
+    return [a + (shape.seq_len - 1) * (b - a) for a, b in zip(one, two, strict=True)]
+
+
+def _fast_bytes(shape: MemoryShape, B: int, T: int, save: bool) -> list[int]:
+    sizes = tuple(shape.model.hidden_sizes)
+    dtype, mm_dtype = DTYPES[shape.precision]
+    plan = fast.Plan(sizes, (0, *sizes[:-1]), shape.model.layer_norm, "step", True, 1.0, mm_dtype, shape.kernels)
+    Z = torch.zeros(T + 1, B, len(sizes), device=META, dtype=dtype)
+    tapes = [fast.LayerTape(plan, layer, B, T, META, dtype, save) for layer in range(len(sizes))]
+    for tape in tapes:
+        tape.attach(Z)
+    found = [allocated_bytes([Z])] + [allocated_bytes([tape], exclude=[Z]) for tape in tapes]
+    if save:
+        grads = [fast.LayerGrads(plan, tape, layer, Z, None, None, None) for layer, tape in enumerate(tapes)]
+        found += [allocated_bytes([grad], exclude=[Z, *tapes]) for grad in grads]
+    return found
+
+
+def allocated_bytes(holders: Iterable[object], exclude: Iterable[object] = ()) -> int:
+    """Bytes of the tensors among `holders` or in their attributes (lists and tuples of them included), each
+    allocation once: a view counts as the tensor it views. Allocations that `exclude` holds are left out."""
+    left_out = _allocations(exclude)
+    return sum(t.numel() * t.element_size() for key, t in _allocations(holders).items() if key not in left_out)
+
+
+def _allocations(holders: Iterable[object]) -> dict[int, torch.Tensor]:
+    found: dict[int, torch.Tensor] = {}
+    stack = [v for holder in holders for v in ([holder] if isinstance(holder, torch.Tensor) else vars(holder).values())]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            base = item if item._base is None else item._base  # a view's _base is the allocation, never a view
+            found[id(base)] = base
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return found
+
+
 def layer_tape(shape: MemoryShape, layer: int, save: bool) -> int:
-    """Bytes of fast.LayerTape(plan, layer, B, T, ..., save), buffer by buffer (see its __init__), with the h that
-    `attach` adds when h does not live in x."""
-    cfg = shape.model
-    sizes, L = cfg.hidden_sizes, len(cfg.hidden_sizes)
-    s = DTYPE_BYTES[shape.precision]
+    """Bytes of one layer's tape (fast.LayerTape(plan, layer, B, T, ..., save)), with the h that `attach` adds when
+    h does not live in x: B is the training batch with `save`, else the evaluation batch."""
     B = shape.batch_size if save else (shape.eval_batch_size or shape.batch_size)
-    T = shape.seq_len
-    H = sizes[layer]
-    D = sizes[layer - 1] if layer > 0 else 0  # layer 1's input is projected before the loop
-    A = sizes[layer + 1] if layer < L - 1 else 0
-    top, bottom = layer == L - 1, layer == 0
-    mm = 2 if shape.precision == "bf16" else s
-    h_in_x = save and mm == s
-    S = T if save else 1
-    n = (T + 1 if save else 1) * B * (D + H + A) * mm  # x
-    n += (T + 1 if save else 2) * B * H * s  # c
-    n += S * B * (4 * H + 4 * H + H + H) * s  # gates, act, keep_f, tc
-    n += S * B * (0 if top else 1) * s * 2  # zhat, zraw
-    if mm != s:
-        n += B * (4 * H + (0 if top else 1)) * mm  # the step's matmul product
-    if save and not bottom:
-        n += S * B * 2 * H * s  # neg_d_copy
-    if save and cfg.layer_norm:
-        n += S * B * (4 + 4 + 1 + 1) * s  # the layer norms' mean and rstd
-    if not h_in_x:
-        n += (T + 1) * B * H * s  # h, a buffer of its own
-    return n
+    return fast_bytes(shape, B, save)[1 + layer]
 
 
 def evaluation_bytes(shape: MemoryShape) -> int:
@@ -178,7 +201,7 @@ def evaluation_bytes(shape: MemoryShape) -> int:
     sizes, L = cfg.hidden_sizes, len(cfg.hidden_sizes)
     if cfg.kind == "lstm":
         return B * T * (2 * sizes[0] + 2 * V) * s
-    tapes = sum(layer_tape(shape, layer, save=False) for layer in range(L)) + (T + 1) * B * L * s
+    tapes = sum(fast_bytes(shape, B, save=False))  # Z and every layer's tape
     rows_1 = 4 * sizes[0] + (0 if L == 1 else 1)
     # x_proj and the embedding; h_all and gated; the output embedding before and after its ReLU; the logits in
     # float and cross-entropy's log-softmax

@@ -31,18 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hmlm.analysis.boundaries import split_references
-from hmlm.analysis.evaluate import EvalResult, evaluate
-from hmlm.analysis.locks import LOCK_RATE
-from hmlm.analysis.sample import generate_ids
-from hmlm.checkpoint import (
-    FORMAT_VERSION,
-    load_checkpoint,
-    save_checkpoint,
-    state_from_lists,
-    state_to_lists,
-)
-from hmlm.config import Config, TrainConfig, apply_override, from_saved, load_config
+from hmlm.config import Config
 from hmlm.data import Dataset, StreamBatcher, open_dataset
 from hmlm.devices import resolve_device, to_device
 from hmlm.errors import UserError
@@ -50,12 +39,13 @@ from hmlm.model import CharLM, HMLSTMState
 from hmlm.model.prior import boundary_prior
 from hmlm.precision import apply_precision
 from hmlm.training import rng
-from hmlm.training.cuda_graph import GraphTrainStep, resolve_mode, set_capturable
-from hmlm.training.distributed import Process, all_gather, all_reduce_sum, barrier, init_process, shutdown
+from hmlm.training.cuda_graph import GraphTrainStep, trainer_step
+from hmlm.training.distributed import Process, barrier, init_process, shutdown
 from hmlm.training.limits import check_not_finished, check_training, out_of_memory_in_training
+from hmlm.training.log import LN2, RunLog
+from hmlm.training.state import Schedule, checkpoint_dir, diverged, resolve_run, restore, save
+from hmlm.training.validation import after_evaluation, validate
 from hmlm.training.window import LogWindow, StepResult, WindowTotals
-
-LN2 = math.log(2)
 
 
 @dataclass
@@ -66,18 +56,6 @@ class TrainSummary:
     best_valid_bpc: float
     stopped: str  # "finished", "max_steps", "max_time" or "interrupted"
     main_process: bool = True  # False in the other torchrun processes, which stay quiet
-
-
-@dataclass
-class Schedule:
-    """What changes while training, besides the weights: saved in every checkpoint."""
-
-    step: int = 0
-    epoch: int = 0
-    lr: float = 0.0
-    best_valid_loss: float = math.inf
-    bad_evaluations: int = 0  # evaluations since the last improvement
-    elapsed: float = 0.0  # seconds of training so far, over all restarts (for train.max_time)
 
 
 class StopFlag:
@@ -135,79 +113,16 @@ class Trainer:
         self.autocast = cfg.precision == "bf16" and device.type == "cuda"
         if cfg.precision == "bf16" and device.type != "cuda":
             tqdm.write("warning: train.precision bf16 autocasts on CUDA only; training in fp32 on the CPU")
-        self.writer = None
+        self.log = RunLog(run_dir, process)
         self.window = LogWindow(device)
         self.prior_terms: list[torch.Tensor] = []  # the boundary prior's per-layer terms at the last step
-        self.train_rates: list[float] = []  # each boundary layer's firing rate in the last logged window
         # On CUDA the training step is captured once as a CUDA graph and replayed (train.cuda_graph,
         # hmlm/training/cuda_graph.py)
-        self.graph_step: GraphTrainStep | None = None
-        if resolve_mode(cfg.cuda_graph, device, process.distributed, tqdm.write) and not self.graph_declined():
-            cast = torch.bfloat16 if self.autocast else None
-            full = (self.batcher.streams, cfg.seq_len)
-            self.graph_step = GraphTrainStep(self.model, self.optimizer, cfg.grad_clip, cast, device, cfg.cuda_graph,
-                                             tqdm.write, batch_shape=full)  # fmt: skip
-
-    # ---- checkpoints -------------------------------------------------------------------------------------------
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    def payload(self) -> dict[str, Any]:
-        """Everything an exact resume needs, as tensors and plain values only."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
-            "vocab": self.vocab.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": vars(self.schedule).copy(),
-            "data": self.batcher.state_dict(),
-            "recurrent_state": self._global_state(),
-            "rng": {"ranks": rng.gather(self.device)},  # every process's generators, in rank order
-        }
-
-    def _global_state(self) -> list[list[torch.Tensor]] | None:
-        """The carried state of all streams (B_global rows), so a resume may use a different process count."""
-        if self.state is None:
-            return None
-        if not self.process.distributed:
-            return state_to_lists(self.state)
-        return [[torch.cat(all_gather(t, self.device)) for t in part] for part in self.state]
-
-    def save(self, name: str = "last", payload: dict[str, Any] | None = None) -> dict[str, Any]:
-        payload = payload or self.payload()  # every process takes part in gathering the state
-        if self.process.is_main:
-            save_checkpoint(self.checkpoint_dir / f"{name}.pt", payload)
-        return payload
-
-    def restore(self, payload: dict[str, Any]) -> None:
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        set_capturable(self.optimizer, False)  # a CUDA-graph run's checkpoint holds capturable Adam: resume anywhere
-        self.schedule = Schedule(**payload["schedule"])
-        self.batcher.load_state_dict(payload["data"])
-        saved = payload["recurrent_state"]
-        if saved is not None:
-            per_rank = self.config.train.batch_size // self.process.world_size
-            rows = slice(self.process.rank * per_rank, (self.process.rank + 1) * per_rank)
-            self.state = state_from_lists([[t[rows] for t in part] for part in saved], self.device)
-        rng.restore(payload["rng"], self.process.rank, self.device, self.config.train.seed, self.schedule.step)
-        self.window.reset(after_step=self.schedule.step)
-
-    # ---- one step, one evaluation ------------------------------------------------------------------------------
-
-    def graph_declined(self) -> bool:
-        """Whether the captured step cannot serve this run: its graph computes the LM loss alone, so a run with the
-        boundary prior (hmlm/model/prior.py) trains eagerly; UserError where train.cuda_graph is on."""
-        if not self.config.prior.enabled:
-            return False
-        if self.config.train.cuda_graph == "on":
-            raise UserError("train.cuda_graph is on but the captured step has no boundary prior: "
-                            "use train.cuda_graph=auto or off, or turn the prior off (prior.rates: [])")  # fmt: skip
-        tqdm.write("warning: train.cuda_graph auto: not with the boundary prior; training without CUDA graphs")
-        return True
+        self.graph_step: GraphTrainStep | None = trainer_step(
+            cfg.cuda_graph, config.prior.enabled, self.model, self.optimizer, cfg.grad_clip,
+            autocast=torch.bfloat16 if self.autocast else None, device=device, distributed=process.distributed,
+            batch_shape=(self.batcher.streams, cfg.seq_len), warn=tqdm.write,
+        )  # fmt: skip
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, slope: float) -> StepResult:
         """Forward, backward, clip, Adam, without reading anything back from the device."""
@@ -248,67 +163,9 @@ class Trainer:
         if rows and self.state is not None:
             self.state = zero_rows(self.state, rows)
 
-    def validate(self) -> EvalResult:
-        cfg = self.config.train
-        return evaluate(
-            self.model,
-            self.dataset.split("valid"),
-            batch_size=cfg.batch_size,
-            seq_len=cfg.seq_len,
-            device=self.device,
-            max_tokens=cfg.eval_tokens,
-            rank=self.process.rank,
-            world_size=self.process.world_size,
-            reduce_sum=all_reduce_sum if self.process.distributed else None,
-            autocast=self.autocast,
-            progress=self.progress,
-            references=split_references(self.dataset, "valid"),  # boundary F1 against word (and phrase) ends
-            seed=cfg.seed,
-            cuda_graph=cfg.cuda_graph,
-        )
-
-    def after_evaluation(self, result: EvalResult) -> bool:
-        """Keep the best model; divide the learning rate when validation stops improving. True if best."""
-        improved, cut = plateau(self.schedule, result.loss, self.config.train)
-        if cut:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.schedule.lr
-            if self.process.is_main:
-                evaluations = self.config.train.lr_patience + 1
-                tqdm.write(f"step {self.schedule.step}: validation did not improve for {evaluations} evaluations; "
-                           f"learning rate now {self.schedule.lr:.3g}")  # fmt: skip
-        return improved
-
-    # ---- logging ----------------------------------------------------------------------------------------------
-
-    def log_scalars(self, prefix: str, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"{prefix}/{key}", value, self.schedule.step)
-
-    def log_sample(self) -> None:
-        cfg = self.config.train
-        if self.writer is None or cfg.sample_length <= 0:
-            return
-        prompt = [int(t) for t in self.dataset.split("valid")[:20]]
-        generator = torch.Generator().manual_seed(cfg.seed + self.schedule.step)  # draws on the CPU (sample.py)
-        ids = list(generate_ids(self.model, prompt, cfg.sample_length, generator=generator))
-        self.model.train()
-        text = self.vocab.decode(prompt) + " | " + self.vocab.decode(ids)
-        self.writer.add_text("sample", "    " + text.replace("\n", "\n    "), self.schedule.step)  # markdown code
-        with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as file:
-            file.write(f"--- step {self.schedule.step}\n{text}\n")
-
-    # ---- the loop ---------------------------------------------------------------------------------------------
-
     def run(self, stop: StopFlag) -> TrainSummary:
         cfg, schedule = self.config.train, self.schedule
-        if self.process.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step drops what a killed run logged after its last checkpoint (so curves do not double); what
-            # it logged at the checkpoint's own step was written before the checkpoint and stays.
-            self.writer = SummaryWriter(str(self.run_dir), purge_step=schedule.step + 1 if schedule.step else None)
+        self.log.open(schedule.step)
         # With only a time limit the number of steps is unknown: the bar then counts without a total.
         total = cfg.max_steps or (None if cfg.max_time else cfg.max_epochs * len(self.batcher))
         bar = tqdm(total=total, initial=schedule.step, disable=not self.progress, unit="step")
@@ -338,7 +195,7 @@ class Trainer:
                     now = time.monotonic()
                     speed = chars_per_step * (schedule.step - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step = now, schedule.step
-                    self.log_train(totals, slope, speed, bar)
+                    self.log.train(totals, schedule, slope, speed, self.prior_terms, bar)
                 if evaluating:
                     self.evaluate_and_save()
                     last_eval_step = schedule.step
@@ -357,13 +214,12 @@ class Trainer:
                     last_eval_step = schedule.step
         bar.close()
         if stopped == "interrupted":
-            self.save("last")
-            tqdm.write(f"interrupted at step {schedule.step}: saved {self.checkpoint_dir / 'last.pt'}; continue "
-                       f"with `hmlm train --run-dir {self.run_dir} --resume`")  # fmt: skip
+            save(self, "last")
+            tqdm.write(f"interrupted at step {schedule.step}: saved {checkpoint_dir(self.run_dir) / 'last.pt'}; "
+                       f"continue with `hmlm train --run-dir {self.run_dir} --resume`")  # fmt: skip
         elif last_eval_step != schedule.step:
             self.evaluate_and_save()
-        if self.writer is not None:
-            self.writer.close()
+        self.log.close()
         best = schedule.best_valid_loss / LN2
         return TrainSummary(self.run_dir, schedule.step, schedule.epoch, best, stopped, self.process.is_main)
 
@@ -371,116 +227,33 @@ class Trainer:
         """Read the log window (the one wait for the device in the steps since the last check) and empty it.
         A non-finite step in it stops the run here, before anything is saved. By then Adam has applied that step
         and the ones after it (the eager step does not look before Adam, and the captured step,
-        hmlm/training/cuda_graph.py,
-        cannot), so the weights in memory are spoiled; the last checkpoint, written before them, is untouched."""
+        hmlm/training/cuda_graph.py, cannot), so the weights in memory are spoiled; the last checkpoint, written
+        before them, is untouched."""
         totals = self.window.read(stop, time_up, self.process.distributed)
         self.window.reset(after_step=self.schedule.step)
         if totals.bad_steps or not math.isfinite(totals.loss):
-            loss, norm = self.means(totals)
+            loss, norm = totals.means(self.process.world_size)
             steps = f"{totals.after_step + 1}-{totals.after_step + totals.steps}"
-            raise self.diverged(
-                f"the training loss became non-finite (mean {loss:.4g}, gradient norm {norm:.4g}) in steps {steps}"
+            raise diverged(
+                f"the training loss became non-finite (mean {loss:.4g}, gradient norm {norm:.4g}) in steps {steps}",
+                self.run_dir,
             )
         return totals
 
-    def diverged(self, what: str) -> UserError:
-        """The error that stops a run whose weights became non-finite, naming the checkpoint that is kept."""
-        last = self.checkpoint_dir / "last.pt"
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        advice = "Lower train.lr or train.grad_clip, then resume with --resume or start a new run"
-        return UserError(f"{what}; {kept}. {advice}")
-
-    def means(self, totals: WindowTotals) -> tuple[float, float]:
-        """The mean loss (nats) and gradient norm per step of the global batch, over the window."""
-        per_step = totals.steps * self.process.world_size  # every process adds its own (equal) norm too
-        return totals.loss / per_step, totals.grad_norm / per_step
-
-    def log_train(self, totals: WindowTotals, slope: float, speed: float, bar: tqdm) -> None:
-        """Means over the steps since the last check, of the global batch (all processes' sums)."""
-        loss, grad_norm = self.means(totals)
-        rates = [fired / (totals.positions * self.process.world_size) for fired in totals.boundaries]
-        self.train_rates = rates
-        bar.set_postfix(loss=f"{loss:.3f}", bpc=f"{loss / LN2:.3f}", chars_s=f"{speed:,.0f}")
-        self.log_scalars(
-            "train",
-            {"loss": loss, "bpc": loss / LN2, "lr": self.schedule.lr, "slope": slope, "grad_norm": grad_norm}
-            | {"chars_per_sec": speed}
-            | {f"boundary_rate_layer{i + 1}": r for i, r in enumerate(rates)}
-            # the prior's terms at the window's last step (a read at this check, as the sums above)
-            | {f"boundary_prior_layer{i + 1}": t.item() for i, t in enumerate(self.prior_terms)},
-        )
-
     def evaluate_and_save(self) -> None:
-        result = self.validate()
+        cfg = self.config.train
+        result = validate(self.model, self.dataset, cfg, self.device, self.process, self.autocast, self.progress)
         # The check before an evaluation reads the losses of the steps up to it, each computed before its own update:
         # an update that spoiled the weights at the last of them shows here first. Nothing is logged, sampled (its
         # probabilities would be NaN) or saved from such weights. Under torchrun every process has the same sum.
         if not math.isfinite(result.loss):
-            raise self.diverged(f"the validation loss became non-finite at step {self.schedule.step}")
-        improved = self.after_evaluation(result)
-        self.log_scalars("valid", {"bpc": result.bpc, "loss": result.loss})
-        self.log_scalars("valid", {f"boundary_rate_layer{i + 1}": r for i, r in enumerate(result.boundary_rate)})
-        if result.boundary_stats is not None:  # precision, recall, F1 per layer; mean segment length
-            scores = result.boundary_stats.flat(baselines=False, rates=False)
-            self.log_scalars("valid", {key: value for key, value in scores.items() if value is not None})
-        locks = result.locks
-        if locks is not None and locks.layer:  # streams locked into their highest layer firing on every step
-            self.log_scalars("valid", {"locked_streams": locks.locked}
-                             | ({"locked_bpc": locks.bpc} if locks.bpc is not None else {}))  # fmt: skip
-        if self.process.is_main:
-            self.log_sample()
-            tqdm.write(
-                f"step {self.schedule.step} epoch {self.schedule.epoch}: valid bpc {result.bpc:.4f}"
-                + (" (best)" if improved else "")
-            )
-            # A layer that fires on nearly every step in training as well (early in a run) is not a lock that
-            # fresh starts cause: the count is logged, the warning is kept for a regime that training does not have.
-            rates = self.train_rates
-            if locks is not None and locks.warning() and (not rates or rates[locks.layer - 1] <= LOCK_RATE):
-                tqdm.write(locks.warning())
-        payload = self.save("last")
+            raise diverged(f"the validation loss became non-finite at step {self.schedule.step}", self.run_dir)
+        improved = after_evaluation(self.schedule, result.loss, cfg, self.optimizer, self.process.is_main)
+        self.log.evaluation(result, improved, self.schedule, self.model, self.dataset, cfg)
+        payload = save(self, "last")
         if improved:
-            self.save("best", payload)
+            save(self, "best", payload)
         barrier()
-
-
-def resolve_run(config: Config | None, run_dir: Path, resume: bool, overrides: list[str]) -> tuple[Config, Any]:
-    """The config to train with and, when resuming, the checkpoint to continue from."""
-    last = run_dir / "checkpoints" / "last.pt"
-    if not resume:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise UserError(
-                f"run directory {run_dir} already exists: continue it with --resume, or pick a new one with --run-dir"
-            )
-        if config is None:
-            raise UserError("pass --config FILE (e.g. configs/tiny.yaml), or --resume with an existing --run-dir")
-        return config, None
-    if not last.exists():
-        if (run_dir / "config.yaml").exists():  # stopped before its first checkpoint: start it again
-            return load_config(run_dir / "config.yaml", overrides), None
-        raise UserError(f"nothing to resume in {run_dir}: no checkpoints/last.pt; start a run without --resume")
-    payload = load_checkpoint(last)
-    for item in overrides:  # e.g. -s train.max_steps=20000 to train a finished run for longer
-        apply_override(payload["config"], item)
-    resumed = from_saved(payload["config"])
-    payload["config"] = resumed.to_dict()
-    return resumed, payload
-
-
-def plateau(schedule: Schedule, loss: float, cfg: TrainConfig) -> tuple[bool, bool]:
-    """The paper's rule, "divide the learning rate by 50 when validation stops improving", with "stops improving"
-    read as `lr_patience + 1` evaluations in a row that do not beat the best one. With a patience of 1 (the
-    shipped configs) one bad evaluation cannot cut the rate: it takes a second one, and the next good evaluation
-    clears the count. Updates `schedule`; returns (this evaluation is the best so far, the rate was cut)."""
-    if loss < schedule.best_valid_loss:
-        schedule.best_valid_loss, schedule.bad_evaluations = loss, 0
-        return True, False
-    schedule.bad_evaluations += 1
-    if schedule.bad_evaluations <= cfg.lr_patience or schedule.lr <= cfg.min_lr:
-        return False, False
-    schedule.bad_evaluations = 0
-    schedule.lr = max(schedule.lr / cfg.lr_decay, cfg.min_lr)
-    return False, True
 
 
 def restarting_rows(step: int, every: int, batch_size: int, first: int, count: int) -> list[int]:
@@ -525,7 +298,7 @@ def train(
         with out_of_memory_in_training(config, run_dir, existed, resume):
             trainer = Trainer(config, run_dir, process, device, progress)
             if payload is not None:
-                trainer.restore(payload)
+                restore(trainer, payload)
             if process.is_main:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "config.yaml").write_text(config.to_yaml())

@@ -51,6 +51,11 @@ class WindowTotals:
     stop: bool  # a process was asked to stop (Ctrl-C, SIGTERM)
     time_up: bool  # a process reached train.max_time
 
+    def means(self, world_size: int) -> tuple[float, float]:
+        """The mean loss (nats) and gradient norm per step of the global batch, over the window."""
+        per_step = self.steps * world_size  # every process adds its own (equal) norm too
+        return self.loss / per_step, self.grad_norm / per_step
+
 
 class LogWindow:
     """Sums of the logged quantities since the last check, kept on the device, and read once per check.

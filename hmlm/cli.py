@@ -130,7 +130,7 @@ def evaluate_command(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Print bits per character on a split, with the state carried across the whole split."""
-    from hmlm.analysis.evaluate import evaluate_run
+    from hmlm.commands import evaluate_run
 
     _print(evaluate_run(run, split, checkpoint, batch_size, data_dir, json_, device))
 
@@ -149,7 +149,7 @@ def sample(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Print the prompt, then stream LENGTH generated symbols to stdout."""
-    from hmlm.analysis.sample import sample_run
+    from hmlm.commands import sample_run
 
     _print(sample_run(run, prompt, length, temperature, top_k, seed, checkpoint, device))
 

@@ -9,11 +9,9 @@ it always finds the streams that locked into their highest layer firing on every
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +20,6 @@ from tqdm import tqdm
 from hmlm.analysis.boundaries.metrics import BoundaryStats, score
 from hmlm.analysis.locks import Locks, LockWatch
 from hmlm.data import StreamBatcher
-from hmlm.errors import UserError
 from hmlm.graphs import capture_eval, eval_forward
 from hmlm.model import CharLM
 
@@ -154,45 +151,3 @@ def _score_streams(
     # Each process draws its own random baseline: seeded by rank too, so processes do not repeat one another.
     peaks = surprisal.double().cpu().numpy() if surprisal is not None else None  # (streams, n - 1)
     return score(boundaries.cpu().numpy(), gaps, seed + 1000003 * rank, peaks)
-
-
-def evaluate_run(
-    run: Path, split: str, checkpoint: str, batch_size: int, data_dir: Path | None, json_: bool, device: str
-) -> list[tuple[str, bool]]:
-    """`hmlm eval`: bits per character of a trained run on a split, as a sentence or one JSON object, and the
-    locked streams' warning; the lines to print, each with whether it goes to stderr."""
-    from hmlm.analysis.boundaries.metrics import split_references
-    from hmlm.checkpoint import load_trained
-    from hmlm.data import open_dataset
-    from hmlm.devices import resolve_device
-    from hmlm.training.limits import check_evaluation, evaluation_out_of_memory
-
-    if split not in ("valid", "test"):
-        raise UserError(f"--split must be valid or test, not {split!r}")
-    target = resolve_device(device)
-    trained = load_trained(run, checkpoint, target)
-    config, path = trained.config, trained.path
-    dataset = open_dataset(config.data.name, data_dir or config.data.dir)
-    check_evaluation(trained, dataset, split, batch_size)
-    with evaluation_out_of_memory(trained, batch_size):
-        result = evaluate(trained.model, dataset.split(split), batch_size, config.train.seq_len, device=target,
-                          progress=not json_, references=split_references(dataset, split))  # fmt: skip
-    report = {"bpc": result.bpc, "split": split, "tokens": result.tokens, "loss": result.loss,
-              "checkpoint": str(path), "dataset": config.data.name}  # fmt: skip
-    report |= {f"boundary_rate_layer{i + 1}": rate for i, rate in enumerate(result.boundary_rate)}
-    if result.boundary_stats is not None:  # boundary_f1_word_layer1, ..., _surprisal_peak (`hmlm boundaries` adds more)
-        report |= result.boundary_stats.flat(baselines=False, rates=False)
-    locks = result.locks
-    if locks is not None and locks.layer:  # streams read from the zero state, locked into a layer firing every step
-        report |= {"streams": locks.streams, "locked_streams": locks.locked, "locked_bpc": locks.bpc}
-    if json_:
-        lines = [(json.dumps(report), False)]
-    else:
-        locked = ""
-        if locks is not None and locks.layer:
-            locked = f", {locks.locked} of {locks.streams} streams locked"
-            locked += f" (at {locks.bpc:.3f} bpc)" if locks.bpc is not None else ""
-        lines = [(f"{split} bpc {result.bpc:.4f} over {result.tokens:,} tokens{locked} ({path})", False)]
-    if locks is not None and locks.warning():
-        lines.append((locks.warning(), True))
-    return lines

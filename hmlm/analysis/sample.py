@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import codecs
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
-from hmlm.analysis.locks import LOCK_RATE, LOCK_TAIL, LockWatch
+from hmlm.analysis.locks import LockWatch
 from hmlm.analysis.stepper import stepper_for
 from hmlm.data import Vocab
 from hmlm.errors import UserError
@@ -92,37 +90,3 @@ def generate(
     for symbol in ids:
         yield decoder.decode(bytes([vocab.symbols[symbol]]))
     yield decoder.decode(b"", final=True)
-
-
-def sample_run(
-    run: Path,
-    prompt: str,
-    length: int,
-    temperature: float,
-    top_k: int,
-    seed: int,
-    checkpoint: str,
-    device: str,
-) -> list[tuple[str, bool]]:
-    """`hmlm sample`: write the prompt, then the generated text as it comes, to stdout; then the lines to print
-    after it, each with whether it goes to stderr (the warning of a sample that locked)."""
-    from hmlm.checkpoint import load_model
-    from hmlm.devices import resolve_device
-    from hmlm.training.memory import out_of_memory_in
-
-    model, vocab = load_model(run, checkpoint, resolve_device(device))
-    watch = LockWatch()
-    pieces = generate(model, vocab, prompt, length, temperature, top_k, torch.Generator().manual_seed(seed), watch)
-    pieces = out_of_memory_in(pieces, f"sampling after a prompt of {len(prompt):,} characters", "--prompt's length")
-    first = next(pieces, "")  # encode the prompt (and fail on unknown characters) before printing anything
-    sys.stdout.write(prompt + first)
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    locks = watch.result()
-    if not locks.locked:
-        return []
-    return [(f"warning: the sample locked: layer {locks.layer} fired on more than {LOCK_RATE:.0%} of its "
-             f"last {min(watch.steps, LOCK_TAIL)} steps, so the text after that point is degraded; a model "
-             "trained with train.reset_every (the shipped configs) does not lock", True)]  # fmt: skip

@@ -11,20 +11,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from hmlm.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint, state_from_lists, state_to_lists
 from hmlm.config import Config, apply_override, from_saved, load_config
+from hmlm.data import StreamBatcher, Vocab
 from hmlm.errors import UserError
-from hmlm.model import HMLSTMState
+from hmlm.model import CharLM, HMLSTMState
 from hmlm.training import rng
 from hmlm.training.cuda_graph import set_capturable
 from hmlm.training.distributed import Process, all_gather
-
-if TYPE_CHECKING:
-    from hmlm.training.trainer import Trainer
+from hmlm.training.window import LogWindow
 
 
 @dataclass
@@ -39,11 +38,28 @@ class Schedule:
     elapsed: float = 0.0  # seconds of training so far, over all restarts (for train.max_time)
 
 
+class Run(Protocol):
+    """What a checkpoint is made from and restored into: the Trainer's parts (named here so that this module, which
+    the Trainer imports, needs nothing of it)."""
+
+    config: Config
+    vocab: Vocab
+    model: CharLM
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    batcher: StreamBatcher
+    state: HMLSTMState | None
+    process: Process
+    device: torch.device
+    run_dir: Path
+    window: LogWindow
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def payload(trainer: Trainer) -> dict[str, Any]:
+def payload(trainer: Run) -> dict[str, Any]:
     """Everything an exact resume needs; every process must call it (the carried state is gathered)."""
     return {
         "format_version": FORMAT_VERSION,
@@ -58,7 +74,7 @@ def payload(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def save(trainer: Trainer, name: str, saved: dict[str, Any] | None = None) -> dict[str, Any]:
+def save(trainer: Run, name: str, saved: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write checkpoints/{name}.pt from the main process; returns the payload, so `best` can reuse `last`'s."""
     saved = saved or payload(trainer)  # every process takes part in gathering the state
     if trainer.process.is_main:
@@ -66,7 +82,7 @@ def save(trainer: Trainer, name: str, saved: dict[str, Any] | None = None) -> di
     return saved
 
 
-def restore(trainer: Trainer, saved: dict[str, Any]) -> None:
+def restore(trainer: Run, saved: dict[str, Any]) -> None:
     """Put a trainer where the run that saved `saved` was, with this run's process count."""
     trainer.model.load_state_dict(saved["model"])
     trainer.optimizer.load_state_dict(saved["optimizer"])

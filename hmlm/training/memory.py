@@ -103,13 +103,11 @@ def estimate(shape: MemoryShape) -> MemoryEstimate:
         tape += layer_tape(shape, layer, save=True)
         rows = 4 * H + (0 if layer == L - 1 else 1)
         grad_buffers += T * B * rows * s  # ds
-        grad_buffers += 2 * B * 2 * H * s + 2 * B * s  # the [dh | dc] pairs, dz
-        if autocast and shape.kernels != "torch":
+        grad_buffers += 2 * B * 2 * H * s + 3 * B * s  # the [dh | dc] pairs, dz, dz_below
+        if autocast:
             grad_buffers += B * rows * mm  # ds in the matmul's dtype (ds_mm)
         if cfg.layer_norm and shape.kernels != "cpu":  # C++ sums the layer norm gradients as it goes
-            grad_buffers += T * B * (4 * H + H) * s  # dact, d_cn (Triton: the same, as its ln_grad rows)
-        if shape.kernels == "torch":
-            grad_buffers += 5 * T * B * s  # the per-step (B, 1) coefficients
+            grad_buffers += T * B * (4 * H + H) * s  # the ln_grad rows: dact, d_cn
     hmlstm_weights = sum(_layer_weight_numel(cfg, layer) for layer in range(L))
 
     # The forward, beside the tape and the embedding: during the loop, layer 1's projected input and the
@@ -125,7 +123,7 @@ def estimate(shape: MemoryShape) -> MemoryEstimate:
     # gradients of every layer's h are summed, every layer's LayerGrads is allocated, and the stack's weight
     # gradients (counted with the gradients) are made before its tape goes. The logits stay (the caller holds them).
     grad_hidden = B * T * total_h * s
-    ln_scratch = 0 if shape.kernels == "cpu" else _ln_scratch(shape)  # Triton's rows are summed as torch ops sum
+    ln_scratch = 0 if shape.kernels == "cpu" else _ln_scratch(shape)  # the ln_grad rows, summed with torch ops
     backward_extra = embedded + B * T * V * s + grad_hidden + grad_buffers + ln_scratch
 
     gradients = params * s

@@ -10,7 +10,7 @@ The estimate counts the tensors alive at the highest point of a training step, a
   and the weight gradients made before the tape is freed;
 - at the end of the forward, on top of the tape: the output module's saved activations (paper eqs. 11-12),
   the logits and cross-entropy's log-softmax, the embedding and layer 1's input projection;
-- evaluation (no gradient): one slot per buffer (fast.py's tapes without save), every layer's h for the batch,
+- evaluation (no gradient): one slot per buffer (hmlm/fast/'s tapes without save), every layer's h for the batch,
   the output module's activations, and the boundaries kept for scoring.
 The step's activations and the evaluation's are never alive together (evaluation runs between steps).
 

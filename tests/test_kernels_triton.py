@@ -266,7 +266,7 @@ def test_the_interpreter_is_on_before_torch_imports_triton():
     """torch imports triton under its optimizers (torch._dynamo), and Triton decides on interpreting its own
     library when it is imported: with HMLM_KERNELS=triton, importing hmlm's model first is enough (every command
     does)."""
-    describe = "from hmlm import kernels; print(kernels.describe(torch.device('cpu'), torch.float32))"
+    describe = "from hmlm.fast import kernels; print(kernels.describe(torch.device('cpu'), torch.float32))"
     code = f"import torch; from hmlm import HMLSTM; import torch._dynamo; {describe}"
     assert run_python(code, HMLM_KERNELS="triton") == "Triton kernels (interpreted on the CPU: TRITON_INTERPRET=1)"
 

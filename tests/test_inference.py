@@ -16,7 +16,7 @@ from hmlm.analysis.evaluate import evaluate
 from hmlm.analysis.sample import generate_ids
 from hmlm.analysis.stepper import Stepper, stepper_for
 from hmlm.data import prepare_dataset
-from hmlm.fast import copy_skip, kernels
+from hmlm.fast import copy_skip, forward, kernels
 from hmlm.model.charlm import projected_input
 from hmlm.training.trainer import train
 
@@ -26,7 +26,7 @@ VOCAB = 11
 
 @pytest.fixture(autouse=True, params=["cpu", "torch"])
 def fast_kernels(request, monkeypatch):
-    """Every test runs with the C++ CPU kernels and with torch ops (as on CUDA): both cell steps of fast.py."""
+    """Every test runs with the C++ CPU kernels and with torch ops (as on CUDA without Triton): two backends."""
     monkeypatch.setenv("HMLM_KERNELS", request.param)
     if request.param == "cpu":
         require_cpu_kernels()
@@ -108,7 +108,7 @@ def test_a_batch_that_gathers_on_some_steps_and_not_on_others_equals_the_path_wi
     where more do, so one layer's state passes between both kinds of step within a sequence. Equal in float64."""
     monkeypatch.setattr(copy_skip, "GATHER_FRACTION", 0.5)
     steps = {"gathered": 0, "full": 0}  # upper-layer steps with skipping on
-    gathered_step, layer_step = copy_skip.SkippingStep.gathered_step, fast.layer_step
+    gathered_step, layer_step = copy_skip.SkippingStep.gathered_step, forward.layer_step
 
     def gathered(self, *args):
         steps["gathered"] += 1
@@ -119,7 +119,7 @@ def test_a_batch_that_gathers_on_some_steps_and_not_on_others_equals_the_path_wi
         return layer_step(plan, tape, below, *args)
 
     monkeypatch.setattr(copy_skip.SkippingStep, "gathered_step", gathered)
-    monkeypatch.setattr(fast, "layer_step", full)
+    monkeypatch.setattr(forward, "layer_step", full)  # where copy_skip and forward_sequence read it
     model = sparse_lm(True, mode, F64)
     tokens = torch.randint(0, VOCAB, (8, 20), generator=torch.Generator().manual_seed(1))
     plain, skipping, counts = both(model, monkeypatch, lambda: forward_twice(model, tokens))
@@ -129,21 +129,21 @@ def test_a_batch_that_gathers_on_some_steps_and_not_on_others_equals_the_path_wi
 
 
 def use_engine(engine: str, monkeypatch) -> None:
-    """The gates' matmuls of an inference call on MKL (what small models get) or on oneDNN (large ones: fast.py)."""
-    monkeypatch.setattr(fast, "ONEDNN_MIN_WEIGHT", 0 if engine == "onednn" else float("inf"))
+    """The gates' matmuls of an inference call on MKL (what small models get) or on oneDNN (large ones: forward.py)."""
+    monkeypatch.setattr(forward, "ONEDNN_MIN_WEIGHT", 0 if engine == "onednn" else float("inf"))
 
 
 def count_onednn(monkeypatch) -> list[int]:
-    """[step matmuls of fast.matmul_add ([gates | zhat] in one), those on oneDNN], from now on."""
+    """[step matmuls of forward.matmul_add ([gates | zhat] in one), those on oneDNN], from now on."""
     calls = [0, 0]
-    matmul_add = fast.matmul_add
+    matmul_add = forward.matmul_add
 
     def counted(base, x, w_t, out):
         calls[0] += out.shape[1] > 1
-        calls[1] += isinstance(w_t, fast.OneDNNWeight)
+        calls[1] += isinstance(w_t, forward.OneDNNWeight)
         matmul_add(base, x, w_t, out)
 
-    monkeypatch.setattr(fast, "matmul_add", counted)
+    monkeypatch.setattr(forward, "matmul_add", counted)
     return calls
 
 
@@ -246,7 +246,7 @@ def test_the_stepper_equals_a_model_call_per_symbol(monkeypatch):
 
 def test_skipping_runs_the_triton_kernels_on_the_cpu(fast_kernels, monkeypatch):
     """HMLM_KERNELS=triton without CUDA (the interpreter): the gathered rows and the Stepper's layer steps go through
-    the same dispatcher (fast.fused_cell_step), so skipping runs the Triton step and equals the path without it."""
+    the same dispatcher (forward.cell_step), so skipping runs the Triton step and equals the path without it."""
     if fast_kernels != "cpu":
         pytest.skip("runs once, under its own HMLM_KERNELS=triton")
     monkeypatch.setenv("HMLM_KERNELS", "triton")

@@ -1,5 +1,5 @@
 """Limits: a config that cannot fit is refused before it allocates, memory errors are one line, and a finished run
-stays finished. The memory estimate is held to the buffers fast.py really allocates."""
+stays finished. The memory estimate is held to the buffers hmlm/fast/ really allocates."""
 
 from __future__ import annotations
 

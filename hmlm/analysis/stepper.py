@@ -18,7 +18,7 @@ class Stepper:
     What a call of the model does per symbol and nn.LSTM does not pay for is made once here: the plan, the tapes
     and their views, the transposed weights, layer 1's input projection for every symbol (a table, each row made
     by the same call the model makes for one symbol), the state's buffers (two slots, used in turn). Per symbol
-    there remain the layer steps of fast.py (skipped for a layer that copies) and the output module, whose
+    there remain the layer steps of hmlm/fast/ (skipped for a layer that copies) and the output module, whose
     per-layer projections W^e_l h^l are kept and recomputed only for the layers whose h changed:
         g = sigm(W_g [h^1; ...; h^L] + b_g)        h^e = ReLU(sum_l g^l P_l)   with P_l = W^e_l h^l
     The logits returned are a buffer that the next step overwrites.
@@ -41,7 +41,7 @@ class Stepper:
         # Layer 1's projected input per symbol, from the table the model's own calls take it from.
         self.bases_1 = list(input_table(model).unsqueeze(1).unbind(0))  # V x (1, R_1)
         self.bases = biases
-        self.w_t = [w.t() for w in weights]  # as fast.py's step_weights for T < 16
+        self.w_t = [w.t() for w in weights]  # as hmlm/fast/forward.py's step_weights for T < 16
 
         # The state: two slots, read from one and written to the other in turn. Every layer's h lives in one
         # (2, 1, sum H) buffer, the output module's input as it is.

@@ -7,22 +7,22 @@ and in a trained model most upper-layer steps copy. So, on the CPU and without g
 
 - One stream (sampling, `hmlm boundaries --text`): a layer that copies skips its matmul and its elementwise
   kernel entirely; h and c are copied, z set to 0.
-- A batch: a layer step computes only its rows that do not copy: they are gathered, computed by fast.py's own
+- A batch: a layer step computes only its rows that do not copy: they are gathered, computed by the fast path's own
   matmul and cell step, and scattered back; the rows that copy get h_{t-1}, c_{t-1}, 0. The gathered rows are
   padded to a multiple of ROW_BLOCK (with rows that copy: computing them gives the copy exactly), which keeps
   MKL's matmul of every row bitwise the same as in the full batch (measured on the development machine's AMD
   EPYC, float32 and float64, one and two threads; elsewhere a row may differ by rounding).
   Where most rows compute (more than a fraction that grows with the size of the step, GATHER_FRACTIONS), or the
   layer steps are small, gathering costs more than the rows saved: the step runs on the full batch as before
-  (fast.layer_step), without even looking at the boundaries.
+  (forward.layer_step), without even looking at the boundaries.
 - Sampling (`Stepper`): one symbol at a time through buffers made once, with the output module's per-layer
   projections W^e_l h^l kept from one step to the next and recomputed only for the layers whose h changed.
 
 Two things every call without gradient on the CPU gets, skipping or not, so that both paths compute alike:
 layer 1's input projection is looked up in a table of every symbol's (`input_table`) instead of a matmul over
-the embedded tokens, and at large sizes the gates' matmuls run on oneDNN (fast.ONEDNN_MIN_WEIGHT).
+the embedded tokens, and at large sizes the gates' matmuls run on oneDNN (forward.ONEDNN_MIN_WEIGHT).
 
-Not used (the step runs as fast.layer_step on every row):
+Not used (the step runs as forward.layer_step on every row):
 - on CUDA: deciding which rows compute needs the boundaries on the host at every layer step, a device
   synchronization that costs more than the work saved, and a GPU's matmul takes no less time for fewer rows;
 - with HMLM_SKIP_COPY=0 (for comparison: this is the path without skipping, today's arithmetic);
@@ -44,7 +44,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hmlm import fast
+from hmlm.fast import forward
+from hmlm.fast.forward import StepWeights
+from hmlm.fast.kernels import LayerNormParams
+from hmlm.fast.tape import LayerTape, Plan, TapeCache
 
 ROW_BLOCK = 4  # gathered rows are padded to a multiple of this (MKL's row blocking; see the module docstring)
 
@@ -71,7 +74,7 @@ def gather_fraction(rows: int, K: int, R: int) -> float:
     return next(fraction for least, fraction in GATHER_FRACTIONS if rows * K * R >= least)
 
 
-def step_sizes(plan: fast.Plan, layer: int) -> tuple[int, int]:
+def step_sizes(plan: Plan, layer: int) -> tuple[int, int]:
     """K and R of a layer step's matmul: [below | rec | above] inputs, [gates | zhat] outputs."""
     L, H = plan.num_layers, plan.hidden_sizes[layer]
     above = plan.hidden_sizes[layer + 1] if layer < L - 1 else 0
@@ -86,7 +89,7 @@ def enabled() -> bool:
 NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)  # the boundaries are read on the host through numpy
 
 
-def skips(plan: fast.Plan, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+def skips(plan: Plan, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
     """Whether a no-gradient call of this plan on this device, with a state of this dtype, skips COPY steps (see
     the module docstring)."""
     random_draws = plan.mode == "sample" and plan.training
@@ -135,11 +138,11 @@ COUNTS = SkipCounts()
 
 
 class SubBatch:
-    """The buffers of a layer step over M gathered rows: a one-step tape of M rows (fast.LayerTape) whose h_{t-1}
+    """The buffers of a layer step over M gathered rows: a one-step tape of M rows (LayerTape) whose h_{t-1}
     is the h_prev part of its matmul input (one gather fills both), and z below."""
 
-    def __init__(self, plan: fast.Plan, layer: int, M: int, like: Tensor):
-        self.tape = fast.LayerTape(plan, layer, M, 1, like.device, like.dtype, save=False)
+    def __init__(self, plan: Plan, layer: int, M: int, like: Tensor):
+        self.tape = LayerTape(plan, layer, M, 1, like.device, like.dtype, save=False)
         self.Z = torch.zeros(2, M, plan.num_layers, device=like.device, dtype=like.dtype)
         self.tape.attach(self.Z)
         self.tape.h_t = [self.tape.x_rec_t[0], self.tape.h_t[1]]
@@ -149,7 +152,7 @@ class SubBatch:
 
 
 class SkippingStep:
-    """fast.layer_step's replacement in a call without gradient (same signature): a layer that copies on every
+    """forward.layer_step's replacement in a call without gradient (same signature): a layer that copies on every
     row is copied, one whose computing rows are few enough computes only those, and any other runs as before."""
 
     def __init__(self):
@@ -157,14 +160,14 @@ class SkippingStep:
         self.fractions: dict[tuple[int, int], float] = {}  # (layer, rows) -> gather_fraction
 
     def __call__(
-        self, plan: fast.Plan, tape: fast.LayerTape, below: fast.LayerTape | None, above: fast.LayerTape | None,
-        t: int, k: int, base: Tensor | None, w_t: fast.StepWeights,
-        ln: fast.LayerNormParams | None, ones: Tensor,
+        self, plan: Plan, tape: LayerTape, below: LayerTape | None, above: LayerTape | None,
+        t: int, k: int, base: Tensor | None, w_t: StepWeights,
+        ln: LayerNormParams | None, ones: Tensor,
     ) -> None:  # fmt: skip
         B = ones.shape[0]
         if below is None or (B > 1 and not self.fraction(plan, tape.layer, B)):  # layer 1 never copies
             COUNTS.add(tape.layer, B, B if below is None else 0, 0, 0)
-            fast.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
+            forward.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
             return
         z_prev, z_below = tape.z_t[t].numpy(), below.z_t[t + 1].numpy()  # (B, 1) views of the boundaries
         if B == 1:
@@ -173,7 +176,7 @@ class SkippingStep:
             if copies:
                 copy_step(tape, t)
             else:
-                fast.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
+                forward.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
             return
         computes = z_prev + z_below  # (B, 1): 0 exactly where both are (z >= 0)
         rows = np.flatnonzero(computes)
@@ -181,7 +184,7 @@ class SkippingStep:
         padded = -(-M // ROW_BLOCK) * ROW_BLOCK
         if M == B or padded > self.fraction(plan, tape.layer, B) * B:
             COUNTS.add(tape.layer, B, B, B - M, 0)
-            fast.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
+            forward.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
         elif M == 0:
             COUNTS.add(tape.layer, B, B, B, B)
             copy_step(tape, t)
@@ -191,7 +194,7 @@ class SkippingStep:
                 rows = np.concatenate([rows, np.flatnonzero(computes == 0)[: padded - M]])
             self.gathered_step(plan, tape, below, above, t, base, w_t, ln, rows, z_prev, z_below)
 
-    def fraction(self, plan: fast.Plan, layer: int, rows: int) -> float:
+    def fraction(self, plan: Plan, layer: int, rows: int) -> float:
         """gather_fraction of this layer's step, worked out once per batch size."""
         key = (layer, rows)
         if GATHER_FRACTION is not None or key not in self.fractions:
@@ -199,11 +202,11 @@ class SkippingStep:
         return self.fractions[key]
 
     def gathered_step(
-        self, plan: fast.Plan, tape: fast.LayerTape, below: fast.LayerTape, above: fast.LayerTape | None, t: int,
-        base: Tensor | None, w_t: fast.StepWeights, ln: fast.LayerNormParams | None,
+        self, plan: Plan, tape: LayerTape, below: LayerTape, above: LayerTape | None, t: int,
+        base: Tensor | None, w_t: StepWeights, ln: LayerNormParams | None,
         rows: np.ndarray, z_prev: np.ndarray, z_below: np.ndarray,
     ) -> None:  # fmt: skip
-        """Gather the rows, run fast.py's matmul and cell step on them as a batch of their own, scatter back."""
+        """Gather the rows, run the fast path's matmul and cell step on them as a batch of their own, scatter back."""
         key = (tape.layer, len(rows))
         sub = self.subs.get(key)
         if sub is None:
@@ -218,15 +221,11 @@ class SkippingStep:
         torch.index_select(below.h_t[t + 1], 0, index, out=s.x_below_t[0]).mul_(sub.z_below)
         if above is not None:
             torch.index_select(above.h_t[t], 0, index, out=s.x_above_t[0]).mul_(s.z_t[0])
-        fast.matmul_add(base, s.x_t[0], w_t, out=s.pre_t[0])
-        # The plan's kernel backend, as fast.layer_step chooses it: fused_cell_step dispatches to kernels.load(
-        # plan.kernels), C++ or Triton (on the CPU only under HMLM_KERNELS=triton, through the interpreter:
-        # tests/test_inference.py); torch ops otherwise. On CUDA nothing is skipped, so Triton's usual home never
-        # comes here.
-        if plan.fused:
-            fast.fused_cell_step(plan, s, below, above, 0, 0, ln, sub.z_below)
-        else:
-            fast.cell_step(plan, s, below, above, 0, 0, ln, sub.z_below, sub.ones)
+        forward.matmul_add(base, s.x_t[0], w_t, out=s.pre_t[0])
+        # The plan's kernel backend, as layer_step runs it: cell_step calls kernels.load(plan.kernels), C++, torch
+        # ops, or Triton (on the CPU only under HMLM_KERNELS=triton, through the interpreter:
+        # tests/test_inference.py). On CUDA nothing is skipped, so Triton's usual home never comes here.
+        forward.cell_step(plan, s, below, above, 0, 0, ln, sub.z_below)
         # Every row copies, then the computed rows are written over.
         tape.h_t[t + 1].copy_(tape.h_t[t])
         tape.c_t[t + 1].copy_(tape.c_t[t])
@@ -237,20 +236,20 @@ class SkippingStep:
         z_new[rows] = sub.z_new
 
 
-def copy_step(tape: fast.LayerTape, t: int) -> None:
+def copy_step(tape: LayerTape, t: int) -> None:
     """COPY on every row: h_t = h_{t-1}, c_t = c_{t-1}, z_t = 0."""
     tape.h_t[t + 1].copy_(tape.h_t[t])
     tape.c_t[t + 1].copy_(tape.c_t[t])
     tape.z_t[t + 1].zero_()
 
 
-SKIPPERS = fast.TapeCache()  # SkippingSteps (their gathered-row buffers), kept like the tapes of fast.py
+SKIPPERS = TapeCache()  # SkippingSteps (their gathered-row buffers), kept like the fast path's tapes (tape.TAPES)
 
 
 NOT_SKIPPING = contextlib.nullcontext()  # (reusable: entering it costs less than a generator-based context)
 
 
-def used(plan: fast.Plan, device: torch.device, batch: int, dtype: torch.dtype) -> bool:
+def used(plan: Plan, device: torch.device, batch: int, dtype: torch.dtype) -> bool:
     """Whether a call of fast.run with this plan, batch and state dtype skips (see the module docstring)."""
     if not enabled() or torch.is_grad_enabled() or not skips(plan, device, dtype):  # the cheapest checks first
         return False
@@ -258,11 +257,9 @@ def used(plan: fast.Plan, device: torch.device, batch: int, dtype: torch.dtype) 
     return batch == 1 or any(gather_fraction(batch, *step_sizes(plan, layer)) for layer in range(1, plan.num_layers))
 
 
-def skipping(
-    plan: fast.Plan, device: torch.device, batch: int, dtype: torch.dtype
-) -> contextlib.AbstractContextManager:
+def skipping(plan: Plan, device: torch.device, batch: int, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """The layer step for a call of fast.run (a state of this dtype), as a context: a SkippingStep where skipping
-    is used (it only runs without gradient), else None (fast.layer_step)."""
+    is used (it only runs without gradient), else None (forward.layer_step)."""
     return _skipping((plan, batch, device)) if used(plan, device, batch, dtype) else NOT_SKIPPING
 
 

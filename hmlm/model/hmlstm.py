@@ -122,7 +122,7 @@ class HMLSTM(nn.Module):
             bias[4 * hidden :] = boundary_bias  # zhat, below the top (never layer-normalized)
             self.bias.append(nn.Parameter(bias))
             if layer_norm:
-                # The forget gate's 1 goes after the normalization (block 0 of the gates is f, in cell.py, fast.py
+                # The forget gate's 1 goes after the normalization (block 0 of the gates is f, in cell.py, hmlm/fast/
                 # and cell_cpu.cpp alike): added to s before it, the block's mean would take it away again.
                 ln_bias = torch.zeros(4, hidden)
                 ln_bias[0] = 1.0

@@ -1,16 +1,17 @@
 """The elementwise work of one HM-LSTM layer step, forward and backward, per backend, behind one interface.
 
 hmlm/fast/ runs the matmuls (torch: the CPU's BLAS or cuBLAS) and hands everything between them to one of
-three backends, side by side (the arithmetic is explained once, in fast.py's docstring):
+three backends, side by side (the arithmetic is explained once, in hmlm/fast/'s docstring):
 
-    torch    torch_ops.py      plain torch ops on the fast path's tapes; any device and dtype. The fallback,
-                               and the readable one: a few dozen ops per layer step, each paying dispatch.
+    torch    torch_ops.py      plain torch ops; any device and dtype. The fallback, and the readable one: a few
+                               dozen ops per layer step, each paying dispatch.
     cpu      cpu.py            csrc/cell_cpu.cpp, a C++ extension built on first use: float32/float64 on the CPU.
     triton   triton.py         Triton kernels: float32/float64 on CUDA. Without CUDA they run on the CPU
                                through Triton's interpreter (TRITON_INTERPRET=1), slowly: that is for tests.
 
-The two fused backends implement the three functions of `FusedKernels`, with the same arguments: one call per
-layer step forward, two backward (around the matmul that takes the step's gradient back to its inputs).
+All three implement the three functions of `FusedKernels`, with the same arguments: one call per layer step
+forward, two backward (around the matmul that takes the step's gradient back to its inputs). hmlm/fast/ calls
+every backend the same way, through `load`; none of them knows the fast path's tapes.
 
 Which one runs, per call, from the tensors' device and dtype (`select`), is set by HMLM_KERNELS:
     auto (default)   Triton for CUDA tensors, C++ for CPU tensors, torch ops where those cannot serve
@@ -48,33 +49,44 @@ if os.environ.get("HMLM_KERNELS", "").strip().lower() == "triton" and not torch.
 
 
 class FusedKernels(Protocol):
-    """What a fused backend implements. Every (B, width) tensor may be a row-strided view whose last dimension
-    is contiguous; an absent optional tensor (None) means "this layer has none": no layer below (layer 1:
-    z_below = 1), no layer above (the top layer: no boundary), no layer norm, or nothing saved for the backward.
-    Shapes: H this layer's width, D the one below's, A the one above's; z's and zhat are (B, 1)."""
+    """What a backend implements. Every (B, width) tensor may be a row-strided view whose last dimension is
+    contiguous; an absent optional tensor (None) means "this layer has none": no layer below (layer 1:
+    z_below = 1), no layer above (the top layer: no boundary), no layer norm, nothing saved for the backward, or
+    nothing to write for the next matmuls. Shapes: H this layer's width, D the one below's, A the one above's;
+    z's and zhat are (B, 1). Every tensor is in the state's dtype, except those of the matmuls under autocast
+    (addend, h_rec, h_up, h_down, ds_mm, dx: the matmuls' dtype, e.g. bf16), which the C++ backend never gets."""
 
     def cell_forward(
-        self, gates: Tensor, zhat: Tensor | None, ln_gain: Tensor | None, ln_bias: Tensor | None,
-        cell_gain: Tensor | None, cell_bias: Tensor | None, h_prev: Tensor, c_prev: Tensor, z_prev: Tensor,
-        z_below: Tensor | None, act: Tensor, keep_f: Tensor, c: Tensor, tc: Tensor, h: Tensor,
-        neg_dh: Tensor | None, neg_dc: Tensor | None, zraw: Tensor | None, z: Tensor | None,
-        gates_mean: Tensor | None, gates_rstd: Tensor | None, cell_mean: Tensor | None, cell_rstd: Tensor | None,
-        zraw_mode: int, slope: float | Tensor, eps: float,
+        self, gates: Tensor, zhat: Tensor | None, addend: Tensor | None, ln_gain: Tensor | None,
+        ln_bias: Tensor | None, cell_gain: Tensor | None, cell_bias: Tensor | None, h_prev: Tensor, c_prev: Tensor,
+        z_prev: Tensor, z_below: Tensor | None, act: Tensor, keep_f: Tensor, c: Tensor, tc: Tensor, h: Tensor,
+        h_rec: Tensor | None, h_up: Tensor | None, h_down: Tensor | None, neg_dh: Tensor | None,
+        neg_dc: Tensor | None, zraw: Tensor | None, z: Tensor | None, gates_mean: Tensor | None,
+        gates_rstd: Tensor | None, cell_mean: Tensor | None, cell_rstd: Tensor | None, zraw_mode: int,
+        slope: float | Tensor, eps: float,
     ) -> None:  # fmt: skip
         """From the pre-activations gates (B, 4H) and zhat to act (B, 4H: sigm f, i, o, tanh g), keep_f, c, tc
-        (tanh of the normalized c), h, and z = keep*zraw; the saved -d/d copy terms and layer norm statistics
-        ((B, 4) and (B, 1)) where given. `slope`: a number, or for Triton a 0-dim tensor read on the device."""
+        (tanh of the normalized c), h, and z = keep*zraw, zraw as `zraw_mode` says (ZRAW_MODES: 1[zhat > 0],
+        hard_sigmoid(zhat), or given in zraw). `addend`: the step's matmul product (B, 4H [+ 1]) in its own
+        dtype, added into gates and zhat first (and kept there). Where given: h written again where the next
+        matmuls read it, masked as they take it (h_rec = h, this layer's next input; h_up = z*h, the layer
+        above's bottom-up input; h_down = z_below*h, the layer below's next top-down input); the saved terms
+        neg_dh = o*tanh(c) - h_prev and neg_dc = i*g - c_prev; the layer norm statistics ((B, 4) and (B, 1)).
+        `slope`: a number, or a 0-dim tensor on the device (the C++ backend takes a number)."""
 
     def cell_backward(
-        self, pair: Tensor, g_z: Tensor, act: Tensor, tc: Tensor, c_prev: Tensor, c: Tensor, keep_f: Tensor,
-        neg_d_copy: Tensor | None, zraw: Tensor | None, zhat: Tensor | None, gates: Tensor | None,
+        self, pair: Tensor, g_ext: Tensor | None, g_z: Tensor, act: Tensor, tc: Tensor, c_prev: Tensor, c: Tensor,
+        keep_f: Tensor, neg_d_copy: Tensor | None, zraw: Tensor | None, zhat: Tensor | None, gates: Tensor | None,
         gates_mean: Tensor | None, gates_rstd: Tensor | None, cell_mean: Tensor | None, cell_rstd: Tensor | None,
         ln_gain: Tensor | None, cell_gain: Tensor | None, ln_grad: Tensor | None, z_prev: Tensor,
-        z_below: Tensor | None, ds: Tensor, dc_prev: Tensor, gz_prev: Tensor, gz_below: Tensor | None,
-        slope: float | Tensor,
+        z_below: Tensor | None, ds: Tensor, ds_mm: Tensor | None, dc_prev: Tensor, gz_prev: Tensor,
+        gz_below: Tensor | None, slope: float | Tensor,
     ) -> None:  # fmt: skip
-        """From the gradients [dh | dc] (pair, (B, 2H)) and dz of the step's outputs to ds (B, 4H + 1) of its
-        pre-activations, dc_prev, and the gradients of z_prev and z_below. ln_grad: see `ln_grad_rows`."""
+        """From the gradients [dh | dc] (pair, (B, 2H)) and dz (g_z) of the step's outputs to ds (B, 4H [+ 1]) of
+        its pre-activations (and again in the matmul's dtype, ds_mm, where given), dc_prev, and the gradients of
+        z_prev (gz_prev) and z_below (gz_below). g_ext, where given, is the loss's own gradient of h_t: added into
+        pair's dh, which keeps the sum (route_backward reads it); pair's dc is left as it is. neg_d_copy: the
+        forward's [neg_dh | neg_dc]. ln_grad: see `ln_grad_rows`."""
 
     def route_backward(
         self, dx: Tensor, D: int, pair: Tensor, z_prev: Tensor, z_below: Tensor | None, pair_next: Tensor,
@@ -82,17 +94,18 @@ class FusedKernels(Protocol):
         gz_prev: Tensor, gz_below: Tensor | None, below_dz: Tensor | None,
     ) -> None:  # fmt: skip
         """The gradient dx (B, D + H + A) of the step's matmul input, routed: into dh_{t-1} (pair_next's first
-        H columns, with COPY's pass-through), the layer above's dh and this layer's dz_prev, the layer below's dh
-        and dz."""
+        H columns, with COPY's pass-through of pair's dh), the layer above's dh (added) and this layer's gz_prev
+        (added), the layer below's dh and dz (added: below_dz += gz_below + its share of dx)."""
 
 
 def ln_grad_rows(backend: str) -> bool:
-    """How a fused backend returns the layer norm parameters' gradients through cell_backward's `ln_grad`.
+    """How a backend returns the layer norm parameters' gradients through cell_backward's `ln_grad`.
     C++ adds each step's to one (10H,) accumulator [gates gain 4H | gates bias 4H | cell gain H | cell bias H]
     as it goes (one thread per chunk of rows, under a lock). Triton, where rows run in parallel and atomic adds
     would make the sums' order (so their last bits) change from run to run, writes the step's rows
-    [d gates after their layer norm 4H | d normalized c H] (B, 5H), and the sums are made after the loop."""
-    return backend == "triton"
+    [d gates after their layer norm 4H | d normalized c H] (B, 5H), and the sums are made after the loop; so do
+    the torch ops, for which one reduction over all steps after the loop is also the cheaper."""
+    return backend in ("triton", "torch")
 
 
 def requested() -> str:
@@ -140,7 +153,12 @@ def choose(device: torch.device, dtype: torch.dtype, mm_dtype: torch.dtype | Non
 
 
 def load(backend: str) -> FusedKernels:
-    """The kernels of a fused backend that `select` chose (so known to load); watched while `observing`."""
+    """The kernels of a backend that `select` chose (so known to load); a fused one's watched while `observing`.
+    The torch ops never are: each of their ops is dispatched, and seen, as any other torch op."""
+    if backend == "torch":
+        from hmlm.fast.kernels import torch_ops  # (not at the top: torch_ops imports this module)
+
+        return torch_ops
     if backend == "cpu":
         from hmlm.fast.kernels import cpu
 

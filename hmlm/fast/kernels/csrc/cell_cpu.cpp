@@ -1,9 +1,10 @@
 // The elementwise part of one HM-LSTM layer step on the CPU, forward and backward, fused into one pass over
 // the batch: what the torch-op backend (hmlm/fast/kernels/torch_ops.py) does with a few dozen torch ops per step
 // (each paying microseconds of dispatch), done here in one call. The matmuls stay in Python (torch's BLAS); the
-// arithmetic is that of torch_ops.py's `cell_step` and `layer_step_backward`, explained in hmlm/fast/'s
-// docstring, and tests/test_model.py holds both to the reference cell in float64. hmlm/fast/kernels/triton.py is
-// the same for CUDA. Built on first use by hmlm/fast/kernels/cpu.py.
+// three functions, and their arguments, are those of torch_ops.py's `cell_forward`, `cell_backward` and
+// `route_backward` (hmlm.fast.kernels.FusedKernels), with the arithmetic explained in hmlm/fast/'s docstring, and
+// tests/test_model.py holds both to the reference cell in float64. hmlm/fast/kernels/triton.py is the same for
+// CUDA. Built on first use by hmlm/fast/kernels/cpu.py.
 //
 // Every (B, width) argument may be a row-strided view (the last dimension contiguous); an absent optional
 // argument means "this layer has none": no layer below (layer 1, z_below = 1), no layer above (the top layer:
@@ -106,7 +107,7 @@ inline void layer_norm_backward(const T* dy, const T* x, const T* gain, int64_t 
   }
 }
 
-// The blend's per-row coefficients, from z_prev and z_below (1 for layer 1): see fast.py's docstring.
+// The blend's per-row coefficients, from z_prev and z_below (1 for layer 1): see hmlm/fast/'s docstring.
 template <typename T>
 struct Blend {
   T update, keep, copy;
@@ -413,7 +414,7 @@ void route_backward(const at::Tensor& dx, int64_t D, const at::Tensor& pair, con
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cell_forward", &cell_forward, "One layer step's elementwise forward (see hmlm/fast/ layer_step).");
+  m.def("cell_forward", &cell_forward, "One layer step's elementwise forward (see hmlm/fast/forward.py's layer_step).");
   m.def("cell_backward", &cell_backward, "One layer step's elementwise backward, up to the matmul.");
   m.def("route_backward", &route_backward, "The step's input gradient dx, routed to h_prev and the layers around.");
 }

@@ -74,8 +74,7 @@ def train_run(
             raise UserError("pass --config FILE for a new run, or --run-dir DIR --resume to continue one")
         run_dir = Path("runs") / config.stem
     loaded = load_config(config, set_) if config is not None and not resume else None
-    # A finished run resumed is refused like every limit (hmlm.training.limits.AlreadyFinished: one line, exit status
-    # 2).
+    # A finished run resumed is refused like every limit (hmlm.training.limits.AlreadyFinished: one line, exit 2).
     summary = run_training(loaded, run_dir, resume=resume, overrides=set_ if resume else [], progress=not quiet)
     if not summary.main_process:
         return []

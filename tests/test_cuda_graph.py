@@ -1,6 +1,5 @@
-"""The captured training step (hmlm/training/cuda_graph.py): what runs without CUDA is tested here on the CPU (the
-slope as a
-tensor, the static-buffer step run eagerly against the plain step, the verify-and-fall-back decision, the config
+"""The captured training step (hmlm/training/cuda_graph.py): what runs without CUDA is tested here on the CPU (the slope
+as a tensor, the static-buffer step run eagerly against the plain step, the verify-and-fall-back decision, the config
 key, the Trainer's wiring); the graph itself is tested by the `cuda` tests, which `make gpu-check` runs on a GPU."""
 
 from __future__ import annotations

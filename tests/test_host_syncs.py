@@ -105,8 +105,7 @@ def assert_quiet_between_checks(per_step: dict[int, int]) -> None:
     logging, evaluations = {5, 10, 15, 20, 25}, {13, 26}
     quiet = {step: n for step, n in per_step.items() if step not in logging | evaluations}
     # None: a step leaves its loss, gradient norm, finite flag and boundary counts on the device in the log window
-    # (hmlm/training/window.py), the slope it is given is a Python number, and the stop flag and the clock are host
-    # values.
+    # (hmlm/training/window.py), the slope it is given is a Python number, and the stop flag and clock are host values.
     assert set(quiet.values()) == {0}, f"host reads on steps without a check: {quiet}"
     # One: LogWindow.read, which reads the window's sums with the stop flags in one copy.
     assert {step: per_step[step] for step in logging} == dict.fromkeys(logging, 1), per_step

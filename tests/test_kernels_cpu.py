@@ -1,9 +1,8 @@
-"""The fused CPU kernels (hmlm/fast/kernels/cpu.py): built where a compiler is, imported without the builder once
-built, a
-clear fallback where they cannot be built (and a non-zero exit status from `python -m hmlm.fast.kernels.cpu`, which make
-install runs), and the float32 build (AVX2/FMA where the CPU has it) against the reference. tests/test_model.py
-runs every model test with and without them, in float64. A test that needs them skips only where no C++ compiler
-is installed: where one is, a failed build fails it (helpers.require_cpu_kernels)."""
+"""The fused CPU kernels (hmlm/fast/kernels/cpu.py): built where a compiler is, imported without the builder once built,
+a clear fallback where they cannot be built (and a non-zero exit status from `python -m hmlm.fast.kernels.cpu`, which
+make install runs), and the float32 build (AVX2/FMA where the CPU has it) against the reference. tests/test_model.py
+runs every model test with and without them, in float64. A test that needs them skips only where no C++ compiler is
+installed: where one is, a failed build fails it (helpers.require_cpu_kernels)."""
 
 from __future__ import annotations
 

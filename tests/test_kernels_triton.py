@@ -279,7 +279,7 @@ def test_a_triton_imported_before_the_interpreter_was_on_is_caught(monkeypatch):
     import triton.language
 
     monkeypatch.setattr(triton.language, "sum", object())  # as a triton imported without TRITON_INTERPRET has it
-    spec = importlib.util.find_spec("hmlm.fast.kernels.triton")
+    spec = importlib.util.find_spec("hmlm.fast.kernels.triton_kernels")
     fresh = importlib.util.module_from_spec(spec)  # a copy, run anew; the loaded module stays as it is
     with pytest.raises(ImportError, match="set TRITON_INTERPRET=1 \\(or HMLM_KERNELS=triton\\) in the environment"):
         spec.loader.exec_module(fresh)

@@ -115,3 +115,16 @@ def test_the_checker_sees_imports_in_functions_and_under_type_checking(tmp_path)
     assert names == {"typing", "hmlm.model", "hmlm.fast"}
     assert "hmlm.model" in imports("hmlm.analysis.evaluate")  # a module-level import
     assert "hmlm.fast.kernels.cpu" in imports("hmlm.fast.kernels")  # inside a function
+
+
+def test_modules_and_classes_stay_small():
+    """A module that a newcomer reads in one sitting: at most 500 lines, and no class over 200."""
+    too_big = []
+    for module, path in MODULES.items():
+        source = path.read_text()
+        if source.count("\n") > 500:
+            too_big.append(f"{module}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 200:
+                too_big.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_big, too_big

@@ -173,7 +173,7 @@ def specialize(launch: dict, capability: int) -> Variant:
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from hmlm.fast.kernels import triton as kernels_module
+    from hmlm.fast.kernels import triton_kernels as kernels_module
 
     kernel = getattr(kernels_module, launch["kernel"])
     args, constexprs, dtypes = [], {}, []

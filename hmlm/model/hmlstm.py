@@ -250,10 +250,8 @@ class HMLSTM(nn.Module):
         autocast = torch.is_autocast_enabled(device.type)
         mm_dtype = torch.get_autocast_dtype(device.type) if autocast else dtype
         backend = kernels.select(device, dtype, mm_dtype)
-        # A tensor slope (the CUDA graph step's, hmlm/training/cuda_graph.py) stays a tensor: float() of a CUDA tensor
-        # would
-        # wait for the device, and the Triton kernels read it through a pointer. The C++ kernels take a number, and
-        # reading a CPU tensor costs nothing.
+        # A tensor slope (the CUDA graph step's) stays a tensor: float() of a CUDA tensor would wait for the device,
+        # and the Triton kernels read it through a pointer. The C++ kernels take a number; reading a CPU one is free.
         if backend == "cpu" or not isinstance(slope, Tensor):
             slope = float(slope)
         return fast.Plan(

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from hmlm.cell import hard_sigmoid
-from hmlm.fast.kernels import ZRAW_MODES
+from hmlm.fast.kernels.protocol import ZRAW_MODES
 
 aten = torch.ops.aten
 SOFT, GIVEN = ZRAW_MODES["soft"], ZRAW_MODES["sample"]

@@ -15,12 +15,13 @@ and in a trained model most upper-layer steps copy. So, on the CPU and without g
   Where most rows compute (more than a fraction that grows with the size of the step, GATHER_FRACTIONS), or the
   layer steps are small, gathering costs more than the rows saved: the step runs on the full batch as before
   (forward.layer_step), without even looking at the boundaries.
-- Sampling (`Stepper`): one symbol at a time through buffers made once, with the output module's per-layer
-  projections W^e_l h^l kept from one step to the next and recomputed only for the layers whose h changed.
+- Sampling (the `Stepper` of hmlm/analysis/stepper.py): one symbol at a time through buffers made once, with the
+  output module's per-layer projections W^e_l h^l kept from one step to the next and recomputed only for the
+  layers whose h changed.
 
 Two things every call without gradient on the CPU gets, skipping or not, so that both paths compute alike:
-layer 1's input projection is looked up in a table of every symbol's (`input_table`) instead of a matmul over
-the embedded tokens, and at large sizes the gates' matmuls run on oneDNN (forward.ONEDNN_MIN_WEIGHT).
+layer 1's input projection is looked up in a table of every symbol's (`input_table`, hmlm/model/charlm.py) instead
+of a matmul over the embedded tokens, and at large sizes the gates' matmuls run on oneDNN (forward.ONEDNN_MIN_WEIGHT).
 
 Not used (the step runs as forward.layer_step on every row):
 - on CUDA: deciding which rows compute needs the boundaries on the host at every layer step, a device

@@ -30,7 +30,7 @@ from hmlm.training.cuda_graph import (
     set_capturable,
 )
 from hmlm.training.distributed import Process
-from hmlm.training.trainer import Trainer
+from hmlm.training.trainer import Trainer, train
 from hmlm.training.window import StepResult
 
 F64 = torch.float64
@@ -492,3 +492,23 @@ def test_captured_evaluation_equals_eager_evaluation(boundary: str):
     assert off.tokens == on.tokens
     assert abs(off.loss - on.loss) <= 1e-12 * abs(off.loss)
     assert off.boundary_rate == pytest.approx(on.boundary_rate, rel=1e-12, abs=1e-12)
+
+
+def test_on_with_a_failed_capture_stops_with_one_error_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
+    """`train.cuda_graph: on` where capture fails, on a resumed run: the UserError (one line, exit 2 from the CLI)
+    names the reason, and the checkpoints the run had are left byte for byte as they were."""
+    run = tmp_path / "run"
+    train(small_config(data_dir, max_steps=4, eval_every=2, log_every=2), run, progress=False)
+    before = {path.name: path.read_bytes() for path in (run / "checkpoints").iterdir()}
+    assert set(before) == {"best.pt", "last.pt"}
+    original_init = Trainer.__init__
+
+    def init(self, *args, **kwargs):  # the captured step CUDA would get, with a capture that fails
+        original_init(self, *args, **kwargs)
+        self.graph_step = GraphTrainStep(self.model, self.optimizer, self.config.train.grad_clip, None, self.device,
+                                         "on", pytest.fail, FailingCapture)  # fmt: skip
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+    with pytest.raises(UserError, match="^train.cuda_graph is on but capturing the training step failed: Runtime"):
+        train(None, run, resume=True, overrides=["train.max_steps=8"], progress=False)
+    assert {path.name: path.read_bytes() for path in (run / "checkpoints").iterdir()} == before

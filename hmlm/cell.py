@@ -10,6 +10,15 @@ One step of layer l, in the paper's notation:
     FLUSH  (z^l_{t-1} = 1):                 c = i*g                 h = o*tanh(c)
     UPDATE (z^l_{t-1} = 0, z^{l-1}_t = 1):  c = f*c_{t-1} + i*g     h = o*tanh(c)
     COPY   (z^l_{t-1} = 0, z^{l-1}_t = 0):  c = c_{t-1}             h = h_{t-1}
+
+Two cells (`cell`, model.cell), which differ in the boundary of a COPY step and in one gradient:
+    hmlm   z^l_t = 0 on a COPY: a boundary opens only on a step that computed something (the paper computes the
+           gates "only when needed"); the straight-through gradient of z reaches the detector through the choice
+           of operation as well as through the masks.
+    seed   as the TensorFlow library hmlm grew from (lucaslingle/hm_lstm) and the paper's equations read
+           literally: z^l_t = step(zhat) on every step, COPY included, where zhat = U_z h^l_{t-1} (the masked
+           terms are 0 and the seed's detector has no bias), and the operation is chosen as by `tf.where`: no
+           gradient through the choice, only through the masks of s.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BOUNDARY_MODES = ("step", "sample", "soft")
+CELLS = ("hmlm", "seed")  # docstring above
 
 
 def hard_sigmoid(x: Tensor, slope: float | Tensor) -> Tensor:
@@ -87,6 +97,7 @@ def reference_step(
     slope: float | Tensor,
     mode: str = "step",
     training: bool = False,
+    cell: str = "hmlm",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One step of one layer, written as the equations read. Returns (h, c, z), z of shape (B, 1)."""
     s = preactivation(weights, h_below, z_below, h_prev, z_prev, h_above)
@@ -103,6 +114,7 @@ def reference_step(
         slope,
         mode,
         training,
+        cell,
     )
 
 
@@ -128,6 +140,7 @@ def blend(
     slope: float | Tensor,
     mode: str = "step",
     training: bool = False,
+    cell: str = "hmlm",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The elementwise part of a step: gates, the FLUSH / UPDATE / COPY blend, and the new boundary."""
     hidden = c_prev.shape[-1]
@@ -138,7 +151,11 @@ def blend(
     f, i, o, g = torch.sigmoid(f), torch.sigmoid(i), torch.sigmoid(o), torch.tanh(g)
 
     # The three operations as one multiplicative blend (not a branch), so that the straight-through
-    # gradient of z reaches the boundary detector through the choice of operation too.
+    # gradient of z reaches the boundary detector through the choice of operation too; the seed chooses with
+    # tf.where, which passes none: the same blend of detached boundaries.
+    seed = cell == "seed"
+    if seed:
+        z_prev, z_below = z_prev.detach(), z_below.detach()
     flush = z_prev
     update = (1 - z_prev) * z_below
     copy = (1 - z_prev) * (1 - z_below)
@@ -147,5 +164,7 @@ def blend(
 
     if not has_boundary:  # the top layer: z^L = 0
         return h, c, torch.zeros_like(z_prev)
+    if seed:  # the boundary of every step, COPY included
+        return h, c, boundary(zhat, slope, mode, training)
     # A boundary can only open on a step where the layer computed something (not a COPY).
     return h, c, (1 - copy) * boundary(zhat, slope, mode, training)

@@ -8,7 +8,7 @@ import torch
 from helpers import assert_close64, require_cpu_kernels
 
 from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig
-from hmlm.cell import reference_step
+from hmlm.cell import CELLS, reference_step
 from hmlm.fast import kernels
 
 F64 = torch.float64
@@ -57,11 +57,12 @@ def test_the_fast_path_uses_the_fused_kernels_where_it_can(fast_kernels: str, mo
 
 
 def make_rnn(
-    sizes: list[int], layer_norm: bool = False, mode: str = "step", impl: str = "fast", input_size: int = 6, seed=0
-) -> HMLSTM:
+    sizes: list[int], layer_norm: bool = False, mode: str = "step", impl: str = "fast", input_size: int = 6, seed=0,
+    cell: str = "hmlm",
+) -> HMLSTM:  # fmt: skip
     """A float64 HM-LSTM whose every parameter is perturbed, so layer norm gains and biases matter too."""
     torch.manual_seed(seed)
-    rnn = HMLSTM(input_size, sizes, layer_norm=layer_norm, boundary=mode, impl=impl).to(F64)
+    rnn = HMLSTM(input_size, sizes, layer_norm=layer_norm, boundary=mode, impl=impl, cell=cell).to(F64)
     with torch.no_grad():
         for p in rnn.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -350,15 +351,18 @@ SIZES = [[5], [7, 5], [7, 5, 3], [4, 4, 4]]
 @pytest.mark.parametrize("sizes", SIZES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "ln"])
 @pytest.mark.parametrize("mode", ["step", "soft", "sample-eval", "sample-train"])
-def test_fast_path_equals_reference(sizes: list[int], layer_norm: bool, mode: str):
-    compare_with_reference(sizes, layer_norm, mode, B=5, T=13)
+@pytest.mark.parametrize("cell", CELLS)
+def test_fast_path_equals_reference(sizes: list[int], layer_norm: bool, mode: str, cell: str):
+    compare_with_reference(sizes, layer_norm, mode, B=5, T=13, cell=cell)
 
 
-def compare_with_reference(sizes: list[int], layer_norm: bool, mode: str, B: int, T: int, device=None):
+def compare_with_reference(
+    sizes: list[int], layer_norm: bool, mode: str, B: int, T: int, device=None, cell: str = "hmlm"
+):
     """The fast path against the reference from a random state, in float64 on `device` (default: the CPU).
     mode: step, soft, sample-eval or sample-train. Returns run_both's results."""
     boundary_mode, _, phase = mode.partition("-")
-    rnn = make_rnn(sizes, layer_norm, boundary_mode)
+    rnn = make_rnn(sizes, layer_norm, boundary_mode, cell=cell)
     rnn.train(phase != "eval")
     x = torch.randn(B, T, rnn.input_size, dtype=F64)
     state = random_state(rnn, B)

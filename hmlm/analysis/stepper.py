@@ -62,7 +62,8 @@ class Stepper:
         self.load(state)
 
         # The output module: the gate logits' weight, the per-layer projections and their kept products.
-        self.gate_w_t, self.gate_b = out.gate.weight.detach().t(), out.gate.bias.detach()  # (sum H, L), (L,)
+        self.gate_w_t = out.gate.weight.detach().t()  # (sum H, L)
+        self.gate_b = out.gate.bias.detach() if out.gate.bias is not None else torch.zeros(L, **like)  # (L,)
         embed_w = out.embed.weight.detach()  # (E_out, sum H)
         self.embed_w_t = [embed_w[:, offsets[i] : offsets[i + 1]].t() for i in range(L)]  # (H_l, E_out)
         self.logits_w_t, self.logits_b = out.logits.weight.detach().t(), out.logits.bias.detach()
@@ -82,6 +83,7 @@ class Stepper:
                 tape.c_t[s].copy_(state.c[layer])
                 tape.z_t[s].copy_(state.z[layer])
         self.stale = [True] * len(self.tapes)
+        self.copied = [False] * len(self.tapes)  # per layer: whether it copied at the step before (cell: seed)
 
     def step(self, symbol: int) -> Tensor:
         """Feed one symbol; the logits (1, V) of the next."""
@@ -91,7 +93,12 @@ class Stepper:
         for layer, tape in enumerate(tapes):
             below = tapes[layer - 1] if layer > 0 else None
             above = tapes[layer + 1] if layer < L - 1 else None
-            if below is not None and self.skip and self.z_np[s, layer] == 0 and self.z_np[n, layer - 1] == 0:
+            copies = below is not None and self.skip and self.z_np[s, layer] == 0 and self.z_np[n, layer - 1] == 0
+            # The seed's cell: a COPY computes its boundary, unless the layer copied at the step before as well
+            # (hmlm/fast/copy_skip.py's docstring)
+            skips = copies and (not plan.seed or self.copied[layer])
+            self.copied[layer] = copies
+            if skips:
                 # COPY: h and c stay, z = 0 (written with numpy: a torch call costs microseconds)
                 self.h_np[layer][n][:] = self.h_np[layer][s]
                 self.c_np[layer][n][:] = self.c_np[layer][s]
@@ -102,7 +109,7 @@ class Stepper:
             fast.layer_step(plan, tape, below, above, s, 0, base, self.w_t[layer], self.ln[layer] if self.ln else None,
                             self.ones)  # fmt: skip
             self.stale[layer] = True
-            COUNTS.add(layer, 1, 1, 0, 0)
+            COUNTS.add(layer, 1, 1, int(copies), 0)
         self.slot = n
         return self.output()
 

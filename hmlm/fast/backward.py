@@ -67,7 +67,8 @@ def layer_step_backward(
         None if bottom else tape.neg_d_copy_t[t], None if top else tape.zraw_t[t], None if top else tape.zhat_t[t],
         tape.gates_t[t] if ln else None, *tape.ln_stats_t[t], ln[0] if ln else None, ln[2] if ln else None,
         grad.ln_out_t[t], grad.z_prev_t[t], None if bottom else grad.z_below_t[t],
-        grad.ds_t[t], grad.ds_mm, grad.pair_c[nxt], grad.dz_pair[nxt], None if bottom else grad.dz_below, plan.slope,
+        grad.ds_t[t], grad.ds_mm, grad.pair_c[nxt], grad.dz_pair[nxt], None if bottom else grad.dz_below, plan.seed,
+        plan.slope,
     )  # fmt: skip
     dx = torch.mm(grad.ds_t[t] if grad.ds_mm is None else grad.ds_mm, w)  # (B, K), in the matmul's dtype
     tape_above, grad_above = above or (None, None)

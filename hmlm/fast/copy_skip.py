@@ -30,6 +30,12 @@ Not used (the step runs as forward.layer_step on every row):
 - for boundaries drawn at random in training mode (`sample` with model.train()): the draws of the rows that copy
   would be left out and every later draw would change.
 
+The seed's cell (model.cell: seed) opens a boundary on a COPY step too, from zhat = U_z h_{t-1} alone (hmlm/cell.py).
+Its h does not change while it copies, so neither does that zhat: the first COPY after a step that computed must
+compute (its h, c come out unchanged; its z may open), and the COPY steps after it give z = 0 again, as the first
+one did (had it opened, the layer would have flushed). So a row copies without computing only where it copied at
+the step before as well; a call starts with every row as if it had computed (its state comes from outside).
+
 The results equal the path without skipping (tests/test_inference.py): values in float64; in float32, the same
 boundaries, BPC and sampled text.
 """
@@ -159,6 +165,7 @@ class SkippingStep:
     def __init__(self):
         self.subs: dict[tuple[int, int], SubBatch] = {}  # (layer, rows) -> buffers, kept across calls
         self.fractions: dict[tuple[int, int], float] = {}  # (layer, rows) -> gather_fraction
+        self.copied: dict[int, np.ndarray] = {}  # layer -> (B, 1) rows that copied at the step before (cell: seed)
 
     def __call__(
         self, plan: Plan, tape: LayerTape, below: LayerTape | None, above: LayerTape | None,
@@ -171,26 +178,34 @@ class SkippingStep:
             forward.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
             return
         z_prev, z_below = tape.z_t[t].numpy(), below.z_t[t + 1].numpy()  # (B, 1) views of the boundaries
+        computes = z_prev + z_below  # (B, 1): 0 exactly where both are (z >= 0), where the row copies
+        if plan.seed:  # a COPY computes unless the row copied at the step before too (module docstring)
+            copied = self.copied.get(tape.layer)
+            if t == 0 or copied is None or copied.shape[0] != B:
+                copied = self.copied[tape.layer] = np.zeros((B, 1), dtype=bool)
+            computes = computes + ~copied
+            np.equal(z_prev + z_below, 0, out=copied)
         if B == 1:
             copies = z_prev[0, 0] == 0 and z_below[0, 0] == 0
-            COUNTS.add(tape.layer, 1, 1, int(copies), int(copies))
-            if copies:
+            skipped = computes[0, 0] == 0
+            COUNTS.add(tape.layer, 1, 1, int(copies), int(skipped))
+            if skipped:
                 copy_step(tape, t)
             else:
                 forward.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
             return
-        computes = z_prev + z_below  # (B, 1): 0 exactly where both are (z >= 0)
         rows = np.flatnonzero(computes)
         M = len(rows)
+        copies = int(copied.sum()) if plan.seed else B - M
         padded = -(-M // ROW_BLOCK) * ROW_BLOCK
         if M == B or padded > self.fraction(plan, tape.layer, B) * B:
-            COUNTS.add(tape.layer, B, B, B - M, 0)
+            COUNTS.add(tape.layer, B, B, copies, 0)
             forward.layer_step(plan, tape, below, above, t, k, base, w_t, ln, ones)
         elif M == 0:
             COUNTS.add(tape.layer, B, B, B, B)
             copy_step(tape, t)
         else:
-            COUNTS.add(tape.layer, B, B, B - M, B - padded)
+            COUNTS.add(tape.layer, B, B, copies, B - padded)
             if padded > M:  # pad with rows that copy: computed, they give the copy exactly
                 rows = np.concatenate([rows, np.flatnonzero(computes == 0)[: padded - M]])
             self.gathered_step(plan, tape, below, above, t, base, w_t, ln, rows, z_prev, z_below)

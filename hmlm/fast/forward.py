@@ -178,5 +178,5 @@ def cell_step(
         above.x_below_t[k] if linked and not top else None, below.x_above_t[k_next] if linked and not bottom else None,
         tape.neg_d_h_t[k] if save_copy else None, tape.neg_d_c_t[k] if save_copy else None,
         None if top else tape.zraw_t[k], None if top else tape.z_t[t + 1],
-        *tape.ln_stats_t[k], zraw_mode, plan.slope, LN_EPS,
+        *tape.ln_stats_t[k], zraw_mode, plan.seed, plan.slope, LN_EPS,
     )  # fmt: skip

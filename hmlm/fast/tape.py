@@ -25,6 +25,11 @@ class Plan:
     slope: float | Tensor  # a number, or a 0-dim tensor on the device (CUDA graphs); a number for the C++ kernels
     mm_dtype: torch.dtype  # the matmuls' dtype: the autocast dtype under autocast, else the state's
     kernels: str = "torch"  # the backend of each step's elementwise work: "torch", "cpu" or "triton" (kernels.load)
+    cell: str = "hmlm"  # "hmlm" or "seed" (hmlm/cell.py): the seed's boundary on COPY steps and its gradient
+
+    @property
+    def seed(self) -> bool:
+        return self.cell == "seed"
 
     @property
     def num_layers(self) -> int:

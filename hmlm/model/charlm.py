@@ -17,14 +17,18 @@ from hmlm.model.hmlstm import HMLSTM, HMLSTMState, ModelConfig
 class OutputModule(nn.Module):
     """Paper eqs. 11-12: a scalar gate per layer, a gated sum of projections, ReLU, then the vocabulary."""
 
-    def __init__(self, hidden_sizes: list[int], output_embed_dim: int, vocab_size: int):
+    def __init__(self, hidden_sizes: list[int], output_embed_dim: int, vocab_size: int, cell: str = "hmlm"):
         super().__init__()
         total = sum(hidden_sizes)
         self.hidden_sizes = list(hidden_sizes)
-        self.gate = nn.Linear(total, len(hidden_sizes))  # w^l . [h^1; ...; h^L] for every l at once
+        # w^l . [h^1; ...; h^L] for every l at once; eq. 11 has no bias, nor has the seed's (cell: seed), hmlm's has
+        self.gate = nn.Linear(total, len(hidden_sizes), bias=cell == "hmlm")
         # sum_l g^l W^e_l h^l = [W^e_1 ... W^e_L] [g^1 h^1; ...; g^L h^L]: one matmul for all layers.
         self.embed = nn.Linear(total, output_embed_dim, bias=False)
         self.logits = nn.Linear(output_embed_dim, vocab_size)
+        if cell == "seed":  # the seed's two dense layers (tf.layers.dense): Glorot-uniform
+            nn.init.xavier_uniform_(self.gate.weight)
+            nn.init.xavier_uniform_(self.embed.weight)
 
     def forward(self, hidden: list[Tensor]) -> tuple[Tensor, Tensor]:
         """hidden: L tensors (B, T, H_l). Returns logits (B, T, V) and the gates (B, T, L)."""
@@ -57,9 +61,10 @@ class CharLM(nn.Module):
             self.head = nn.Linear(cfg.hidden_sizes[0], vocab_size)
         else:
             self.rnn = HMLSTM(
-                cfg.embed_dim, cfg.hidden_sizes, cfg.layer_norm, cfg.boundary, boundary_bias=cfg.boundary_bias
-            )
-            self.output = OutputModule(cfg.hidden_sizes, cfg.output_embed_dim, vocab_size)
+                cfg.embed_dim, cfg.hidden_sizes, cfg.layer_norm, cfg.boundary, boundary_bias=cfg.boundary_bias,
+                cell=cfg.cell,
+            )  # fmt: skip
+            self.output = OutputModule(cfg.hidden_sizes, cfg.output_embed_dim, vocab_size, cfg.cell)
 
     def initial_state(self, batch_size: int, device=None) -> HMLSTMState:
         if self.config.kind == "lstm":

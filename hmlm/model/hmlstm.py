@@ -12,6 +12,15 @@ Initialization (chosen here; the paper does not say):
   block's mean, so the bias of s cannot hold it;
 - the boundary detector's bias is 0, so at the start each layer closes a segment on about half of the steps:
   neither stuck closed (the layers above would never move and get no gradient) nor stuck open (no multiscale).
+
+`cell: seed` (hmlm/cell.py) is the seed's cell, lucaslingle/hm_lstm, parameters and initialization included:
+- no boundary-detector bias (the zhat row of s has none: the fast path and the reference add a constant 0);
+- the seed's forget bias is a fixed +1 inside the sigmoid plus a trainable bias from 0: the same function, and
+  the same gradient, as hmlm's trainable bias from 1, which is what is kept (so the layer-norm case is as hmlm's);
+- the gates' matrix [W_below | U_rec | U_above] orthogonal (tf.orthogonal_initializer, gain 1), drawn as the
+  seed draws it: the seed's top layer has a top-down block too (its input is zeros), so the top layer's matrix
+  is drawn with it and the block dropped; the detector's row Glorot-uniform (fan in: those same columns);
+- the output module's gates without bias, its two matrices Glorot-uniform (hmlm/model/charlm.py).
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hmlm import fast
-from hmlm.cell import BOUNDARY_MODES, LayerWeights, blend, preactivation
+from hmlm.cell import BOUNDARY_MODES, CELLS, LayerWeights, blend, preactivation
 from hmlm.fast import copy_skip, kernels
 
 MODEL_KINDS = ("hmlstm", "lstm")
@@ -41,6 +50,7 @@ class ModelConfig:
     layer_norm: bool = True
     boundary: str = "step"  # "step", "sample" or "soft" (paper, Table 1)
     boundary_bias: float = 0.0  # initial bias of every boundary detector's zhat; < 0 starts the layers firing less
+    cell: str = "hmlm"  # "hmlm", or "seed": the cell of lucaslingle/hm_lstm (hmlm/cell.py)
 
     def validate(self) -> None:
         """Raise ValueError naming the field when a value cannot build a model."""
@@ -48,6 +58,11 @@ class ModelConfig:
             raise ValueError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, not {self.kind!r}")
         if self.boundary not in BOUNDARY_MODES:
             raise ValueError(f"model.boundary must be one of {', '.join(BOUNDARY_MODES)}, not {self.boundary!r}")
+        if self.cell not in CELLS or (self.kind == "lstm" and self.cell != "hmlm"):
+            why = " for kind: hmlstm (kind: lstm takes hmlm, its default)" if self.cell in CELLS else ""
+            raise ValueError(f"model.cell must be one of {', '.join(CELLS)}{why}, not {self.cell!r}")
+        if self.cell == "seed" and self.boundary_bias != 0:
+            raise ValueError("model.boundary_bias must be 0 with model.cell: seed (the seed's detector has no bias)")
         if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
             raise ValueError(f"model.hidden_sizes must be a non-empty list of positive sizes, not {self.hidden_sizes}")
         if self.kind == "lstm" and len(set(self.hidden_sizes)) != 1:
@@ -91,10 +106,15 @@ class HMLSTM(nn.Module):
         boundary: str = "step",
         impl: str = "fast",
         boundary_bias: float = 0.0,
+        cell: str = "hmlm",
     ):
         super().__init__()
         if boundary not in BOUNDARY_MODES:
             raise ValueError(f"boundary must be one of {BOUNDARY_MODES}, not {boundary!r}")
+        if cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, not {cell!r}")
+        if cell == "seed" and boundary_bias != 0:
+            raise ValueError("boundary_bias must be 0 with cell='seed' (the seed's detector has no bias)")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, not {impl!r}")
         self.input_size = input_size
@@ -102,6 +122,7 @@ class HMLSTM(nn.Module):
         self.layer_norm = layer_norm
         self.boundary_mode = boundary
         self.impl = impl
+        self.cell = cell
         n = len(self.hidden_sizes)
         self.below_sizes = [input_size] + self.hidden_sizes[:-1]
         self.above_sizes = self.hidden_sizes[1:] + [0]  # the top layer has no top-down input
@@ -114,9 +135,13 @@ class HMLSTM(nn.Module):
             zip(self.hidden_sizes, self.below_sizes, self.above_sizes, strict=True)
         ):
             rows = 4 * hidden + (0 if layer == n - 1 else 1)
-            bound = 1.0 / math.sqrt(hidden)
-            self.weight.append(nn.Parameter(torch.empty(rows, below + hidden + above).uniform_(-bound, bound)))
-            bias = torch.zeros(rows)
+            if cell == "seed":
+                weight = seed_weight(rows, hidden, below, above)
+            else:
+                bound = 1.0 / math.sqrt(hidden)
+                weight = torch.empty(rows, below + hidden + above).uniform_(-bound, bound)
+            self.weight.append(nn.Parameter(weight))
+            bias = torch.zeros(4 * hidden if cell == "seed" else rows)  # the seed's zhat has no bias
             if not layer_norm:
                 bias[:hidden] = 1.0  # forget gate
             bias[4 * hidden :] = boundary_bias  # zhat, below the top (never layer-normalized)
@@ -143,10 +168,16 @@ class HMLSTM(nn.Module):
             w_below=weight[:, :D],
             u_rec=weight[:, D : D + H],
             u_above=weight[:, D + H :] if layer < self.num_layers - 1 else None,
-            bias=self.bias[layer],
+            bias=self.full_bias(self.bias[layer], layer),
             ln_gates=(self.ln_gates_gain[layer], self.ln_gates_bias[layer]) if self.layer_norm else None,
             ln_cell=(self.ln_cell_gain[layer], self.ln_cell_bias[layer]) if self.layer_norm else None,
         )
+
+    def full_bias(self, bias: Tensor, layer: int) -> Tensor:
+        """A layer's bias of s (rows,): the seed's, which has no zhat entry, with a constant 0 there."""
+        if self.cell == "seed" and layer < self.num_layers - 1:
+            return F.pad(bias, (0, 1))
+        return bias
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> HMLSTMState:
         """All zeros: no memory, and no layer has just closed a segment."""
@@ -197,7 +228,7 @@ class HMLSTM(nn.Module):
                 s = preactivation(weights[layer], h_below, z_below, h[layer], z[layer], h_above_prev[layer])
                 h[layer], c[layer], z[layer] = blend(
                     s, h[layer], c[layer], z[layer], z_below, weights[layer].ln_gates, weights[layer].ln_cell,
-                    layer < n - 1, slope, self.boundary_mode, self.training,
+                    layer < n - 1, slope, self.boundary_mode, self.training, self.cell,
                 )  # fmt: skip
                 zhat_t.append(s[:, 4 * self.hidden_sizes[layer] :])  # (B, 1), or (B, 0) at the top
                 h_below, z_below = h[layer], z[layer]
@@ -222,7 +253,8 @@ class HMLSTM(nn.Module):
         zhats = []
         for layer in range(n - 1):
             D, H = self.below_sizes[layer], self.hidden_sizes[layer]
-            row, bias = self.weight[layer][4 * H], self.bias[layer][4 * H]  # (D + H + A,), ()
+            row = self.weight[layer][4 * H]  # (D + H + A,)
+            bias = self.bias[layer][4 * H] if self.cell == "hmlm" else 0.0  # the seed's detector has no bias
             h_prev = torch.cat([state.h[layer][:, None], out.hidden[layer][:, :-1]], dim=1)  # (B, T, H)
             h_above_prev = torch.cat([state.h[layer + 1][:, None], out.hidden[layer + 1][:, :-1]], dim=1)
             z_prev = torch.cat([state.z[layer][:, None], out.boundaries[:, :-1, layer : layer + 1]], dim=1)
@@ -263,12 +295,14 @@ class HMLSTM(nn.Module):
             slope=slope,
             mm_dtype=mm_dtype,
             kernels=backend,
+            cell=self.cell,
         )
 
     def fast_parameters(self) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list | None]:
         """The parameters as the fast path takes them: layer 1's input projection (weight, bias), every layer's
         per-step weight ([U_rec | U_above] for layer 1), the biases, and the layer norms' (or None)."""
-        weight, bias = params(self.weight), params(self.bias)
+        weight = params(self.weight)
+        bias = [self.full_bias(b, layer) for layer, b in enumerate(params(self.bias))]
         E = self.input_size
         weights = [weight[0][:, E:], *weight[1:]]  # the per-step parts
         ln = None
@@ -276,6 +310,18 @@ class HMLSTM(nn.Module):
             parts = (self.ln_gates_gain, self.ln_gates_bias, self.ln_cell_gain, self.ln_cell_bias)
             ln = list(zip(*map(params, parts), strict=True))
         return weight[0][:, :E], bias[0], weights, bias, ln
+
+
+def seed_weight(rows: int, hidden: int, below: int, above: int) -> Tensor:
+    """A layer's [W_below | U_rec | U_above] (rows, below + hidden + above) as the seed initializes it (see the
+    module docstring): the gates' 4H rows orthogonal, the detector's row Glorot-uniform."""
+    seed_above = above or hidden  # the seed's top layer has a top-down block of its own width (zeros in, dropped)
+    columns = below + hidden + seed_above
+    gates = nn.init.orthogonal_(torch.empty(4 * hidden, columns))[:, : below + hidden + above]
+    if rows == 4 * hidden:
+        return gates.contiguous()
+    limit = math.sqrt(6.0 / (columns + 1))
+    return torch.cat([gates, torch.empty(1, columns).uniform_(-limit, limit)])
 
 
 def params(plist: nn.ParameterList) -> list[nn.Parameter]:

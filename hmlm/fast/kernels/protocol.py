@@ -29,11 +29,12 @@ class FusedKernels(Protocol):
         h_rec: Tensor | None, h_up: Tensor | None, h_down: Tensor | None, neg_dh: Tensor | None,
         neg_dc: Tensor | None, zraw: Tensor | None, z: Tensor | None, gates_mean: Tensor | None,
         gates_rstd: Tensor | None, cell_mean: Tensor | None, cell_rstd: Tensor | None, zraw_mode: int,
-        slope: float | Tensor, eps: float,
+        seed: bool, slope: float | Tensor, eps: float,
     ) -> None:  # fmt: skip
         """From the pre-activations gates (B, 4H) and zhat to act (B, 4H: sigm f, i, o, tanh g), keep_f, c, tc
         (tanh of the normalized c), h, and z = keep*zraw, zraw as `zraw_mode` says (ZRAW_MODES: 1[zhat > 0],
-        hard_sigmoid(zhat), or given in zraw). `addend`: the step's matmul product (B, 4H [+ 1]) in its own
+        hard_sigmoid(zhat), or given in zraw); under `seed` (the seed's cell, hmlm/cell.py) z = zraw, COPY
+        included. `addend`: the step's matmul product (B, 4H [+ 1]) in its own
         dtype, added into gates and zhat first (and kept there). Where given: h written again where the next
         matmuls read it, masked as they take it (h_rec = h, this layer's next input; h_up = z*h, the layer
         above's bottom-up input; h_down = z_below*h, the layer below's next top-down input); the saved terms
@@ -46,13 +47,15 @@ class FusedKernels(Protocol):
         gates_mean: Tensor | None, gates_rstd: Tensor | None, cell_mean: Tensor | None, cell_rstd: Tensor | None,
         ln_gain: Tensor | None, cell_gain: Tensor | None, ln_grad: Tensor | None, z_prev: Tensor,
         z_below: Tensor | None, ds: Tensor, ds_mm: Tensor | None, dc_prev: Tensor, gz_prev: Tensor,
-        gz_below: Tensor | None, slope: float | Tensor,
+        gz_below: Tensor | None, seed: bool, slope: float | Tensor,
     ) -> None:  # fmt: skip
         """From the gradients [dh | dc] (pair, (B, 2H)) and dz (g_z) of the step's outputs to ds (B, 4H [+ 1]) of
         its pre-activations (and again in the matmul's dtype, ds_mm, where given), dc_prev, and the gradients of
         z_prev (gz_prev) and z_below (gz_below). g_ext, where given, is the loss's own gradient of h_t: added into
         pair's dh, which keeps the sum (route_backward reads it); pair's dc is left as it is. neg_d_copy: the
-        forward's [neg_dh | neg_dc]. ln_grad: see `ln_grad_rows`."""
+        forward's [neg_dh | neg_dc]. ln_grad: see `ln_grad_rows`. Under `seed` no gradient goes through the
+        choice of operation (gz_prev and gz_below are 0 here; route_backward adds the masks' shares) and dz
+        reaches zhat on every step, COPY included (z = zraw)."""
 
     def route_backward(
         self, dx: Tensor, D: int, pair: Tensor, z_prev: Tensor, z_below: Tensor | None, pair_next: Tensor,

@@ -34,7 +34,7 @@ def cell_forward(
     z_below: Tensor | None, act: Tensor, keep_f: Tensor, c: Tensor, tc: Tensor, h: Tensor, h_rec: Tensor | None,
     h_up: Tensor | None, h_down: Tensor | None, neg_dh: Tensor | None, neg_dc: Tensor | None, zraw: Tensor | None,
     z: Tensor | None, gates_mean: Tensor | None, gates_rstd: Tensor | None, cell_mean: Tensor | None,
-    cell_rstd: Tensor | None, zraw_mode: int, slope: float | Tensor, eps: float,
+    cell_rstd: Tensor | None, zraw_mode: int, seed: bool, slope: float | Tensor, eps: float,
 ) -> None:  # fmt: skip
     """From the pre-activations [gates | zhat] to act, keep_f, c, tc, h and z (see FusedKernels.cell_forward)."""
     H = c.shape[1]
@@ -97,13 +97,13 @@ def cell_forward(
         torch.mul(h, z_below, out=h_down)
 
     # The boundary: z = keep*zraw, zraw = 1[zhat > 0] (whatever the slope), hard_sigmoid(zhat), or drawn by the
-    # caller. It can only open on a step that computed something.
+    # caller. It can only open on a step that computed something; the seed's can open on a COPY too (z = zraw).
     if zraw is not None:
         if zraw_mode == SOFT:
             zraw.copy_(hard_sigmoid(zhat, slope))
         elif zraw_mode != GIVEN:
             torch.gt(zhat, 0, out=zraw)
-        if bottom:
+        if bottom or seed:
             z.copy_(zraw)
         else:
             torch.mul(keep, zraw, out=z)
@@ -117,7 +117,7 @@ def cell_backward(
     gates_mean: Tensor | None, gates_rstd: Tensor | None, cell_mean: Tensor | None, cell_rstd: Tensor | None,
     ln_gain: Tensor | None, cell_gain: Tensor | None, ln_grad: Tensor | None, z_prev: Tensor, z_below: Tensor | None,
     ds: Tensor, ds_mm: Tensor | None, dc_prev: Tensor, gz_prev: Tensor, gz_below: Tensor | None,
-    slope: float | Tensor,
+    seed: bool, slope: float | Tensor,
 ) -> None:  # fmt: skip
     """From [dh | dc] (pair) and dz of the step's outputs to ds, dc_prev and the gradients of z_prev and z_below
     (see FusedKernels.cell_backward). ln_grad, with layer norm: this step's (B, 5H) rows [d gates after their layer
@@ -166,8 +166,12 @@ def cell_backward(
         ds[:, : 4 * H].copy_(d_gates[0].view(-1, 4 * H))
 
     # Into the choice of operation (z_prev, z_below), through the two per-row scalars of hmlm/fast/'s docstring,
-    # and through z = keep*zraw into zhat (straight-through).
-    if bottom:  # z_below = 1: z does not depend on z_prev, and d z_prev = -G_upd
+    # and through z = keep*zraw into zhat (straight-through). The seed's choice passes no gradient, and its z is zraw.
+    if seed:
+        gz_prev.zero_()
+        if gz_below is not None:
+            gz_below.zero_()
+    elif bottom:  # z_below = 1: z does not depend on z_prev, and d z_prev = -G_upd
         torch.neg(g_update, out=gz_prev)
     else:
         # N_copy = <[dh | dc], -d[h | c]/d copy> + dz*zraw
@@ -181,7 +185,7 @@ def cell_backward(
         # The hard sigmoid's derivative, as torch.clamp defines it (the bounds count as inside), times keep.
         y = (slope * zhat + 1.0) / 2.0
         st = ((y >= 0) & (y <= 1)).to(y.dtype) * (slope / 2.0)
-        torch.mul(g_z if bottom else g_z * keep, st, out=ds[:, 4 * H :])
+        torch.mul(g_z if bottom or seed else g_z * keep, st, out=ds[:, 4 * H :])
     if ds_mm is not None:  # ds again, in the dtype of the matmul that takes it back to the step's inputs
         ds_mm.copy_(ds)
 

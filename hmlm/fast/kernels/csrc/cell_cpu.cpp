@@ -128,8 +128,8 @@ void cell_forward_impl(const at::Tensor& gates, const OptTensor& zhat_t, const O
                        const OptTensor& h_rec_t, const OptTensor& h_up_t, const OptTensor& h_down_t,
                        const OptTensor& neg_dh_t, const OptTensor& neg_dc_t, const OptTensor& zraw_t,
                        const OptTensor& z_t, const OptTensor& gates_mean_t, const OptTensor& gates_rstd_t,
-                       const OptTensor& cell_mean_t, const OptTensor& cell_rstd_t, int64_t zraw_mode, double slope,
-                       double eps) {
+                       const OptTensor& cell_mean_t, const OptTensor& cell_rstd_t, int64_t zraw_mode, bool seed,
+                       double slope, double eps) {
   const int64_t B = gates.size(0), H = c_t.size(1);
   const Rows<T> g_in(gates), zhat(zhat_t), h_prev(h_prev_t), c_prev(c_prev_t), z_prev(z_prev_t), z_below(z_below_t);
   const Rows<T> act(act_t), keep_f(keep_f_t), c_out(c_t), tc_out(tc_t), h_out(h_t), neg_dh(neg_dh_t), neg_dc(neg_dc_t);
@@ -199,7 +199,8 @@ void cell_forward_impl(const at::Tensor& gates, const OptTensor& zhat_t, const O
   });
   tc_t.sigmoid_();
 
-  // h = lerp(o*tanh(c), h_prev, copy), and the boundary: z = keep*zraw. Then h where the next matmuls read it:
+  // h = lerp(o*tanh(c), h_prev, copy), and the boundary: z = keep*zraw (the seed's cell: zraw, COPY included).
+  // Then h where the next matmuls read it:
   // this layer's own next input (where h does not live there), the layer below's next top-down input z_below*h,
   // and the layer above's next bottom-up input z*h.
   at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
@@ -225,7 +226,7 @@ void cell_forward_impl(const at::Tensor& gates, const OptTensor& zhat_t, const O
         } else if (zraw_mode == kSoft) {
           zr = std::min(T(1), std::max(T(0), (S * zhat[b][0] + T(1)) / T(2)));
         }  // kGiven: drawn by the caller (Bernoulli, in the reference's order)
-        z_out[b][0] = bottom ? zr : keep * zr;
+        z_out[b][0] = bottom || seed ? zr : keep * zr;
         if (h_up) {
           const T z_new = z_out[b][0];
           for (int64_t k = 0; k < H; ++k) h_up[b][k] = h[k] * z_new;
@@ -245,7 +246,7 @@ void cell_backward_impl(const at::Tensor& pair_t, const OptTensor& g_ext_t, cons
                         const OptTensor& ln_gain_t, const OptTensor& cell_gain_t, const OptTensor& ln_grad_t,
                         const at::Tensor& z_prev_t, const OptTensor& z_below_t, const at::Tensor& ds_t,
                         const at::Tensor& dc_prev_t, const at::Tensor& gz_prev_t, const OptTensor& gz_below_t,
-                        double slope) {
+                        bool seed, double slope) {
   const int64_t B = act_t.size(0), H = tc_t.size(1);
   const Rows<T> pair(pair_t), g_ext(g_ext_t), g_z(g_z_t), act(act_t), tc_in(tc_t), c_prev(c_prev_t), c_in(c_t), keep_f(keep_f_t);
   const Rows<T> neg_d_copy(neg_d_copy_t), zraw(zraw_t), zhat(zhat_t), gates(gates_t), g_mean(gates_mean_t),
@@ -312,8 +313,12 @@ void cell_backward_impl(const at::Tensor& pair_t, const OptTensor& g_ext_t, cons
         }
       }
       // Into the choice of operation (z_prev, z_below), and through z = keep*zraw into zhat (straight-through,
-      // the hard sigmoid's derivative as torch.clamp defines it: the bounds count as inside).
-      if (bottom) {
+      // the hard sigmoid's derivative as torch.clamp defines it: the bounds count as inside). The seed's cell
+      // chooses with no gradient, and its z is zraw.
+      if (seed) {
+        gz_prev[b][0] = T(0);
+        if (!bottom) gz_below[b][0] = T(0);
+      } else if (bottom) {
         gz_prev[b][0] = -g_update;
       } else {
         T neg_g_copy = dot(g_h, neg_d_copy[b], H) + dot(g_c.data(), neg_d_copy[b] + H, H);
@@ -325,7 +330,7 @@ void cell_backward_impl(const at::Tensor& pair_t, const OptTensor& g_ext_t, cons
       if (zraw) {
         const T y = (S * zhat[b][0] + T(1)) / T(2);
         const T st = (y >= T(0) && y <= T(1)) ? S / T(2) : T(0);
-        ds[b][4 * H] = g_z[b][0] * keep * st;
+        ds[b][4 * H] = g_z[b][0] * (seed ? T(1) : keep) * st;
       }
     }
     if (layer_norm) {
@@ -376,12 +381,12 @@ void cell_forward(const at::Tensor& gates, const OptTensor& zhat, const OptTenso
                   const at::Tensor& tc, const at::Tensor& h, const OptTensor& h_rec, const OptTensor& h_up,
                   const OptTensor& h_down, const OptTensor& neg_dh, const OptTensor& neg_dc, const OptTensor& zraw, const OptTensor& z,
                   const OptTensor& gates_mean, const OptTensor& gates_rstd, const OptTensor& cell_mean,
-                  const OptTensor& cell_rstd, int64_t zraw_mode, double slope, double eps) {
+                  const OptTensor& cell_rstd, int64_t zraw_mode, bool seed, double slope, double eps) {
   TORCH_CHECK(!given(addend), "hmlm_cpu: the matmuls run in the state's dtype here: no addend");
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "hmlm_cell_forward", [&] {
     cell_forward_impl<scalar_t>(gates, zhat, ln_gain, ln_bias, cell_gain, cell_bias, h_prev, c_prev, z_prev, z_below,
                                 act, keep_f, c, tc, h, h_rec, h_up, h_down, neg_dh, neg_dc, zraw, z, gates_mean, gates_rstd, cell_mean,
-                                cell_rstd, zraw_mode, slope, eps);
+                                cell_rstd, zraw_mode, seed, slope, eps);
   });
 }
 
@@ -392,12 +397,12 @@ void cell_backward(const at::Tensor& pair, const OptTensor& g_ext, const at::Ten
                    const OptTensor& cell_rstd, const OptTensor& ln_gain, const OptTensor& cell_gain,
                    const OptTensor& ln_grad, const at::Tensor& z_prev, const OptTensor& z_below, const at::Tensor& ds,
                    const OptTensor& ds_mm, const at::Tensor& dc_prev, const at::Tensor& gz_prev,
-                   const OptTensor& gz_below, double slope) {
+                   const OptTensor& gz_below, bool seed, double slope) {
   TORCH_CHECK(!given(ds_mm), "hmlm_cpu: the matmuls run in the state's dtype here: no ds_mm");
   AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "hmlm_cell_backward", [&] {
     cell_backward_impl<scalar_t>(pair, g_ext, g_z, act, tc, c_prev, c, keep_f, neg_d_copy, zraw, zhat, gates, gates_mean,
                                  gates_rstd, cell_mean, cell_rstd, ln_gain, cell_gain, ln_grad, z_prev, z_below, ds,
-                                 dc_prev, gz_prev, gz_below, slope);
+                                 dc_prev, gz_prev, gz_below, seed, slope);
   });
 }
 

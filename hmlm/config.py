@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from hmlm.cell import CELLS
 from hmlm.errors import UserError
 from hmlm.model import ModelConfig
 from hmlm.model.prior import PriorConfig
@@ -88,6 +89,7 @@ class Config:
 CHOICES = {
     "model.kind": ("hmlstm", "lstm"),
     "model.boundary": ("step", "sample", "soft"),
+    "model.cell": CELLS,
     "train.precision": PRECISIONS,
     "train.cuda_graph": ("auto", "on", "off"),
     "slope.schedule": ("epoch", "step"),

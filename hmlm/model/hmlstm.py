@@ -58,9 +58,11 @@ class ModelConfig:
             raise ValueError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, not {self.kind!r}")
         if self.boundary not in BOUNDARY_MODES:
             raise ValueError(f"model.boundary must be one of {', '.join(BOUNDARY_MODES)}, not {self.boundary!r}")
-        if self.cell not in CELLS or (self.kind == "lstm" and self.cell != "hmlm"):
-            why = " for kind: hmlstm (kind: lstm takes hmlm, its default)" if self.cell in CELLS else ""
-            raise ValueError(f"model.cell must be one of {', '.join(CELLS)}{why}, not {self.cell!r}")
+        if self.cell not in CELLS:
+            raise ValueError(f"model.cell must be one of {', '.join(CELLS)}, not {self.cell!r}")
+        if self.kind == "lstm" and self.cell != "hmlm":
+            raise ValueError(f"model.cell must be hmlm for kind: lstm ({', '.join(CELLS)} are HM-LSTM cells), not "
+                             f"{self.cell!r}")  # fmt: skip
         if self.cell == "seed" and self.boundary_bias != 0:
             raise ValueError("model.boundary_bias must be 0 with model.cell: seed (the seed's detector has no bias)")
         if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
@@ -111,10 +113,8 @@ class HMLSTM(nn.Module):
         super().__init__()
         if boundary not in BOUNDARY_MODES:
             raise ValueError(f"boundary must be one of {BOUNDARY_MODES}, not {boundary!r}")
-        if cell not in CELLS:
-            raise ValueError(f"cell must be one of {CELLS}, not {cell!r}")
-        if cell == "seed" and boundary_bias != 0:
-            raise ValueError("boundary_bias must be 0 with cell='seed' (the seed's detector has no bias)")
+        if cell not in CELLS or (cell == "seed" and boundary_bias != 0):
+            raise ValueError(f"cell must be one of {CELLS}, not {cell!r}, and the seed's has no boundary_bias")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, not {impl!r}")
         self.input_size = input_size
@@ -135,12 +135,7 @@ class HMLSTM(nn.Module):
             zip(self.hidden_sizes, self.below_sizes, self.above_sizes, strict=True)
         ):
             rows = 4 * hidden + (0 if layer == n - 1 else 1)
-            if cell == "seed":
-                weight = seed_weight(rows, hidden, below, above)
-            else:
-                bound = 1.0 / math.sqrt(hidden)
-                weight = torch.empty(rows, below + hidden + above).uniform_(-bound, bound)
-            self.weight.append(nn.Parameter(weight))
+            self.weight.append(nn.Parameter(initial_weight(cell, rows, hidden, below, above)))
             bias = torch.zeros(4 * hidden if cell == "seed" else rows)  # the seed's zhat has no bias
             if not layer_norm:
                 bias[:hidden] = 1.0  # forget gate
@@ -209,7 +204,7 @@ class HMLSTM(nn.Module):
         if self.impl == "reference":
             return self._forward_reference(x, state, slope, with_zhat)
         out = self._forward_fast(x, state, slope, projected)
-        return out._replace(zhat=self.boundary_preactivations(x, state, out)) if with_zhat else out
+        return out._replace(zhat=boundary_preactivations(self, x, state, out)) if with_zhat else out
 
     def _forward_reference(self, x: Tensor, state: HMLSTMState, slope: float | Tensor, with_zhat: bool) -> HMLSTMOutput:
         n = self.num_layers
@@ -241,29 +236,6 @@ class HMLSTM(nn.Module):
             state=HMLSTMState(h, c, z),
             zhat=torch.stack(zhats, dim=1) if with_zhat else None,  # (B, T, L-1)
         )
-
-    def boundary_preactivations(self, x: Tensor, state: HMLSTMState, out: HMLSTMOutput) -> Tensor:
-        """zhat (B, T, L-1) of a forward pass, computed again from its inputs and outputs: zhat^l_t is one row of
-        s, a linear function of h^{l-1}_t z^{l-1}_t, h^l_{t-1} and z^l_{t-1} h^{l+1}_{t-1}, all of which the
-        pass returns (state: the one it started from). Its gradient reaches the parameters and the layers through
-        those outputs, exactly as the cell's own zhat does (tests/test_prior.py checks it against the reference).
-        A few matrix-vector products per layer: the fast path need not keep zhat for it."""
-        n = self.num_layers
-        inputs = [x, *out.hidden]  # h^0 = x, h^1 .. h^L
-        zhats = []
-        for layer in range(n - 1):
-            D, H = self.below_sizes[layer], self.hidden_sizes[layer]
-            row = self.weight[layer][4 * H]  # (D + H + A,)
-            bias = self.bias[layer][4 * H] if self.cell == "hmlm" else 0.0  # the seed's detector has no bias
-            h_prev = torch.cat([state.h[layer][:, None], out.hidden[layer][:, :-1]], dim=1)  # (B, T, H)
-            h_above_prev = torch.cat([state.h[layer + 1][:, None], out.hidden[layer + 1][:, :-1]], dim=1)
-            z_prev = torch.cat([state.z[layer][:, None], out.boundaries[:, :-1, layer : layer + 1]], dim=1)
-            below = inputs[layer] @ row[:D]  # (B, T)
-            if layer > 0:
-                below = below * out.boundaries[..., layer - 1]
-            zhat = below + h_prev @ row[D : D + H] + z_prev[..., 0] * (h_above_prev @ row[D + H :]) + bias
-            zhats.append(zhat)
-        return torch.stack(zhats, dim=-1) if zhats else x.new_zeros(*x.shape[:2], 0)  # (B, T, L-1)
 
     def _forward_fast(
         self, x: Tensor, state: HMLSTMState, slope: float | Tensor, projected: Tensor | None = None
@@ -312,9 +284,36 @@ class HMLSTM(nn.Module):
         return weight[0][:, :E], bias[0], weights, bias, ln
 
 
-def seed_weight(rows: int, hidden: int, below: int, above: int) -> Tensor:
-    """A layer's [W_below | U_rec | U_above] (rows, below + hidden + above) as the seed initializes it (see the
-    module docstring): the gates' 4H rows orthogonal, the detector's row Glorot-uniform."""
+def boundary_preactivations(rnn: HMLSTM, x: Tensor, state: HMLSTMState, out: HMLSTMOutput) -> Tensor:
+    """zhat (B, T, L-1) of a forward pass, computed again from its inputs and outputs: zhat^l_t is one row of
+    s, a linear function of h^{l-1}_t z^{l-1}_t, h^l_{t-1} and z^l_{t-1} h^{l+1}_{t-1}, all of which the
+    pass returns (state: the one it started from). Its gradient reaches the parameters and the layers through
+    those outputs, exactly as the cell's own zhat does (tests/test_prior.py checks it against the reference).
+    A few matrix-vector products per layer: the fast path need not keep zhat for it."""
+    n = rnn.num_layers
+    inputs = [x, *out.hidden]  # h^0 = x, h^1 .. h^L
+    zhats = []
+    for layer in range(n - 1):
+        D, H = rnn.below_sizes[layer], rnn.hidden_sizes[layer]
+        row = rnn.weight[layer][4 * H]  # (D + H + A,)
+        bias = rnn.bias[layer][4 * H] if rnn.cell == "hmlm" else 0.0  # the seed's detector has no bias
+        h_prev = torch.cat([state.h[layer][:, None], out.hidden[layer][:, :-1]], dim=1)  # (B, T, H)
+        h_above_prev = torch.cat([state.h[layer + 1][:, None], out.hidden[layer + 1][:, :-1]], dim=1)
+        z_prev = torch.cat([state.z[layer][:, None], out.boundaries[:, :-1, layer : layer + 1]], dim=1)
+        below = inputs[layer] @ row[:D]  # (B, T)
+        if layer > 0:
+            below = below * out.boundaries[..., layer - 1]
+        zhat = below + h_prev @ row[D : D + H] + z_prev[..., 0] * (h_above_prev @ row[D + H :]) + bias
+        zhats.append(zhat)
+    return torch.stack(zhats, dim=-1) if zhats else x.new_zeros(*x.shape[:2], 0)  # (B, T, L-1)
+
+
+def initial_weight(cell: str, rows: int, hidden: int, below: int, above: int) -> Tensor:
+    """A layer's [W_below | U_rec | U_above] (rows, below + hidden + above) as the module docstring says: uniform in
+    +-1/sqrt(H), or for the seed's cell the gates' 4H rows orthogonal and the detector's row Glorot-uniform."""
+    if cell != "seed":
+        bound = 1.0 / math.sqrt(hidden)
+        return torch.empty(rows, below + hidden + above).uniform_(-bound, bound)
     seed_above = above or hidden  # the seed's top layer has a top-down block of its own width (zeros in, dropped)
     columns = below + hidden + seed_above
     gates = nn.init.orthogonal_(torch.empty(4 * hidden, columns))[:, : below + hidden + above]

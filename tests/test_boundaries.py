@@ -142,6 +142,17 @@ def test_rate_and_mean_segment_length():
     assert soft.rate == pytest.approx(0.525) and soft.boundaries == 2 and soft.mean_segment == pytest.approx(2.0)
 
 
+def test_boundaries_opened_on_a_copy_step_are_counted():
+    """Layer 2 copies where it did not fire at the step before and layer 1 does not fire now."""
+    z1 = np.array([[0, 1, 0, 0, 0, 1]], dtype=float)
+    z2 = np.array([[1, 0, 1, 1, 0, 1]], dtype=float)  # t=0: copy (a fresh state), t=2: copy, t=3: after a boundary
+    act = activity(z2, z1)
+    assert (act.boundaries, act.on_copy) == (4, 2) and act.on_copy_share == 0.5
+    assert activity(z2).on_copy == 0  # layer 1 never copies
+    flat = score(np.stack([z1, z2], axis=-1), {}).flat()
+    assert flat["boundary_on_copy_layer2"] == 0.5 and "boundary_on_copy_layer1" not in flat
+
+
 def test_score_adds_up_over_streams_and_seeds_the_random_baseline():
     rng = np.random.default_rng(1)
     z = (rng.random((3, 50, 2)) < 0.3).astype(np.float32)  # (S, P, L-1)
@@ -298,6 +309,7 @@ def test_split_scores_with_baselines_and_eval_reports_f1(run: Path):
                 "boundary_f1_phrase_random_layer1", "boundary_mean_segment_layer2"):  # fmt: skip
         assert 0 <= split[key] <= 20, key
     assert split["boundary_recall_word_every_char"] == 1.0 and 0 < split["tokens"] <= 2000 + 64
+    assert split["boundary_on_copy_layer2"] in (0.0, None)  # hmlm's cell never opens a boundary on a COPY step
     table = invoke("boundaries", str(run), "--split", "valid", "--max-tokens", "2000")
     assert "phrase P" in table and "every symbol" in table
 

@@ -138,6 +138,7 @@ class Activity:
     fired: float = 0.0  # the sum of z (a soft boundary counts with its value)
     boundaries: int = 0  # positions with z > 0.5
     closed: int = 0  # symbols in segments closed within the text: up to and including each stream's last boundary
+    on_copy: int = 0  # boundaries opened on a step where the layer copied (only the seed's cell can: hmlm/cell.py)
 
     @property
     def rate(self) -> float:
@@ -148,12 +149,22 @@ class Activity:
         """Symbols per closed segment; None when the layer never fired."""
         return self.closed / self.boundaries if self.boundaries else None
 
+    @property
+    def on_copy_share(self) -> float | None:
+        """The share of the boundaries opened on a COPY step; None when the layer never fired."""
+        return self.on_copy / self.boundaries if self.boundaries else None
 
-def activity(z: np.ndarray) -> Activity:
-    """z: (S, P) one layer's boundaries, every stream starting from a fresh state."""
+
+def activity(z: np.ndarray, z_below: np.ndarray | None = None) -> Activity:
+    """z: (S, P) one layer's boundaries, every stream starting from a fresh state; z_below the layer below's (None
+    for layer 1, which never copies). A step copies where z^l_{t-1} and z^{l-1}_t are both off (thresholded)."""
     fired = z > THRESHOLD
     last = np.where(fired.any(axis=1), z.shape[1] - np.argmax(fired[:, ::-1], axis=1), 0)  # (S,) last boundary + 1
-    return Activity(int(z.size), float(z.sum(dtype=np.float64)), int(fired.sum()), int(last.sum()))
+    on_copy = 0
+    if z_below is not None:
+        fired_before = np.pad(fired[:, :-1], ((0, 0), (1, 0)))  # z^l_{t-1}, off before a fresh state's first step
+        on_copy = int((fired & ~fired_before & (z_below <= THRESHOLD)).sum())
+    return Activity(int(z.size), float(z.sum(dtype=np.float64)), int(fired.sum()), int(last.sum()), on_copy)
 
 
 # ---- all statistics ----------------------------------------------------------------------------------------------
@@ -201,6 +212,8 @@ class BoundaryStats:
             if rates:
                 out[f"boundary_rate_layer{layer}"] = act.rate
             out[f"boundary_mean_segment_layer{layer}"] = act.mean_segment
+            if layer > 1:
+                out[f"boundary_on_copy_layer{layer}"] = act.on_copy_share
         for reference, scorers in self.matches.items():
             for scorer, m in scorers.items():
                 if baselines or scorer.startswith("layer") or scorer == SURPRISAL_PEAK:
@@ -258,7 +271,8 @@ def score(
     {name: (S, P + 1) bool gaps}. The random baseline of layer l draws from numpy's generator seeded (seed, l).
     surprisal (S, P): the model's -log p of the symbol after each position, for the surprisal-peak baseline."""
     streams, positions, layers = boundaries.shape
-    acts = [activity(boundaries[:, :, layer]) for layer in range(layers)]
+    below = [None, *(boundaries[:, :, layer] for layer in range(layers - 1))]  # layer 1 never copies
+    acts = [activity(boundaries[:, :, layer], below[layer]) for layer in range(layers)]
     every = np.ones((streams, positions), dtype=bool)
     randoms = []
     for layer, act in enumerate(acts):

@@ -50,5 +50,7 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills(tmp_path
     assert {v["ZRAW_MODE"] for v in forward} == {0, 1, 2}  # step, soft, sample (drawn in training)
     assert {v["SLOPE_PTR"] for v in forward} == {False, True}  # a number and a tensor (the CUDA graph's)
     assert any(v["ADDEND"] for v in forward) and any(not v["STATS"] for v in forward)  # bf16; evaluation
+    backward = [r["variant"] for r in results if r["kernel"] == "_cell_backward"]
+    assert any(v["SEED"] for v in forward) and any(v["SEED"] for v in backward)  # model.cell: seed
     assert all(r["registers"] and r["spill_stores"] == 0 for r in results if r["target"] == "sm_90"
                and r["variant"]["dtype"].startswith("float32"))  # fmt: skip

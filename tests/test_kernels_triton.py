@@ -74,20 +74,37 @@ def names_of(rnn) -> list[str]:
 
 
 # Hidden sizes that differ per layer and are no powers of two (the kernels' blocks are: masked lanes), with a
-# wider layer above a narrower one and the other way round; one layer alone (bottom and top at once).
+# wider layer above a narrower one and the other way round; one layer alone (bottom and top at once). The seed's
+# cell (hmlm/cell.py: its z on a COPY step, no gradient through the choice of operation) on a few of them.
 CASES = [
-    ([7, 5, 3], layer_norm, mode)
+    ([7, 5, 3], layer_norm, mode, "hmlm")
     for layer_norm in (False, True)
     for mode in ("step", "soft", "sample-eval", "sample-train")
-] + [([5], True, "step"), ([5, 9, 6], True, "soft"), ([5, 9, 6], False, "step")]
-CASE_IDS = ["x".join(map(str, sizes)) + ("-ln-" if ln else "-plain-") + mode for sizes, ln, mode in CASES]
+] + [([5], True, "step", "hmlm"), ([5, 9, 6], True, "soft", "hmlm"), ([5, 9, 6], False, "step", "hmlm")]
+CASES += [([7, 5, 3], ln, mode, "seed") for ln in (False, True) for mode in ("step", "soft", "sample-train")]
+CASE_IDS = [
+    "x".join(map(str, sizes)) + ("-ln-" if ln else "-plain-") + mode + ("" if cell == "hmlm" else f"-{cell}")
+    for sizes, ln, mode, cell in CASES
+]
 
 
-@pytest.mark.parametrize(("sizes", "layer_norm", "mode"), CASES, ids=CASE_IDS)
-def test_triton_kernels_equal_the_reference(device: torch.device, sizes: list[int], layer_norm: bool, mode: str):
-    results = compare_with_reference(sizes, layer_norm, mode, B=3, T=5, device=device)
+@pytest.mark.parametrize(("sizes", "layer_norm", "mode", "cell"), CASES, ids=CASE_IDS)
+def test_triton_kernels_equal_the_reference(
+    device: torch.device, sizes: list[int], layer_norm: bool, mode: str, cell: str
+):
+    results = compare_with_reference(sizes, layer_norm, mode, B=3, T=5, device=device, cell=cell)
     if len(sizes) > 1 and not mode.startswith("soft"):
         assert 0 < results["fast"][0].boundaries.mean() < 1, "both kinds of step should happen"
+    if cell == "seed" and not mode.startswith("soft"):
+        assert opened_on_a_copy(results["fast"][0].boundaries), "the seed's boundary on a COPY step should happen"
+
+
+def opened_on_a_copy(boundaries: torch.Tensor) -> bool:
+    """Whether some layer below the top opened a boundary on a step where it copied (z_{t-1} = 0 and the layer
+    below's z_t = 0, the initial z aside): what only the seed's cell does. boundaries: (B, T, L - 1), the top's
+    (always 0) left out."""
+    z_prev, z_below, z = boundaries[:, :-1, 1:], boundaries[:, 1:, :-1], boundaries[:, 1:, 1:]
+    return bool(((z_prev == 0) & (z_below == 0) & (z == 1)).any())
 
 
 def test_without_gradients_equals_the_reference(device: torch.device):

@@ -9,8 +9,10 @@ compiler rejects. This check compiles them as a user's GPU would:
    divisible by 16 or equal to 1, constexprs, warps). Covered: float32 and float64; step, soft and sample
    boundaries; the slope as a number and as a tensor; training (forward and backward) and evaluation without
    gradients, batched and one stream; bf16 autocast; and what the CUDA-graph regions (hmlm/training/cuda_graph.py)
-   launch under capture (rehearsed on the CPU: hmlm.devices.rehearsing_capture). The list comes from the code that
-   launches, so it cannot drift from it.
+   launch under capture (rehearsed on the CPU: hmlm.devices.rehearsing_capture). The seed's cell (model.cell: seed)
+   adds its own variants (SEED): in float32 with step boundaries, training and batched evaluation only, since SEED
+   changes only the boundary's lines, which those variants compile. The list comes from the code that launches, so
+   it cannot drift from it.
 2. Compile each distinct variant for each target (default sm_80, an A100, and sm_90, an H100; `--jobs` at a time) with
    `triton.compile`, as Triton's launcher would (its own argument specialization, through a backend made for the
    target), whose last stage runs the ptxas that Triton ships with `-v`: its log gives registers, spills and
@@ -37,7 +39,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +75,16 @@ def record() -> list[dict]:
         for launch in launches:
             seen.setdefault(launch, None)
 
+    def train_and_evaluate(model, x, y, slope, one_stream: bool = True) -> None:
+        model.train()
+        logits = model(x, None, slope).logits
+        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+        model.eval()
+        with torch.no_grad():
+            model(x, None, slope)
+            if one_stream:
+                model(x[:1], None, slope)  # one stream, as `hmlm sample` runs on CUDA
+
     config = load_config(CONFIG).model
     for dtype in (torch.float32, torch.float64):
         torch.manual_seed(0)
@@ -88,13 +100,7 @@ def record() -> list[dict]:
                         module.recording() as launches,
                         torch.autocast("cpu", torch.bfloat16, enabled=cast is not None),
                     ):
-                        model.train()
-                        logits = model(x, None, slope).logits
-                        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
-                        model.eval()
-                        with torch.no_grad():
-                            model(x, None, slope)
-                            model(x[:1], None, slope)  # one stream, as `hmlm sample` runs on CUDA
+                        train_and_evaluate(model, x, y, slope)
                     keep(launches)
             # The captured regions, as a capture runs them (their warm-up runs them plainly: above).
             for cast in casts:
@@ -110,6 +116,13 @@ def record() -> list[dict]:
                         evaluation.load(x, y, None)
                         evaluation._compute()
                 keep(launches)
+    # The seed's cell: a few variants more (the module docstring), not every one above again with SEED.
+    torch.manual_seed(0)
+    model = CharLM(205, replace(config, cell="seed"))
+    tokens = torch.randint(0, 205, (BATCH, STEPS + 1))
+    with module.recording() as launches:
+        train_and_evaluate(model, tokens[:, :-1], tokens[:, 1:], 1.5, one_stream=False)
+    keep(launches)
     return [asdict(launch) for launch in seen]
 
 

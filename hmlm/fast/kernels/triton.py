@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -108,11 +109,14 @@ def _slope_arg(slope: float | torch.Tensor, like: torch.Tensor) -> tuple[float |
 def cell_forward(
     gates, zhat, addend, ln_gain, ln_bias, cell_gain, cell_bias, h_prev, c_prev, z_prev, z_below, act, keep_f, c,
     tc, h, h_rec, h_up, h_down, neg_dh, neg_dc, zraw, z, gates_mean, gates_rstd, cell_mean, cell_rstd, zraw_mode,
-    slope, eps,
+    seed, slope, eps,
 ) -> None:  # fmt: skip
     B, H = c.shape
     block = _block(H)
     slope, slope_ptr = _slope_arg(slope, gates)
+    # The seed's z = zraw differs from keep*zraw only where a layer can copy (not the bottom, where keep = 1) and has
+    # a boundary (not the top): elsewhere its step is the hmlm cell's, and takes that variant (fewer to compile).
+    seed = bool(seed) and z_below is not None and zhat is not None
     _launch(_cell_forward, (B,), (
         *_rows(gates, gates), *_rows(zhat, gates), *_rows(addend, gates),
         ln_gain if ln_gain is not None else gates, ln_bias if ln_bias is not None else gates,
@@ -125,14 +129,15 @@ def cell_forward(
         H, slope, float(eps),
     ), dict(
         BLOCK=block, BOTTOM=z_below is None, TOP=zhat is None, LN=ln_gain is not None,
-        STATS=gates_mean is not None, SAVE_COPY=neg_dh is not None, ZRAW_MODE=int(zraw_mode), SLOPE_PTR=slope_ptr,
-        ADDEND=addend is not None, H_REC=h_rec is not None, H_UP=h_up is not None, H_DOWN=h_down is not None,
+        STATS=gates_mean is not None, SAVE_COPY=neg_dh is not None, ZRAW_MODE=int(zraw_mode), SEED=seed,
+        SLOPE_PTR=slope_ptr, ADDEND=addend is not None, H_REC=h_rec is not None, H_UP=h_up is not None,
+        H_DOWN=h_down is not None,
     ), _warps(block))  # fmt: skip
 
 
 def cell_backward(
     pair, g_ext, g_z, act, tc, c_prev, c, keep_f, neg_d_copy, zraw, zhat, gates, gates_mean, gates_rstd, cell_mean,
-    cell_rstd, ln_gain, cell_gain, ln_grad, z_prev, z_below, ds, ds_mm, dc_prev, gz_prev, gz_below, slope,
+    cell_rstd, ln_gain, cell_gain, ln_grad, z_prev, z_below, ds, ds_mm, dc_prev, gz_prev, gz_below, seed, slope,
 ) -> None:  # fmt: skip
     """`ln_grad`, with layer norm: this step's (B, 5H) rows [d gates after their layer norm | d normalized c]
     (see hmlm.fast.kernels.ln_grad_rows)."""
@@ -149,8 +154,8 @@ def cell_backward(
         *_rows(dc_prev, pair), *_rows(gz_prev, pair), *_rows(gz_below, pair),
         H, slope,
     ), dict(
-        BLOCK=block, BOTTOM=z_below is None, TOP=zraw is None, LN=ln_gain is not None, SLOPE_PTR=slope_ptr,
-        EXT=g_ext is not None, DS_MM=ds_mm is not None,
+        BLOCK=block, BOTTOM=z_below is None, TOP=zraw is None, LN=ln_gain is not None, SEED=bool(seed),
+        SLOPE_PTR=slope_ptr, EXT=g_ext is not None, DS_MM=ds_mm is not None,
     ), _warps(block))  # fmt: skip
 
 
@@ -172,11 +177,14 @@ def route_backward(
 def self_test(dtype: torch.dtype = torch.float32) -> None:
     """Run each kernel once on a tiny middle layer (layer norm, a layer above and below), so that a Triton that
     cannot compile them for this dtype fails here, where the caller can fall back, rather than inside a step. The
-    error names the kernel and keeps the compiler's reason."""
+    error names the kernel and keeps the compiler's reason. Its inputs come from a generator of its own: it runs at
+    the first step in a dtype, and draws from torch's would move the sample boundaries' draws after a manual_seed."""
     B, H, D, A = 2, 3, 2, 2
     like = {"device": DEVICE, "dtype": dtype}
-    gates, h_prev, c_prev = torch.randn(B, 4 * H, **like), torch.randn(B, H, **like), torch.randn(B, H, **like)
-    z_prev, z_below, zhat = torch.ones(B, 1, **like), torch.ones(B, 1, **like), torch.randn(B, 1, **like)
+    generator = torch.Generator(DEVICE).manual_seed(0)
+    randn = partial(torch.randn, generator=generator, **like)
+    gates, h_prev, c_prev = randn(B, 4 * H), randn(B, H), randn(B, H)
+    z_prev, z_below, zhat = torch.ones(B, 1, **like), torch.ones(B, 1, **like), randn(B, 1)
     gain, bias, cell_gain, cell_bias = torch.ones(4 * H, **like), torch.zeros(4 * H, **like), *torch.ones(2, H, **like)
     act, keep_f, c, tc, h, h_up, h_down, neg_dh, neg_dc = (torch.empty(B, n, **like) for n in (4 * H, *[H] * 8))
     zraw, z, cell_mean, cell_rstd = (torch.empty(B, 1, **like) for _ in range(4))
@@ -185,19 +193,20 @@ def self_test(dtype: torch.dtype = torch.float32) -> None:
         cell_forward(
             gates, zhat, None, gain, bias, cell_gain, cell_bias, h_prev, c_prev, z_prev, z_below, act, keep_f, c, tc,
             h, None, h_up, h_down, neg_dh, neg_dc, zraw, z, gates_mean, gates_rstd, cell_mean, cell_rstd,
-            ZRAW_MODES["step"], 1.0, LN_EPS,
+            ZRAW_MODES["step"], False, 1.0, LN_EPS,
         )  # fmt: skip
-    pair, g_ext, neg_d_copy = torch.randn(B, 2 * H, **like), torch.randn(B, H, **like), torch.cat([neg_dh, neg_dc], 1)
+    pair, g_ext, neg_d_copy = randn(B, 2 * H), randn(B, H), torch.cat([neg_dh, neg_dc], 1)
     ds, ln_rows, dc_prev = torch.empty(B, 4 * H + 1, **like), torch.empty(B, 5 * H, **like), torch.empty(B, H, **like)
-    gz_prev, gz_below, g_z = torch.empty(B, 1, **like), torch.empty(B, 1, **like), torch.randn(B, 1, **like)
+    gz_prev, gz_below, g_z = torch.empty(B, 1, **like), torch.empty(B, 1, **like), randn(B, 1)
     with _naming("_cell_backward"):
         cell_backward(
             pair, g_ext, g_z, act, tc, c_prev, c, keep_f, neg_d_copy, zraw, zhat, gates, gates_mean, gates_rstd,
-            cell_mean, cell_rstd, gain, cell_gain, ln_rows, z_prev, z_below, ds, None, dc_prev, gz_prev, gz_below, 1.0,
+            cell_mean, cell_rstd, gain, cell_gain, ln_rows, z_prev, z_below, ds, None, dc_prev, gz_prev, gz_below,
+            False, 1.0,
         )  # fmt: skip
-    dx, pair_next = torch.randn(B, D + H + A, **like), torch.empty(B, 2 * H, **like)
+    dx, pair_next = randn(B, D + H + A), torch.empty(B, 2 * H, **like)
     above_pair, below_pair = torch.zeros(B, 2 * A, **like), torch.zeros(B, 2 * D, **like)
-    h_above, h_below, below_dz = torch.randn(B, A, **like), torch.randn(B, D, **like), torch.zeros(B, 1, **like)
+    h_above, h_below, below_dz = randn(B, A), randn(B, D), torch.zeros(B, 1, **like)
     with _naming("_route_backward"):
         route_backward(
             dx, D, pair, z_prev, z_below, pair_next, above_pair, h_above, below_pair, h_below, gz_prev, gz_below,

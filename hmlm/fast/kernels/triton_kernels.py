@@ -129,8 +129,8 @@ def _cell_forward(
     gates_mean, s_gates_mean, gates_rstd, s_gates_rstd, cell_mean, s_cell_mean, cell_rstd, s_cell_rstd,
     H, slope, eps,
     BLOCK: tl.constexpr, BOTTOM: tl.constexpr, TOP: tl.constexpr, LN: tl.constexpr, STATS: tl.constexpr,
-    SAVE_COPY: tl.constexpr, ZRAW_MODE: tl.constexpr, SLOPE_PTR: tl.constexpr, ADDEND: tl.constexpr,
-    H_REC: tl.constexpr, H_UP: tl.constexpr, H_DOWN: tl.constexpr,
+    SAVE_COPY: tl.constexpr, ZRAW_MODE: tl.constexpr, SEED: tl.constexpr, SLOPE_PTR: tl.constexpr,
+    ADDEND: tl.constexpr, H_REC: tl.constexpr, H_UP: tl.constexpr, H_DOWN: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # 64-bit row offsets: B * stride can pass 2**31
     k = tl.arange(0, BLOCK)
@@ -230,7 +230,8 @@ def _cell_forward(
         tl.store(h_down + b * s_h_down + k, _to(hv * zb, h_down), mask=mask)
 
     # The boundary: z = keep*zraw, zraw = 1[zhat > 0] (whatever the slope), hard_sigmoid(zhat), or given: ZRAW_MODE
-    # 0, 1 or 2 (hmlm.fast.kernels.ZRAW_MODES).
+    # 0, 1 or 2 (hmlm.fast.kernels.ZRAW_MODES). It can only open on a step that computed something; the seed's cell
+    # (SEED, set for the layers between the bottom and the top only) opens it on a COPY too: z = zraw.
     if not TOP:
         zh = tl.load(zhat + b * s_zhat)
         if ADDEND:
@@ -245,7 +246,10 @@ def _cell_forward(
             zr = tl.load(zraw + b * s_zraw)
         if ZRAW_MODE != 2:
             tl.store(zraw + b * s_zraw, zr)
-        z_new = keep * zr
+        if SEED:
+            z_new = zr
+        else:
+            z_new = keep * zr
         tl.store(z + b * s_z, z_new)
         if H_UP:  # the layer above's next bottom-up input, z * h
             tl.store(h_up + b * s_h_up + k, _to(hv * z_new, h_up), mask=mask)
@@ -259,8 +263,8 @@ def _cell_backward(
     ln_gain, cell_gain, ln_rows, s_ln_rows, z_prev, s_z_prev, z_below, s_z_below,
     ds, s_ds, ds_mm, s_ds_mm, dc_prev, s_dc_prev, gz_prev, s_gz_prev, gz_below, s_gz_below,
     H, slope,
-    BLOCK: tl.constexpr, BOTTOM: tl.constexpr, TOP: tl.constexpr, LN: tl.constexpr, SLOPE_PTR: tl.constexpr,
-    EXT: tl.constexpr, DS_MM: tl.constexpr,
+    BLOCK: tl.constexpr, BOTTOM: tl.constexpr, TOP: tl.constexpr, LN: tl.constexpr, SEED: tl.constexpr,
+    SLOPE_PTR: tl.constexpr, EXT: tl.constexpr, DS_MM: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK)
@@ -344,8 +348,13 @@ def _cell_backward(
         tl.store(out_mm + 3 * H + k, _to(dg, ds_mm), mask=mask)
 
     # Into the choice of operation (z_prev, z_below), and through z = keep*zraw into zhat (straight-through: the
-    # hard sigmoid's derivative as torch.clamp defines it, the bounds counting as inside).
-    if BOTTOM:
+    # hard sigmoid's derivative as torch.clamp defines it, the bounds counting as inside). The seed's cell (SEED)
+    # chooses as tf.where does, passing no gradient (route_backward adds the masks' shares), and its z is zraw.
+    if SEED:
+        tl.store(gz_prev + b * s_gz_prev, 0.0)
+        if not BOTTOM:
+            tl.store(gz_below + b * s_gz_below, 0.0)
+    elif BOTTOM:
         tl.store(gz_prev + b * s_gz_prev, -g_update)
     else:
         ndh = tl.load(neg_d_copy + b * s_neg_d_copy + k, mask=mask, other=0.0)
@@ -361,7 +370,10 @@ def _cell_backward(
         a = _slope(slope, zh, SLOPE_PTR)
         y = (a * zh + 1.0) / 2.0
         st = tl.where((y >= 0.0) & (y <= 1.0), a / 2.0, 0.0)
-        d_zhat = tl.load(g_z + b * s_g_z) * keep * st
+        if SEED:
+            d_zhat = tl.load(g_z + b * s_g_z) * st
+        else:
+            d_zhat = tl.load(g_z + b * s_g_z) * keep * st
         tl.store(out + 4 * H, d_zhat)
         if DS_MM:
             tl.store(ds_mm + b * s_ds_mm + 4 * H, _to(d_zhat, ds_mm))

@@ -25,16 +25,28 @@ def triton_kernels(monkeypatch) -> None:
         pytest.skip(f"the Triton kernels are not interpreted on the CPU here: {why or module.MODE}")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_an_eager_training_step_launches_at_most_2000_kernels(triton_kernels, precision: str):
-    report = run_bench("small", "cpu", steps=1, warmup=0, models=("fast",), memory=False, batch=2, seq_len=100,
+def launches_per_step(precision: str, seq_len: int) -> dict:
+    report = run_bench("small", "cpu", steps=1, warmup=0, models=("fast",), memory=False, batch=2, seq_len=seq_len,
                        precision=precision, launches=True)  # fmt: skip
     assert report["fast_kernels"] == "triton"
-    counts = report["results"]["fast"]["launches_per_train_step"]
-    by_op = counts["dispatched_by_op"]
-    # One Triton launch per layer step forward, two backward: 3 layers x 100 steps each.
-    assert by_op["hmlm::cell_forward"] == by_op["hmlm::cell_backward"] == by_op["hmlm::route_backward"] == 300
-    assert counts["dispatched"] <= LIMIT, by_op
+    return report["results"]["fast"]["launches_per_train_step"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_eager_training_step_launches_at_most_2000_kernels(triton_kernels, precision: str):
+    """A step launches a fixed number of kernels per time step and a fixed number around the loop, so its count is
+    affine in seq_len from 16 on (below, the step weights stay uncopied: forward.step_weights): measured at 16, 17
+    and 18 steps (checked affine there), it gives seq_len 100's exactly, in half the interpreter's time of 100."""
+    counts = {T: launches_per_step(precision, T) for T in (16, 17, 18)}
+    for T, count in counts.items():
+        by_op = count["dispatched_by_op"]
+        # One Triton launch per layer step forward, two backward: 3 layers x T steps each.
+        assert by_op["hmlm::cell_forward"] == by_op["hmlm::cell_backward"] == by_op["hmlm::route_backward"] == 3 * T
+    total = {T: count["dispatched"] for T, count in counts.items()}
+    per_step = total[17] - total[16]
+    assert total[18] - total[17] == per_step
+    at_100 = total[16] + 84 * per_step
+    assert at_100 <= LIMIT, (at_100, counts[16]["dispatched_by_op"])
 
 
 def test_each_fused_call_is_one_triton_launch_and_views_launch_nothing(triton_kernels):

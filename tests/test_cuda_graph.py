@@ -372,7 +372,7 @@ class BufferReplay(EagerReplay):
 
 
 def test_trainer_with_the_static_step_trains_as_the_eager_trainer(data_dir, tmp_path, kernels):
-    """Two epochs of 3 batches (20, 20 and a shorter 6) through Trainer.train_step: the captured path (replayed
+    """Two epochs of 3 batches (10, 10 and a shorter 2) through Trainer.train_step: the captured path (replayed
     eagerly here, its results in buffers that the next replay overwrites) hands the carried state to the eager step
     of the shorter batch and back, ends where the plain Trainer ends, and its log window sums the same. A
     non-finite captured step is found at the next check (its Adam update already applied, as the eager one's)."""
@@ -381,7 +381,7 @@ def test_trainer_with_the_static_step_trains_as_the_eager_trainer(data_dir, tmp_
     trainers, totals = [], []
     for graph in (False, True):
         trainer = Trainer(config, tmp_path / f"run{graph}", Process(), CPU, progress=False)
-        trainer.batcher = StreamBatcher(trainer.dataset.split("train")[: 4 * 47], 4, 20)
+        trainer.batcher = StreamBatcher(trainer.dataset.split("train")[: 4 * 23], 4, 10)
         if graph:
             trainer.graph_step = GraphTrainStep(trainer.model, trainer.optimizer, 1.0, None, CPU, "auto",
                                                 pytest.fail, BufferReplay)  # fmt: skip
@@ -401,7 +401,7 @@ def test_trainer_with_the_static_step_trains_as_the_eager_trainer(data_dir, tmp_
         for ta, tb in zip(a, b, strict=True):
             torch.testing.assert_close(ta, tb, rtol=1e-12, atol=1e-12)
     a, b = totals
-    assert (a.steps, a.positions, a.bad_steps) == (b.steps, b.positions, b.bad_steps) == (6, 4 * 92, 0)
+    assert (a.steps, a.positions, a.bad_steps) == (b.steps, b.positions, b.bad_steps) == (6, 4 * 44, 0)
     assert b.loss == pytest.approx(a.loss, rel=1e-12) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-12)
     assert b.boundaries == pytest.approx(a.boundaries, rel=1e-12)
 

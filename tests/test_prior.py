@@ -83,9 +83,9 @@ def test_boundary_bias_sets_the_initial_bias_of_every_boundary_detector(bias: fl
 # ---- zhat in the output: fast path against the reference ---------------------------------------------------------
 
 
-def make_rnn(sizes: list[int], layer_norm: bool, mode: str) -> HMLSTM:
+def make_rnn(sizes: list[int], layer_norm: bool, mode: str, cell: str = "hmlm") -> HMLSTM:
     torch.manual_seed(0)
-    rnn = HMLSTM(6, sizes, layer_norm=layer_norm, boundary=mode).to(F64)
+    rnn = HMLSTM(6, sizes, layer_norm=layer_norm, boundary=mode, cell=cell).to(F64)
     with torch.no_grad():
         for p in rnn.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -105,14 +105,15 @@ def random_state(sizes: list[int], batch: int) -> HMLSTMState:
 @pytest.mark.parametrize("sizes", [[7, 5], [7, 5, 3]], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "ln"])
 @pytest.mark.parametrize("mode", ["step", "soft"])
-def test_zhat_and_the_prior_gradient_are_the_same_on_both_paths(fused, sizes, layer_norm, mode, monkeypatch):
+@pytest.mark.parametrize("cell", ["hmlm", "seed"])
+def test_zhat_and_the_prior_gradient_are_the_same_on_both_paths(fused, sizes, layer_norm, mode, cell, monkeypatch):
     """The reference keeps each step's zhat from the cell; the fast path computes it again from its outputs. Both
     give the same zhat, and a loss on the soft boundaries (the prior) sends back the same gradients: equal in
     float64, at a slope with no float32 value (2.1)."""
     monkeypatch.setenv("HMLM_KERNELS", "cpu" if fused == "1" else "torch")
     if fused == "1":
         require_cpu_kernels()
-    rnn = make_rnn(sizes, layer_norm, mode)
+    rnn = make_rnn(sizes, layer_norm, mode, cell)
     B, T = 4, 9
     x = torch.randn(B, T, 6, dtype=F64)
     state = random_state(sizes, B)
@@ -123,7 +124,7 @@ def test_zhat_and_the_prior_gradient_are_the_same_on_both_paths(fused, sizes, la
         x_ = x.clone().requires_grad_()
         state_ = HMLSTMState(*([t.clone().requires_grad_() for t in part] for part in state))
         out = rnn(x_, state_, slope=2.1, with_zhat=True)
-        term, _ = boundary_prior(prior, out.zhat, out.boundaries, state_.z, slope=2.1)
+        term, _ = boundary_prior(prior, out.zhat, out.boundaries, state_.z, slope=2.1, cell=cell)
         leaves = [*rnn.parameters(), x_, *state_.h, *state_.c]
         results[impl] = (out.zhat, term, torch.autograd.grad(term, leaves, allow_unused=True))
     (zf, tf, gf), (zr, tr, gr) = results["fast"], results["reference"]
@@ -174,6 +175,9 @@ def test_soft_boundaries_count_only_steps_that_can_open_one():
     # layer 1 always computes; layer 2 at t: keep = z2_{t-1} + (1 - z2_{t-1}) z1_t
     torch.testing.assert_close(p[0, :, 0], torch.full((4,), s.item(), dtype=F64))
     torch.testing.assert_close(p[0, :, 1], torch.tensor([1, 0, 1, 1], dtype=F64) * s)
+    # The seed's cell can open one on a COPY as well: every step counts.
+    seed = soft_boundaries(zhat, z, [torch.zeros(1, 1, dtype=F64)] * 3, slope=1.0, cell="seed")
+    torch.testing.assert_close(seed, torch.full((1, 4, 2), s.item(), dtype=F64))
 
 
 def test_the_hard_count_is_the_number_of_boundaries_with_the_soft_gradient():

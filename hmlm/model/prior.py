@@ -91,14 +91,18 @@ class PriorConfig:
 
 
 def soft_boundaries(
-    zhat: Tensor, boundaries: Tensor, z0: list[Tensor] | None, slope: float, count: str = "soft"
+    zhat: Tensor, boundaries: Tensor, z0: list[Tensor] | None, slope: float, count: str = "soft", cell: str = "hmlm"
 ) -> Tensor:
-    """p (B, T, L-1): keep * sigm(slope * zhat), keep = 1 - copy from the hard boundaries (detached). With
-    count="hard", the values are the boundaries themselves and the gradient is p's (straight-through).
+    """p (B, T, L-1): keep * sigm(slope * zhat), keep = 1 - copy from the hard boundaries (detached); keep = 1 under
+    the seed's cell, whose boundaries can open on a COPY step too (hmlm/cell.py). With count="hard", the values are
+    the boundaries themselves and the gradient is p's (straight-through).
 
     zhat, boundaries: (B, T, L-1) from one forward pass; z0: the z of every layer it started from (L x (B, 1)), or
     None for the zero state."""
     z = boundaries.detach()
+    if cell == "seed":
+        p = torch.sigmoid(slope * zhat)
+        return z + (p - p.detach()) if count == "hard" else p
     B, _, lower = z.shape
     first = torch.cat(z0[:lower], dim=-1)[:, None] if z0 is not None else z.new_zeros(B, 1, lower)  # (B, 1, L-1)
     z_prev = torch.cat([first.to(z.dtype), z[:, :-1]], dim=1)  # z^l_{t-1}
@@ -115,10 +119,11 @@ def binomial_nll(count: Tensor, n: int, rate: float) -> Tensor:
 
 
 def boundary_prior(
-    config: PriorConfig, zhat: Tensor, boundaries: Tensor, z0: list[Tensor] | None, slope: float, scale: float = 1.0
-) -> tuple[Tensor, list[Tensor]]:
+    config: PriorConfig, zhat: Tensor, boundaries: Tensor, z0: list[Tensor] | None, slope: float, scale: float = 1.0,
+    cell: str = "hmlm",
+) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
     """The weighted prior term (a scalar; `scale` multiplies every weight) and each layer's unweighted term."""
-    p = soft_boundaries(zhat, boundaries, z0, slope, config.count).double()  # lgamma near n wants the precision
+    p = soft_boundaries(zhat, boundaries, z0, slope, config.count, cell).double()  # lgamma near n wants the precision
     n = p.shape[1]
     terms = [binomial_nll(p[..., layer].sum(1), n, rate).mean() / n for layer, rate in enumerate(config.rates)]
     total = sum(scale * w * term for w, term in zip(config.layer_weights(), terms, strict=True))

@@ -143,7 +143,8 @@ class Trainer:
         objective = loss
         if prior_scale > 0:  # a boundary-rate prior, added to what is minimized only (hmlm/model/prior.py)
             z0 = self.state.z if self.state is not None else None
-            prior_term, self.prior_terms = boundary_prior(prior, out.zhat, out.boundaries, z0, slope, prior_scale)
+            prior_term, self.prior_terms = boundary_prior(prior, out.zhat, out.boundaries, z0, slope, prior_scale,
+                                                          self.config.model.cell)  # fmt: skip
             objective = loss + prior_term
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()

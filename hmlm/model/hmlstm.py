@@ -295,8 +295,7 @@ def boundary_preactivations(rnn: HMLSTM, x: Tensor, state: HMLSTMState, out: HML
     zhats = []
     for layer in range(n - 1):
         D, H = rnn.below_sizes[layer], rnn.hidden_sizes[layer]
-        row = rnn.weight[layer][4 * H]  # (D + H + A,)
-        bias = rnn.bias[layer][4 * H] if rnn.cell == "hmlm" else 0.0  # the seed's detector has no bias
+        row, bias = rnn.weight[layer][4 * H], rnn.full_bias(rnn.bias[layer], layer)[4 * H]  # (D + H + A,), ()
         h_prev = torch.cat([state.h[layer][:, None], out.hidden[layer][:, :-1]], dim=1)  # (B, T, H)
         h_above_prev = torch.cat([state.h[layer + 1][:, None], out.hidden[layer + 1][:, :-1]], dim=1)
         z_prev = torch.cat([state.z[layer][:, None], out.boundaries[:, :-1, layer : layer + 1]], dim=1)

@@ -80,6 +80,15 @@ def assert_close64(mine: torch.Tensor, theirs: torch.Tensor, msg=None) -> None:
     torch.testing.assert_close(mine, theirs, rtol=F64_RTOL, atol=F64_RTOL * scale, msg=msg)
 
 
+def use_kernels(monkeypatch, backend: str) -> None:
+    """Run the fast path on one kernel backend (HMLM_KERNELS: "cpu", "torch" or "triton"); for "cpu", require the
+    fused CPU kernels (require_cpu_kernels)."""
+    monkeypatch.delenv("HMLM_FUSED", raising=False)
+    monkeypatch.setenv("HMLM_KERNELS", backend)
+    if backend == "cpu":
+        require_cpu_kernels()
+
+
 def require_cpu_kernels() -> None:
     """For a test of the fused CPU kernels: skip where no C++ compiler is installed (no build can work there), and
     fail where one is but the build failed, which would otherwise leave training on the slower path unnoticed."""

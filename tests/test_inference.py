@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close64, require_cpu_kernels, small_config
+from helpers import assert_close64, small_config, use_kernels
 
 from hmlm import CharLM, ModelConfig, fast
 from hmlm.analysis.evaluate import evaluate
@@ -27,9 +27,7 @@ VOCAB = 11
 @pytest.fixture(autouse=True, params=["cpu", "torch"])
 def fast_kernels(request, monkeypatch):
     """Every test runs with the C++ CPU kernels and with torch ops (as on CUDA without Triton): two backends."""
-    monkeypatch.setenv("HMLM_KERNELS", request.param)
-    if request.param == "cpu":
-        require_cpu_kernels()
+    use_kernels(monkeypatch, request.param)
     return request.param
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close64, require_cpu_kernels
+from helpers import assert_close64, use_kernels
 
 from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig
 from hmlm.cell import CELLS, reference_step
@@ -22,12 +22,7 @@ def fast_kernels(request, monkeypatch):
     """Every test here runs twice: the fast path with the C++ CPU kernels of hmlm/fast/kernels/cpu.py, and with torch
     ops only (where no fused backend can serve, or the kernels cannot be built). The Triton kernels run the same
     comparisons in tests/test_kernels_triton.py."""
-    monkeypatch.delenv("HMLM_FUSED", raising=False)
-    if request.param == "fused":
-        monkeypatch.setenv("HMLM_KERNELS", "cpu")
-        require_cpu_kernels()
-    else:
-        monkeypatch.setenv("HMLM_KERNELS", "torch")
+    use_kernels(monkeypatch, "cpu" if request.param == "fused" else "torch")
     return request.param
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close64, params_equal, require_cpu_kernels, run_hmlm, small_config, write_config
+from helpers import assert_close64, params_equal, run_hmlm, small_config, use_kernels, write_config
 
 from hmlm import HMLSTM, CharLM, HMLSTMState, ModelConfig
 from hmlm.cell import gate_layer_norm, preactivation
@@ -110,9 +110,7 @@ def test_zhat_and_the_prior_gradient_are_the_same_on_both_paths(fused, sizes, la
     """The reference keeps each step's zhat from the cell; the fast path computes it again from its outputs. Both
     give the same zhat, and a loss on the soft boundaries (the prior) sends back the same gradients: equal in
     float64, at a slope with no float32 value (2.1)."""
-    monkeypatch.setenv("HMLM_KERNELS", "cpu" if fused == "1" else "torch")
-    if fused == "1":
-        require_cpu_kernels()
+    use_kernels(monkeypatch, "cpu" if fused == "1" else "torch")
     rnn = make_rnn(sizes, layer_norm, mode, cell)
     B, T = 4, 9
     x = torch.randn(B, T, 6, dtype=F64)

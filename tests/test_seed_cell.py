@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close64, require_cpu_kernels, run_hmlm, small_config, write_config
+from helpers import assert_close64, run_hmlm, small_config, use_kernels, write_config
 
 from hmlm import HMLSTM, CharLM, ModelConfig, load_model
 from hmlm.analysis.sample import generate_ids
@@ -129,8 +129,7 @@ def opened_on_copy(boundaries: torch.Tensor, start: torch.Tensor) -> int:
 def kernels_env(monkeypatch):
     """The C++ kernels, the CPU's default: skipping is the same code whatever the backend, and every backend equals
     the reference under the seed's cell (tests/test_model.py, tests/test_kernels_triton.py)."""
-    monkeypatch.setenv("HMLM_KERNELS", "cpu")
-    require_cpu_kernels()
+    use_kernels(monkeypatch, "cpu")
 
 
 def skipping_and_not(model: CharLM, tokens: torch.Tensor, monkeypatch) -> tuple[int, int, int]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import require_cpu_kernels
+from helpers import use_kernels
 
 from hmlm import HMLSTM
 from hmlm.model.charlm import OutputModule
@@ -293,12 +293,7 @@ def copy_openings(seed: dict) -> torch.Tensor:
 @pytest.fixture(params=["reference", "fast-torch", "fast-cpu"])
 def impl(request, monkeypatch) -> str:
     """The reference step, and the fast path with the torch ops and with the C++ CPU kernels (HMLM_KERNELS)."""
-    monkeypatch.delenv("HMLM_FUSED", raising=False)
-    if request.param == "fast-cpu":
-        monkeypatch.setenv("HMLM_KERNELS", "cpu")
-        require_cpu_kernels()
-    else:
-        monkeypatch.setenv("HMLM_KERNELS", "torch")
+    use_kernels(monkeypatch, "cpu" if request.param == "fast-cpu" else "torch")
     return request.param
 
 
